@@ -337,7 +337,7 @@ mod tests {
         assert_eq!(p.get_heat(0), HEAT_MAX);
         // Slot 1 churns; after 2 * AGE_PERIOD insertions in all, slot 0 has been halved once.
         for i in 1..2 * AGE_PERIOD {
-            p.admit(1, i as u64 * 0x1000);
+            p.admit(1, i * 0x1000);
         }
         assert_eq!(p.get_heat(0), HEAT_MAX / 2);
     }
