@@ -38,7 +38,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use crate::error::{CapacityError, TranslateError, UpdateError};
-use crate::policy::{self, HeatMap, Policy};
+use crate::policy::{self, Ancestry, HeatMap, Policy};
 use crate::range::{Access, IovaRange, Perm};
 use crate::segments::{Segment, Segments};
 
@@ -68,10 +68,14 @@ pub struct Mapping {
 }
 
 impl Mapping {
-    /// Target address of `iova`, which must lie in `range`.
+    /// Target address of `iova`; `None` if `iova` is outside `range` (or the target would
+    /// overflow, which a mapping from an [`Iotlb`] never does).
     #[inline]
-    pub fn target_of(&self, iova: u64) -> u64 {
-        self.target + (iova - self.range.start())
+    pub fn target_of(&self, iova: u64) -> Option<u64> {
+        if !self.range.contains(iova) {
+            return None;
+        }
+        self.target.checked_add(iova - self.range.start())
     }
 }
 
@@ -493,9 +497,9 @@ impl Iotlb {
 
     /// Remove every byte of `range` from the cached entries.
     ///
-    /// Returns the piece beyond `range` when one entry stuck out on both sides, with the slot
-    /// it was split from. The caller inserts that piece once it has made room.
-    fn carve(&mut self, range: IovaRange) -> Option<(Slot, usize)> {
+    /// Returns the piece beyond `range` when one entry stuck out on both sides, with what it
+    /// inherits from that entry. The caller inserts that piece once it has made room.
+    fn carve(&mut self, range: IovaRange) -> Option<(Slot, Ancestry)> {
         let (start, last) = (range.start(), range.last());
         let mut overlapped = std::mem::take(&mut self.scratch);
         overlapped.clear();
@@ -524,7 +528,7 @@ impl Iotlb {
                     perm: old.perm,
                 };
                 if keeps_head {
-                    tail = Some((piece, n));
+                    tail = Some((piece, self.policy.ancestry(n)));
                 } else {
                     self.index.remove(&old.start);
                     self.index.insert(piece.start, n as u32);
@@ -573,7 +577,7 @@ impl Iotlb {
     }
 
     /// Store `slot` in a free slot; the caller made room. Returns the slot number.
-    fn insert(&mut self, slot: Slot, inherit_from: Option<usize>) -> Option<usize> {
+    fn insert(&mut self, slot: Slot, ancestry: Option<Ancestry>) -> Option<usize> {
         if self.index.len() >= self.capacity {
             return None;
         }
@@ -586,15 +590,15 @@ impl Iotlb {
         };
         self.slots[n] = slot;
         self.index.insert(slot.start, n as u32);
-        match inherit_from {
-            Some(from) => self.policy.inherit(n, from),
+        match ancestry {
+            Some(a) => self.policy.inherit(n, a),
             None => self.policy.admit(n, slot.start),
         }
         Some(n)
     }
 
-    fn insert_fragment(&mut self, piece: Slot, from: usize) {
-        if self.insert(piece, Some(from)).is_none() {
+    fn insert_fragment(&mut self, piece: Slot, ancestry: Ancestry) {
+        if self.insert(piece, Some(ancestry)).is_none() {
             self.counters.dropped_fragments += 1;
         }
     }

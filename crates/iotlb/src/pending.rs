@@ -8,7 +8,13 @@
 //! An UPDATE wakes every waiter whose own missing byte it covers, with an inclusive end: an
 //! UPDATE whose last byte is the missing byte covers it (Linux once compared with an exclusive
 //! end and left queues stalled forever). Waking does not look at the UPDATE's permission: a
-//! woken queue walks its chain again and gets a hit, a denial, or a miss further on.
+//! woken queue walks its chain again and gets a hit, a denial, or a miss further on. If the
+//! UPDATE answered the outstanding MISS but left other waiters of that page uncovered (an
+//! IOMMU side that answers with less than a page), the table asks for a MISS for one of their
+//! bytes right away instead of letting them wait for the timeout.
+//!
+//! A waiter (a queue) waits for one miss at a time: registering again replaces its previous
+//! registration, so a stale byte can neither hide a wake-up nor fail a later request.
 //!
 //! The table only keeps books. It never sends, never sleeps and never reads the clock: the
 //! caller passes `now`, which keeps timeouts testable.
@@ -35,6 +41,25 @@ pub enum Registration {
     Coalesced,
 }
 
+/// What an UPDATE did to the table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolution<W> {
+    /// Waiters whose missing byte the UPDATE covers: wake them.
+    pub woken: Vec<W>,
+    /// MISS messages to send now, `(iova, access)`: the UPDATE answered a page's outstanding
+    /// MISS without covering all of its waiters. Already recorded as sent.
+    pub resend: Vec<(u64, Access)>,
+}
+
+impl<W> Default for Resolution<W> {
+    fn default() -> Self {
+        Resolution {
+            woken: Vec::new(),
+            resend: Vec::new(),
+        }
+    }
+}
+
 /// One outstanding miss, as reported by [`PendingMisses::expired`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PendingMiss<W> {
@@ -54,11 +79,29 @@ pub struct PendingMiss<W> {
 
 #[derive(Debug)]
 struct Entry<W> {
+    /// The byte the outstanding MISS asks for: always one of the waiters' bytes.
     miss_iova: u64,
     sent_at: Instant,
     sends: u32,
     /// Each waiter with the byte it missed on.
     waiters: Vec<(W, u64)>,
+}
+
+impl<W> Entry<W> {
+    /// After waiters left: if none waits on `miss_iova` any more, pick a remaining waiter's
+    /// byte. Returns whether it changed (the outstanding MISS no longer helps anyone).
+    fn retarget(&mut self) -> bool {
+        if self.waiters.iter().any(|&(_, b)| b == self.miss_iova) {
+            return false;
+        }
+        match self.waiters.first() {
+            Some(&(_, b)) => {
+                self.miss_iova = b;
+                true
+            }
+            None => false,
+        }
+    }
 }
 
 /// The pending-miss table. `W` identifies a waiter (a queue, say).
@@ -91,14 +134,26 @@ impl<W: Clone + PartialEq> PendingMisses<W> {
 
     /// `waiter` missed on `iova` for `access`. Tells whether to send a MISS or just park.
     ///
-    /// The same waiter registering again for the same page and access is not added twice.
+    /// Replaces any earlier registration of `waiter`. Re-registering on the page it already
+    /// waits for keeps the outstanding MISS (no second MISS before the timeout).
     pub fn register(&mut self, iova: u64, access: Access, waiter: W, now: Instant) -> Registration {
         let key = (page_of(iova), access);
+        let already_here = self
+            .entries
+            .get(&key)
+            .is_some_and(|e| e.waiters.iter().any(|(w, _)| *w == waiter));
+        if already_here {
+            self.cancel_except(&waiter, Some(key));
+        } else {
+            self.cancel(&waiter);
+        }
         match self.entries.get_mut(&key) {
             Some(e) => {
-                if !e.waiters.iter().any(|(w, _)| *w == waiter) {
-                    e.waiters.push((waiter, iova));
+                match e.waiters.iter_mut().find(|(w, _)| *w == waiter) {
+                    Some(mine) => mine.1 = iova,
+                    None => e.waiters.push((waiter, iova)),
                 }
+                e.retarget();
                 self.coalesced += 1;
                 Registration::Coalesced
             }
@@ -118,10 +173,11 @@ impl<W: Clone + PartialEq> PendingMisses<W> {
         }
     }
 
-    /// An UPDATE of `range` arrived: remove and return every waiter whose missing byte it
-    /// covers (inclusive end). Entries left without waiters are dropped.
-    pub fn resolve(&mut self, range: IovaRange) -> Vec<W> {
-        let mut woken = Vec::new();
+    /// An UPDATE of `range` arrived at `now`: remove and return every waiter whose missing
+    /// byte it covers (inclusive end), and the MISS messages to send again right away (see
+    /// [`Resolution::resend`]). Entries left without waiters are dropped.
+    pub fn resolve(&mut self, range: IovaRange, now: Instant) -> Resolution<W> {
+        let mut out = Resolution::default();
         let lo = (page_of(range.start()), Access::Read);
         let hi = (page_of(range.last()), Access::Write);
         let mut emptied = Vec::new();
@@ -129,28 +185,43 @@ impl<W: Clone + PartialEq> PendingMisses<W> {
             e.waiters.retain(|(w, iova)| {
                 let hit = range.contains(*iova);
                 if hit {
-                    woken.push(w.clone());
+                    out.woken.push(w.clone());
                 }
                 !hit
             });
             if e.waiters.is_empty() {
                 emptied.push(*key);
+            } else if e.retarget() {
+                e.sent_at = now;
+                e.sends = e.sends.saturating_add(1);
+                self.sent += 1;
+                out.resend.push((e.miss_iova, key.1));
             }
         }
         for key in emptied {
             self.entries.remove(&key);
         }
-        woken
+        out
     }
 
     /// Forget every registration of `waiter` (its queue was stopped or reset). Returns how
     /// many were dropped.
     pub fn cancel(&mut self, waiter: &W) -> usize {
+        self.cancel_except(waiter, None)
+    }
+
+    fn cancel_except(&mut self, waiter: &W, keep: Option<(u64, Access)>) -> usize {
         let mut dropped = 0;
-        self.entries.retain(|_, e| {
+        self.entries.retain(|key, e| {
+            if Some(*key) == keep {
+                return true;
+            }
             let before = e.waiters.len();
             e.waiters.retain(|(w, _)| w != waiter);
             dropped += before - e.waiters.len();
+            // A MISS is outstanding for the entry; if it was for the cancelled waiter's byte,
+            // a resend after the timeout asks for a remaining waiter's byte instead.
+            e.retarget();
             !e.waiters.is_empty()
         });
         dropped
@@ -269,13 +340,13 @@ mod tests {
         p.register(0x1800, Access::Write, 'b', now);
         p.register(0x3000, Access::Read, 'c', now);
         // Ends exactly on a's byte: covers it. Starts after b's byte: does not.
-        let mut woken = p.resolve(r(0x1900, 0x1fff));
+        let mut woken = p.resolve(r(0x1900, 0x1fff), now).woken;
         woken.sort();
         assert_eq!(woken, vec!['a']);
-        assert_eq!(p.resolve(r(0x0, 0x17ff)), Vec::<char>::new());
-        assert_eq!(p.resolve(r(0x1800, 0x1800)), vec!['b']);
+        assert_eq!(p.resolve(r(0x0, 0x17ff), now).woken, Vec::<char>::new());
+        assert_eq!(p.resolve(r(0x1800, 0x1800), now).woken, vec!['b']);
         assert_eq!(p.len(), 1);
-        assert_eq!(p.resolve(IovaRange::FULL), vec!['c']);
+        assert_eq!(p.resolve(IovaRange::FULL, now).woken, vec!['c']);
         assert!(p.is_empty());
     }
 
@@ -284,7 +355,7 @@ mod tests {
         let now = Instant::now();
         let mut p = PendingMisses::new();
         p.register(u64::MAX, Access::Write, 7u8, now);
-        assert_eq!(p.resolve(r(u64::MAX - 0xfff, u64::MAX)), vec![7]);
+        assert_eq!(p.resolve(r(u64::MAX - 0xfff, u64::MAX), now).woken, vec![7]);
     }
 
     #[test]
@@ -293,9 +364,50 @@ mod tests {
         let mut p = PendingMisses::new();
         p.register(0x1000, Access::Read, 1u8, now);
         p.register(0x1f00, Access::Read, 2, now);
-        assert_eq!(p.resolve(r(0x1000, 0x17ff)), vec![1]);
+        let res = p.resolve(r(0x1000, 0x17ff), now);
+        assert_eq!(res.woken, vec![1]);
         assert_eq!(p.len(), 1, "waiter 2 still pending");
-        assert_eq!(p.resolve(r(0x1800, 0x1fff)), vec![2]);
+        // The outstanding MISS (for 0x1000) was answered without covering 0x1f00: ask again.
+        assert_eq!(res.resend, vec![(0x1f00, Access::Read)]);
+        assert_eq!(p.expired(now + Duration::from_secs(1))[0].miss_iova, 0x1f00);
+        assert_eq!(p.sent(), 2);
+        assert_eq!(p.resolve(r(0x1800, 0x1fff), now).woken, vec![2]);
+    }
+
+    #[test]
+    fn a_waiter_waits_for_its_latest_miss_only() {
+        let now = Instant::now();
+        let later = now + Duration::from_millis(10);
+        let mut p = PendingMisses::new();
+        assert!(matches!(
+            p.register(0x1f00, Access::Read, 7u8, now),
+            Registration::Send { .. }
+        ));
+        // Same page, another byte: no second MISS, but the new byte is what wakes it.
+        assert_eq!(
+            p.register(0x1000, Access::Read, 7, later),
+            Registration::Coalesced
+        );
+        assert_eq!(p.sent(), 1);
+        assert_eq!(p.resolve(r(0x1000, 0x17ff), now).woken, vec![7]);
+        assert!(p.is_empty());
+        // Another page: the old registration goes, with its entry.
+        p.register(0x5000, Access::Read, 7, now);
+        p.register(0x9000, Access::Write, 7, now);
+        assert_eq!(p.len(), 1);
+        assert_eq!(p.remove(0x5000, Access::Read), Vec::<u8>::new());
+        assert_eq!(p.remove(0x9000, Access::Write), vec![7]);
+    }
+
+    #[test]
+    fn cancelling_the_missed_byte_retargets_the_resend() {
+        let now = Instant::now();
+        let mut p = PendingMisses::new();
+        p.register(0x5000, Access::Read, 1u8, now);
+        p.register(0x5f00, Access::Read, 2, now);
+        p.cancel(&1);
+        let e = p.expired(now + Duration::from_secs(1));
+        assert_eq!((e[0].miss_iova, e[0].waiters.clone()), (0x5f00, vec![2]));
     }
 
     #[test]
@@ -304,10 +416,11 @@ mod tests {
         let mut p = PendingMisses::new();
         p.register(0x1000, Access::Read, 1u8, now);
         p.register(0x1000, Access::Read, 2, now);
-        p.register(0x5000, Access::Write, 1, now);
-        assert_eq!(p.cancel(&1), 2);
+        p.register(0x5000, Access::Write, 3, now);
+        assert_eq!(p.cancel(&1), 1);
+        assert_eq!(p.cancel(&3), 1);
         assert_eq!(p.len(), 1);
-        assert_eq!(p.resolve(IovaRange::FULL), vec![2]);
+        assert_eq!(p.resolve(IovaRange::FULL, now).woken, vec![2]);
         assert_eq!(p.cancel(&9), 0);
     }
 

@@ -18,7 +18,7 @@
 //!   keep exactly the pages that will be needed last and hit nothing; preferring the
 //!   youngest cold entry keeps a stable part of the loop instead (close to the best possible
 //!   `capacity / loop length`), and costs nothing on skewed traffic, where heat decides.
-//!   O(`SAMPLE`) per eviction;
+//!   O(`SAMPLE` + protected entries) per eviction, and never more than a fixed window;
 //! - every `AGE_PERIOD * capacity` insertions all heats are halved, so old popularity fades
 //!   (O(capacity) once per `AGE_PERIOD * capacity` insertions: amortised O(1)).
 //!
@@ -54,6 +54,13 @@ pub(crate) fn touch(heat: &[AtomicU8], slot: usize) {
             h.store(v + 1, Ordering::Relaxed);
         }
     }
+}
+
+/// The heat and age a split-off piece takes over from its entry.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Ancestry {
+    heat: u8,
+    born: u64,
 }
 
 pub(crate) struct Policy {
@@ -128,10 +135,19 @@ impl Policy {
         }
     }
 
-    /// `slot` holds a piece split off the entry in `from`: same heat, same age.
-    pub(crate) fn inherit(&mut self, slot: usize, from: usize) {
-        self.set_heat(slot, self.get_heat(from));
-        self.set_born(slot, self.born(from));
+    /// What a piece split off the entry in `slot` inherits from it. Taken when the split
+    /// happens: by the time the piece is stored, `slot` may hold another entry.
+    pub(crate) fn ancestry(&self, slot: usize) -> Ancestry {
+        Ancestry {
+            heat: self.get_heat(slot),
+            born: self.born(slot),
+        }
+    }
+
+    /// `slot` holds a piece split off an entry: same heat, same age.
+    pub(crate) fn inherit(&mut self, slot: usize, from: Ancestry) {
+        self.set_heat(slot, from.heat);
+        self.set_born(slot, from.born);
     }
 
     /// `slot` was emptied by an INVALIDATE or an overlapping UPDATE: nothing to remember.
@@ -159,12 +175,24 @@ impl Policy {
         let mut i = self.hand % nslots;
         // (heat, Reverse(born), slot) of the best victim so far: coldest, then youngest.
         let mut best: Option<(u8, Reverse<u64>, usize)> = None;
+        // (born, slot) of the oldest protected entry seen, in case nothing else is.
+        let mut oldest_protected: Option<(u64, usize)> = None;
         let mut sampled = 0;
-        // At most one round: no slot is looked at twice for one eviction.
-        for _ in 0..nslots {
+        // When an eviction is due at most one slot is free and about `protect` are protected
+        // (more only if splits multiplied protected entries), so this window normally holds
+        // SAMPLE candidates; it bounds the work in every case. No slot is looked at twice.
+        let window = nslots.min(SAMPLE + self.protect as usize + 2);
+        for _ in 0..window {
             let slot = i;
             i = if i + 1 == nslots { 0 } else { i + 1 };
-            if !live(slot) || self.is_protected(slot) {
+            if !live(slot) {
+                continue;
+            }
+            if self.is_protected(slot) {
+                let key = (self.born(slot), slot);
+                if oldest_protected.is_none_or(|o| key < o) {
+                    oldest_protected = Some(key);
+                }
                 continue;
             }
             let key = (self.get_heat(slot), Reverse(self.born(slot)), slot);
@@ -176,12 +204,9 @@ impl Policy {
                 break;
             }
         }
-        let victim = match best {
-            Some((_, _, slot)) => slot,
-            // Only protected entries are left (a cache of one or two entries): the oldest.
-            None => (0..nslots)
-                .filter(|&s| live(s))
-                .min_by_key(|&s| self.born(s))?,
+        let victim = match (best, oldest_protected) {
+            (Some((_, _, slot)), _) | (None, Some((_, slot))) => slot,
+            (None, None) => return None,
         };
         // Resume right after the victim, whose slot the new entry is about to take.
         self.hand = victim + 1;

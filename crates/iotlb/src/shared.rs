@@ -33,7 +33,7 @@ use parking_lot::{Mutex, RwLock};
 use crate::cache::{Iotlb, Mapping};
 use crate::error::UpdateError;
 use crate::handle::IotlbHandle;
-use crate::pending::{PendingMiss, PendingMisses, Registration};
+use crate::pending::{PendingMiss, PendingMisses, Registration, Resolution};
 use crate::policy::HeatMap;
 use crate::range::{Access, IovaRange, Perm};
 use crate::stats::{HandleCounters, Stats};
@@ -120,14 +120,20 @@ impl<W: Clone + PartialEq> SharedIotlb<W> {
         g
     }
 
-    /// Apply an UPDATE and return the waiters it wakes (those whose missing byte it covers).
-    pub fn update(&self, range: IovaRange, target: u64, perm: Perm) -> Result<Vec<W>, UpdateError> {
+    /// Apply an UPDATE. Returns the waiters it wakes (those whose missing byte it covers) and
+    /// any MISS to send again at once (see [`Resolution::resend`]).
+    pub fn update(
+        &self,
+        range: IovaRange,
+        target: u64,
+        perm: Perm,
+    ) -> Result<Resolution<W>, UpdateError> {
         {
             let mut tlb = self.inner.tlb.write();
             tlb.update(range, target, perm)?;
             self.publish(&tlb);
         }
-        Ok(self.inner.pending.lock().resolve(range))
+        Ok(self.inner.pending.lock().resolve(range, Instant::now()))
     }
 
     /// Apply an INVALIDATE of `range`. Returns the new generation.
@@ -311,7 +317,10 @@ mod tests {
             s.register_miss(0x5100, Access::Read, 2, now),
             MissOutcome::Coalesced
         );
-        let mut woken = s.update(r(0x5000, 0x5fff), 0, Perm::ReadOnly).unwrap();
+        let mut woken = s
+            .update(r(0x5000, 0x5fff), 0, Perm::ReadOnly)
+            .unwrap()
+            .woken;
         woken.sort();
         assert_eq!(woken, vec![1, 2]);
         // Now mapped: registering again says retry.

@@ -39,11 +39,11 @@ pub struct Stats {
 impl Stats {
     /// Hits over all translations, in 0..=1 (0 when nothing was translated).
     pub fn hit_rate(&self) -> f64 {
-        let total = self.hits + self.misses + self.denied;
-        if total == 0 {
+        let total = self.hits as f64 + self.misses as f64 + self.denied as f64;
+        if total == 0.0 {
             0.0
         } else {
-            self.hits as f64 / total as f64
+            self.hits as f64 / total
         }
     }
 }

@@ -222,7 +222,7 @@ fn run(cap: usize, ops: &[Op], exact: bool) {
             for x in [e.range.start(), e.range.last()] {
                 assert_eq!(
                     m.at(x),
-                    Some((e.target_of(x), e.perm)),
+                    Some((e.target_of(x).unwrap(), e.perm)),
                     "entry {e:?} at {x:#x}"
                 );
             }

@@ -97,9 +97,9 @@ impl LinearIotlb {
                 if !e.perm.allows(access) {
                     return None;
                 }
-                let end = e.range.last().min(iova.checked_add(len - 1)?);
+                let end = e.range.last().min(iova.checked_add(len.checked_sub(1)?)?);
                 return Some(Segment {
-                    addr: e.target_of(iova),
+                    addr: e.target_of(iova)?,
                     len: end - iova + 1,
                 });
             }
