@@ -10,7 +10,9 @@
 //! - With a tiny capacity, every hit must still be right, every denial must be a real one,
 //!   and the entry count must never exceed the bound.
 
-use iotlb::{Access, Iotlb, IovaRange, Perm, Segment, Segments, SharedIotlb, TranslateError};
+use iotlb::{
+    Access, Iotlb, IotlbHandle, IovaRange, Perm, Segment, Segments, SharedIotlb, TranslateError,
+};
 use proptest::prelude::*;
 
 const MAX: u64 = u64::MAX;
@@ -196,29 +198,40 @@ fn check_translate(
     }
 }
 
-fn run(cap: usize, ops: &[Op], exact: bool) {
-    let mut t = Iotlb::with_capacity(cap).unwrap();
-    let mut m = Model::default();
-    for op in ops {
-        match *op {
-            Op::Update(r, target, perm) => {
-                let ok = m.update(r, target, perm);
-                assert_eq!(t.update(r, target, perm).is_ok(), ok);
-            }
-            Op::Invalidate(r) => {
-                m.invalidate(r);
-                t.invalidate(r);
-            }
-            Op::InvalidateAll => {
-                m.invalidate(IovaRange::FULL);
-                t.invalidate_all();
-            }
-            Op::Translate(a, l, x) => check_translate(t.translate(a, l, x), &m, a, l, x, exact),
-        }
-        t.check_invariants().unwrap();
-        assert!(t.len() <= cap);
+/// What the ops are applied to: the cache itself, or a shared cache read through a handle.
+trait UnderTest {
+    fn update(&mut self, r: IovaRange, target: u64, perm: Perm) -> bool;
+    fn invalidate(&mut self, r: IovaRange);
+    fn translate(
+        &mut self,
+        iova: u64,
+        len: u64,
+        access: Access,
+    ) -> Result<Segments, TranslateError>;
+    /// Check what can be checked after every op; the cache is at most `cap` entries.
+    fn check(&self, m: &Model, cap: usize);
+}
+
+impl UnderTest for Iotlb {
+    fn update(&mut self, r: IovaRange, target: u64, perm: Perm) -> bool {
+        Iotlb::update(self, r, target, perm).is_ok()
+    }
+    fn invalidate(&mut self, r: IovaRange) {
+        Iotlb::invalidate(self, r)
+    }
+    fn translate(
+        &mut self,
+        iova: u64,
+        len: u64,
+        access: Access,
+    ) -> Result<Segments, TranslateError> {
+        Iotlb::translate(self, iova, len, access)
+    }
+    fn check(&self, m: &Model, cap: usize) {
+        self.check_invariants().unwrap();
+        assert!(self.len() <= cap);
         // Every cached entry agrees with the model at both of its ends.
-        for e in t.iter() {
+        for e in self.iter() {
             for x in [e.range.start(), e.range.last()] {
                 assert_eq!(
                     m.at(x),
@@ -230,30 +243,63 @@ fn run(cap: usize, ops: &[Op], exact: bool) {
     }
 }
 
-/// The same through a worker handle of a shared IOTLB, whose private copies must never
-/// outlive an INVALIDATE or a replacing UPDATE.
-fn run_shared(cap: usize, ops: &[Op], exact: bool) {
-    let s: SharedIotlb<u8> = SharedIotlb::new(Iotlb::with_capacity(cap).unwrap());
-    let mut h = s.handle();
+/// A worker handle of a shared IOTLB, whose private copies must never outlive an INVALIDATE
+/// or a replacing UPDATE.
+struct ThroughHandle {
+    shared: SharedIotlb<u8>,
+    handle: IotlbHandle<u8>,
+}
+
+impl UnderTest for ThroughHandle {
+    fn update(&mut self, r: IovaRange, target: u64, perm: Perm) -> bool {
+        self.shared.update(r, target, perm).is_ok()
+    }
+    fn invalidate(&mut self, r: IovaRange) {
+        self.shared.invalidate(r);
+    }
+    fn translate(
+        &mut self,
+        iova: u64,
+        len: u64,
+        access: Access,
+    ) -> Result<Segments, TranslateError> {
+        self.handle.translate(iova, len, access)
+    }
+    fn check(&self, m: &Model, cap: usize) {
+        self.shared.with_cache(|t| t.check(m, cap));
+    }
+}
+
+fn run(mut t: impl UnderTest, cap: usize, ops: &[Op], exact: bool) {
     let mut m = Model::default();
     for op in ops {
         match *op {
             Op::Update(r, target, perm) => {
                 let ok = m.update(r, target, perm);
-                assert_eq!(s.update(r, target, perm).is_ok(), ok);
+                assert_eq!(t.update(r, target, perm), ok);
             }
             Op::Invalidate(r) => {
                 m.invalidate(r);
-                s.invalidate(r);
+                t.invalidate(r);
             }
             Op::InvalidateAll => {
                 m.invalidate(IovaRange::FULL);
-                s.invalidate_all();
+                t.invalidate(IovaRange::FULL);
             }
-            Op::Translate(a, l, x) => check_translate(h.translate(a, l, x), &m, a, l, x, exact),
+            Op::Translate(a, l, x) => check_translate(t.translate(a, l, x), &m, a, l, x, exact),
         }
+        t.check(&m, cap);
     }
-    s.with_cache(|t| t.check_invariants()).unwrap();
+}
+
+fn cache(cap: usize) -> Iotlb {
+    Iotlb::with_capacity(cap).unwrap()
+}
+
+fn through_handle(cap: usize) -> ThroughHandle {
+    let shared = SharedIotlb::new(cache(cap));
+    let handle = shared.handle();
+    ThroughHandle { shared, handle }
 }
 
 proptest! {
@@ -265,22 +311,22 @@ proptest! {
 
     #[test]
     fn agrees_with_model_without_eviction(ops in prop::collection::vec(op(), 1..80)) {
-        run(1024, &ops, true);
+        run(cache(1024), 1024, &ops, true);
     }
 
     #[test]
     fn handle_agrees_with_model_without_eviction(ops in prop::collection::vec(op(), 1..80)) {
-        run_shared(1024, &ops, true);
+        run(through_handle(1024), 1024, &ops, true);
     }
 
     #[test]
     fn handle_hits_stay_right_under_eviction(cap in 1usize..6, ops in prop::collection::vec(op(), 1..120)) {
-        run_shared(cap, &ops, false);
+        run(through_handle(cap), cap, &ops, false);
     }
 
     #[test]
     fn hits_stay_right_under_eviction(cap in 1usize..6, ops in prop::collection::vec(op(), 1..120)) {
-        run(cap, &ops, false);
+        run(cache(cap), cap, &ops, false);
     }
 }
 
