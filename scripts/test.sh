@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Every check of the project, as CI runs it: installs what the checks need (idempotent,
-# non-interactive), then formatting, lints, all tests, the benches in test mode, and one run of
-# the main job (`vhost-iotlb bench`) whose JSON output is checked for its keys.
+# non-interactive), then formatting, lints, all tests, the benches in test mode, a fuzzing
+# smoke run of every cargo-fuzz target (nightly toolchain and cargo-fuzz installed when
+# missing), and one run of the main job (`vhost-iotlb bench`) whose JSON output is checked
+# for its keys.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,6 +27,9 @@ cargo test --workspace
 
 step "benches in test mode (each benchmark runs once)"
 cargo test --workspace --benches
+
+step "fuzzing smoke run (scripts/fuzz-smoke.sh: each cargo-fuzz target for ${FUZZ_SECONDS:-60} s)"
+./scripts/fuzz-smoke.sh
 
 step "main job: cargo run --release -- bench"
 out="$(mktemp -d)"

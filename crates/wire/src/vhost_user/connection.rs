@@ -1,0 +1,434 @@
+//! vhost-user framing over a `SOCK_STREAM` Unix socket, with file descriptors as SCM_RIGHTS.
+//!
+//! Receiving: the 12-byte header, then exactly `size` payload bytes, each read in a loop that
+//! survives short reads and EINTR; descriptors are collected from every part of the message
+//! (received close-on-exec). The payload cap is checked before anything is allocated; an
+//! oversized payload is read into a fixed scratch buffer and dropped, so the stream stays in
+//! step and the connection lives. Descriptors over the cap (or cut off by the kernel) are
+//! closed and the message is refused, also without losing step.
+//!
+//! Sending: header, payload and descriptors go in one `sendmsg`; a short write is finished
+//! without resending the descriptors; EINTR is retried; SIGPIPE is never raised.
+//!
+//! Sends and receives each hold their own lock, so one connection can be shared by a thread
+//! that reads requests and threads that write (the back-end channel's MISS messages). The
+//! socket must be blocking. This file knows nothing of what the messages mean.
+
+use std::io::{IoSlice, IoSliceMut};
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+
+use parking_lot::Mutex;
+use rustix::io::Errno;
+use rustix::net::{
+    recvmsg, sendmsg, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags,
+    SendAncillaryBuffer, SendAncillaryMessage, SendFlags,
+};
+use zerocopy::{FromBytes, IntoBytes};
+
+use super::header::{flags, Header, HEADER_SIZE};
+use super::request::{BackendRequest, FrontendRequest, Reply, ReplyKind};
+use crate::error::WireError;
+
+/// Caps applied to every received message.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest payload accepted, in bytes.
+    pub max_payload: usize,
+    /// Most file descriptors accepted with one message.
+    pub max_fds: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_payload: 4096,
+            max_fds: 8,
+        }
+    }
+}
+
+/// A message as it came off the socket: checked framing, unchecked meaning.
+#[derive(Debug)]
+pub struct RawMessage {
+    /// The header.
+    pub header: Header,
+    /// Exactly `header.size` bytes.
+    pub payload: Vec<u8>,
+    /// The descriptors that came with it (at most `Limits::max_fds`).
+    pub fds: Vec<OwnedFd>,
+}
+
+/// One end of a vhost-user socket.
+#[derive(Debug)]
+pub struct Connection {
+    sock: UnixStream,
+    limits: Limits,
+    send_lock: Mutex<()>,
+    recv_lock: Mutex<()>,
+}
+
+/// What a receive loop ended with.
+enum Fill {
+    Full,
+    /// End of stream after this many bytes.
+    Eof(usize),
+}
+
+impl Connection {
+    /// Wrap a connected stream socket (blocking) with the default limits.
+    pub fn new(sock: UnixStream) -> Self {
+        Self::with_limits(sock, Limits::default())
+    }
+
+    /// Wrap a connected stream socket (blocking) with `limits`.
+    pub fn with_limits(sock: UnixStream, limits: Limits) -> Self {
+        Connection {
+            sock,
+            limits,
+            send_lock: Mutex::new(()),
+            recv_lock: Mutex::new(()),
+        }
+    }
+
+    /// The socket (to poll it, or shut it down).
+    pub fn socket(&self) -> &UnixStream {
+        &self.sock
+    }
+
+    /// The caps in force.
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// Fill `buf` from the socket, collecting descriptors into `fds`. Returns whether the
+    /// kernel truncated the control data (descriptors lost, and closed by the kernel).
+    fn fill(
+        &self,
+        buf: &mut [u8],
+        fds: &mut Vec<OwnedFd>,
+        truncated: &mut bool,
+    ) -> Result<Fill, WireError> {
+        // One more slot than allowed, so that a surplus is seen rather than cut silently.
+        let mut space = vec![
+            MaybeUninit::<u8>::uninit();
+            rustix::cmsg_space!(ScmRights(self.limits.max_fds + 1))
+        ];
+        let mut done = 0;
+        while done < buf.len() {
+            let mut control = RecvAncillaryBuffer::new(&mut space);
+            let mut iov = [IoSliceMut::new(&mut buf[done..])];
+            let r = match recvmsg(&self.sock, &mut iov, &mut control, RecvFlags::CMSG_CLOEXEC) {
+                Ok(r) => r,
+                Err(Errno::INTR) => continue,
+                Err(e) => return Err(WireError::Io(e.into())),
+            };
+            for msg in control.drain() {
+                if let RecvAncillaryMessage::ScmRights(received) = msg {
+                    fds.extend(received);
+                }
+            }
+            if r.flags.contains(ReturnFlags::CTRUNC) {
+                *truncated = true;
+            }
+            if r.bytes == 0 {
+                return Ok(Fill::Eof(done));
+            }
+            done += r.bytes;
+        }
+        Ok(Fill::Full)
+    }
+
+    /// Receive one message.
+    ///
+    /// Errors for which [`WireError::is_fatal`] is false leave the stream in step: the next
+    /// call reads the next message.
+    pub fn recv(&self) -> Result<RawMessage, WireError> {
+        let _guard = self.recv_lock.lock();
+        let mut fds = Vec::new();
+        let mut truncated = false;
+        let mut hbuf = [0u8; HEADER_SIZE];
+        match self.fill(&mut hbuf, &mut fds, &mut truncated)? {
+            Fill::Full => {}
+            Fill::Eof(0) => return Err(WireError::Disconnected),
+            Fill::Eof(got) => {
+                return Err(WireError::Truncated {
+                    expected: HEADER_SIZE,
+                    got,
+                })
+            }
+        }
+        let header = Header::read_from_bytes(&hbuf).map_err(|_| WireError::Truncated {
+            expected: HEADER_SIZE,
+            got: hbuf.len(),
+        })?;
+        let size = header.size as usize;
+
+        if size > self.limits.max_payload {
+            self.discard(size, &mut fds, &mut truncated)?;
+            return Err(WireError::PayloadTooLarge {
+                size: header.size,
+                max: self.limits.max_payload,
+                header,
+            });
+        }
+        let mut payload = vec![0u8; size];
+        if let Fill::Eof(got) = self.fill(&mut payload, &mut fds, &mut truncated)? {
+            return Err(WireError::Truncated {
+                expected: HEADER_SIZE + size,
+                got: HEADER_SIZE + got,
+            });
+        }
+
+        if truncated || fds.len() > self.limits.max_fds {
+            let got = fds.len();
+            drop(fds); // closes them
+            return Err(WireError::TooManyFds {
+                got,
+                max: self.limits.max_fds,
+                header,
+            });
+        }
+        if header.version() != flags::VERSION_1 {
+            return Err(WireError::BadVersion {
+                request: header.request,
+                flags: header.flags,
+                header,
+            });
+        }
+        if header.flags & !flags::KNOWN != 0 {
+            return Err(WireError::UnknownFlags {
+                request: header.request,
+                flags: header.flags,
+                header,
+            });
+        }
+        tracing::trace!(
+            request = header.request,
+            flags = %format_args!("{:#x}", header.flags),
+            size = header.size,
+            fds = fds.len(),
+            "vhost-user: received"
+        );
+        Ok(RawMessage {
+            header,
+            payload,
+            fds,
+        })
+    }
+
+    /// Read and drop `size` payload bytes through a small buffer.
+    fn discard(
+        &self,
+        size: usize,
+        fds: &mut Vec<OwnedFd>,
+        truncated: &mut bool,
+    ) -> Result<(), WireError> {
+        let mut scratch = [0u8; 4096];
+        let mut left = size;
+        while left > 0 {
+            let n = left.min(scratch.len());
+            if let Fill::Eof(got) = self.fill(&mut scratch[..n], fds, truncated)? {
+                return Err(WireError::Truncated {
+                    expected: HEADER_SIZE + size,
+                    got: HEADER_SIZE + size - left + got,
+                });
+            }
+            left -= n;
+            fds.clear(); // nothing of this message is kept
+        }
+        Ok(())
+    }
+
+    /// Send one message: `header` (its size must equal `payload.len()`), `payload`, `fds`.
+    pub fn send(
+        &self,
+        header: &Header,
+        payload: &[u8],
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<(), WireError> {
+        if header.size as usize != payload.len() {
+            return Err(WireError::PayloadSize {
+                request: header.request,
+                expected: header.size as usize,
+                got: payload.len(),
+            });
+        }
+        tracing::trace!(
+            request = header.request,
+            flags = %format_args!("{:#x}", header.flags),
+            size = header.size,
+            fds = fds.len(),
+            "vhost-user: sending"
+        );
+        let hbytes = header.as_bytes();
+        let total = hbytes.len() + payload.len();
+        let _guard = self.send_lock.lock();
+        let mut space =
+            vec![MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(fds.len()))];
+        let mut sent = 0;
+        while sent < total {
+            let (h, p) = if sent < hbytes.len() {
+                (&hbytes[sent..], payload)
+            } else {
+                (&hbytes[..0], &payload[sent - hbytes.len()..])
+            };
+            let iov = [IoSlice::new(h), IoSlice::new(p)];
+            let mut control = SendAncillaryBuffer::new(&mut space);
+            // Descriptors go with the first bytes only.
+            if sent == 0 && !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(fds)) {
+                return Err(WireError::TooManyFds {
+                    got: fds.len(),
+                    max: self.limits.max_fds,
+                    header: *header,
+                });
+            }
+            match sendmsg(&self.sock, &iov, &mut control, SendFlags::NOSIGNAL) {
+                Ok(n) => sent += n,
+                Err(Errno::INTR) => continue,
+                Err(e) => return Err(WireError::Io(e.into())),
+            }
+        }
+        Ok(())
+    }
+
+    /// Send a front-end request; returns its header.
+    pub fn send_request(
+        &self,
+        req: &FrontendRequest,
+        need_reply: bool,
+    ) -> Result<Header, WireError> {
+        let payload = req.encode_payload()?;
+        let header = Header::new(req.req().code(), payload.len() as u32, need_reply);
+        self.send(&header, &payload, &req.fds())?;
+        Ok(header)
+    }
+
+    /// Send a back-end request; returns its header.
+    pub fn send_backend_request(
+        &self,
+        req: &BackendRequest,
+        need_reply: bool,
+    ) -> Result<Header, WireError> {
+        let payload = req.encode_payload()?;
+        let header = Header::new(req.req().code(), payload.len() as u32, need_reply);
+        self.send(&header, &payload, &[])?;
+        Ok(header)
+    }
+
+    /// Answer the request whose header is `to`.
+    pub fn send_reply(&self, to: &Header, reply: &Reply) -> Result<(), WireError> {
+        let payload = reply.encode();
+        self.send(&to.reply(payload.len() as u32), &payload, &[])
+    }
+
+    /// If `to` asked for a reply, answer with a status: 0 for success, 1 for failure.
+    pub fn ack(&self, to: &Header, ok: bool) -> Result<(), WireError> {
+        if to.needs_reply() {
+            self.send_reply(to, &Reply::U64(u64::from(!ok)))?;
+        }
+        Ok(())
+    }
+
+    /// After a non-fatal receive or decode error, answer the offending message with a
+    /// failure so that the peer is never left waiting:
+    /// - a request answered with a value of its own (GET_FEATURES, GET_CONFIG, ..., see
+    ///   [`Answer::Value`]) gets a reply with an empty payload, whatever its flags: the
+    ///   failure convention of libvhost-user, which QEMU reports as a bad reply size instead
+    ///   of taking a made-up value;
+    /// - a request answered with a status of its own ([`Answer::Status`]), and any other that
+    ///   set NEED_REPLY, gets a status of 1;
+    /// - anything else gets nothing.
+    ///
+    /// `header` is the message's header when the caller has it (decode errors); framing
+    /// errors carry their own.
+    pub fn reject(&self, err: &WireError, header: Option<&Header>) -> Result<(), WireError> {
+        match header.or(err.header()) {
+            Some(h) if !err.is_fatal() => match answer(h.request) {
+                Some(Answer::Value) => self.send(&h.reply(0), &[], &[]),
+                Some(Answer::Status) => self.send_reply(h, &Reply::U64(1)),
+                None => self.ack(h, false),
+            },
+            _ => Ok(()),
+        }
+    }
+
+    /// Receive the reply to the request sent with header `sent`, of kind `kind`.
+    pub fn recv_reply(&self, sent: &Header, kind: ReplyKind) -> Result<Reply, WireError> {
+        let msg = self.recv()?;
+        if !msg.header.is_reply() || msg.header.request != sent.request {
+            return Err(WireError::UnexpectedReply {
+                expected: sent.request,
+                got: msg.header.request,
+                flags: msg.header.flags,
+            });
+        }
+        if !msg.fds.is_empty() {
+            return Err(WireError::UnexpectedFds {
+                request: msg.header.request,
+                got: msg.fds.len(),
+            });
+        }
+        if msg.payload.is_empty() {
+            // The failure form of a request that has a reply of its own.
+            return Err(WireError::PeerRefused {
+                request: msg.header.request,
+            });
+        }
+        Reply::decode(msg.header.request, kind, &msg.payload)
+    }
+
+    /// Receive a REPLY_ACK status for `sent`: `Ok` on 0, [`WireError::PeerFailed`] otherwise.
+    pub fn recv_ack(&self, sent: &Header) -> Result<(), WireError> {
+        match self.recv_reply(sent, ReplyKind::U64)? {
+            Reply::U64(0) => Ok(()),
+            Reply::U64(status) => Err(WireError::PeerFailed {
+                request: sent.request,
+                status,
+            }),
+            _ => Err(WireError::UnexpectedReply {
+                expected: sent.request,
+                got: sent.request,
+                flags: 0,
+            }),
+        }
+    }
+}
+
+/// How a front-end request is answered whatever NEED_REPLY says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    /// With a value (features, a count, a config window, a vring base...).
+    Value,
+    /// With a `u64` status, 0 for success.
+    Status,
+}
+
+/// How the front-end request `code` is always answered, if it is (including requests this
+/// crate does not decode); `None` for requests answered only on NEED_REPLY.
+pub fn answer(code: u32) -> Option<Answer> {
+    use super::header::FrontendReq as Q;
+    match Q::from_code(code)? {
+        Q::GetFeatures
+        | Q::GetVringBase
+        | Q::GetProtocolFeatures
+        | Q::GetQueueNum
+        | Q::GetConfig
+        | Q::CreateCryptoSession
+        | Q::PostcopyAdvise
+        | Q::GetInflightFd
+        | Q::GetMaxMemSlots
+        | Q::GetStatus
+        | Q::GetSharedObject
+        | Q::GetShmemConfig => Some(Answer::Value),
+        Q::SetDeviceStateFd | Q::CheckDeviceState => Some(Answer::Status),
+        _ => None,
+    }
+}
+
+impl AsFd for Connection {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.sock.as_fd()
+    }
+}

@@ -1,0 +1,18 @@
+//! The vhost-user protocol: header and request codes, payload layouts, typed requests and
+//! replies, and framing over a Unix socket with descriptor passing.
+
+mod connection;
+mod header;
+mod payload;
+mod request;
+
+pub use connection::{answer, Answer, Connection, Limits, RawMessage};
+pub use header::{flags, BackendReq, FrontendReq, Header, HEADER_SIZE};
+pub use payload::{
+    ConfigHeader, LogArea, MemoryRegion, MemoryTableHeader, SingleMemoryRegion, VringAddr,
+    VringState, BASELINE_MEM_REGIONS, MAX_CONFIG_SIZE, VRING_F_LOG, VRING_INDEX_MASK, VRING_NOFD,
+};
+pub use request::{
+    reply_kind, BackendRequest, Config, DecodeLimits, FrontendRequest, RegionFd, Reply, ReplyKind,
+    VringFile,
+};
