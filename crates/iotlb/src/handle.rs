@@ -167,27 +167,52 @@ impl<W: Clone + PartialEq> IotlbHandle<W> {
         len: u64,
         access: Access,
     ) -> Result<Segments, TranslateError> {
+        match self.cached(iova, len, access) {
+            Some(seg) => Ok(Segments::single(seg)),
+            None => self.translate_shared(iova, len, |tlb| tlb.translate(iova, len, access)),
+        }
+    }
+
+    /// Like [`IotlbHandle::translate`], appending to `out`; on error `out` is left as it was.
+    #[inline]
+    pub fn translate_into(
+        &mut self,
+        iova: u64,
+        len: u64,
+        access: Access,
+        out: &mut Vec<Segment>,
+    ) -> Result<(), TranslateError> {
+        match self.cached(iova, len, access) {
+            Some(seg) => {
+                out.push(seg);
+                Ok(())
+            }
+            None => {
+                self.translate_shared(iova, len, |tlb| tlb.translate_into(iova, len, access, out))
+            }
+        }
+    }
+
+    /// The whole request from one private copy, if there is one (counted as a hit).
+    #[inline]
+    fn cached(&mut self, iova: u64, len: u64, access: Access) -> Option<Segment> {
         let generation = self.shared.inner.generation.load(Ordering::Acquire);
         if generation != self.generation {
             self.catch_up();
         }
-        if let Some(last) = len.checked_sub(1).and_then(|l| iova.checked_add(l)) {
-            if let Some(set) = self.cache.get(set_index(iova)) {
-                // Copies never overlap (a change that could make them is logged and drops
-                // them), so the first one containing the request is the only one.
-                for e in set {
-                    if e.start <= iova && last <= e.last && e.perm & access.bit() != 0 {
-                        policy::touch(&self.shared.inner.heat, e.slot as usize);
-                        HandleCounters::bump(&self.counters.hits);
-                        return Ok(Segments::single(Segment {
-                            addr: e.target + (iova - e.start),
-                            len,
-                        }));
-                    }
-                }
-            }
-        }
-        self.translate_shared(iova, len, access)
+        let last = iova.checked_add(len.checked_sub(1)?)?;
+        let set = self.cache.get(set_index(iova))?;
+        // Copies never overlap (a change that could make them is logged and drops them), so
+        // the first one containing the request is the only one.
+        let e = set
+            .iter()
+            .find(|e| e.start <= iova && last <= e.last && e.perm & access.bit() != 0)?;
+        policy::touch(&self.shared.inner.heat, e.slot as usize);
+        HandleCounters::bump(&self.counters.hits);
+        Some(Segment {
+            addr: e.target + (iova - e.start),
+            len,
+        })
     }
 
     /// Bring the copies up to the shared generation: drop those the changes since ours touch.
@@ -197,19 +222,20 @@ impl<W: Clone + PartialEq> IotlbHandle<W> {
         apply_changes(&mut self.cache, &mut self.generation, &tlb);
     }
 
-    /// The slow path: the shared cache under the read lock, then keep a copy of the entry.
-    fn translate_shared(
+    /// The slow path: `f` on the shared cache under the read lock, then keep a copy of the
+    /// entry holding `iova`.
+    fn translate_shared<R>(
         &mut self,
         iova: u64,
         len: u64,
-        access: Access,
-    ) -> Result<Segments, TranslateError> {
+        f: impl FnOnce(&Iotlb) -> Result<R, TranslateError>,
+    ) -> Result<R, TranslateError> {
         let tlb = self.shared.inner.tlb.read();
         // Copies must match the state we are about to read.
         if tlb.generation() != self.generation {
             apply_changes(&mut self.cache, &mut self.generation, &tlb);
         }
-        let result = tlb.translate(iova, len, access);
+        let result = f(&tlb);
         let counter = match &result {
             Ok(_) => &self.counters.hits,
             Err(TranslateError::Denied { .. }) => &self.counters.denied,
