@@ -202,8 +202,11 @@ enum Expected {
     Empty { request: u32 },
 }
 
-/// What `Connection::reject` answers to the message with `header`.
+/// What `Connection::refuse` answers to the message with `header` (main socket).
 fn rejection(header: &Header) -> Option<Expected> {
+    if header.is_reply() {
+        return None;
+    }
     match answer(header.request) {
         Some(Answer::Value) => Some(Expected::Empty {
             request: header.request,
@@ -285,12 +288,14 @@ fn run(data: &[u8]) {
                         true
                     }
                     Err(e) => {
-                        conn.reject(&e, Some(&header)).expect("reject");
+                        let _ = e;
+                        conn.refuse(&header).expect("refuse");
                         false
                     }
                 };
                 if ok {
-                    if header.needs_reply() {
+                    // `ack` answers REPLY_ACK only for requests without an answer of their own.
+                    if header.needs_reply() && answer(header.request).is_none() {
                         expected.push(Expected::Status {
                             request: header.request,
                             status: 0,
@@ -313,7 +318,7 @@ fn run(data: &[u8]) {
             Err(e) => {
                 let header = *e.header().expect("a framing error carries its header");
                 consumed += HEADER_SIZE + header.size as usize;
-                conn.reject(&e, None).expect("reject");
+                conn.reject(&e).expect("reject");
                 expected.extend(rejection(&header));
             }
         }

@@ -13,8 +13,8 @@ use rustix::fs::{memfd_create, MemfdFlags};
 use rustix::net::{sendmsg, SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
 use wire::error::IotlbError;
 use wire::vhost_user::{
-    Connection, DecodeLimits, FrontendRequest, Header, Limits, MemoryRegion, RawMessage, RegionFd,
-    Reply, ReplyKind, VringFile,
+    Channel, Connection, DecodeLimits, FrontendRequest, Header, Limits, MemoryRegion, RawMessage,
+    RegionFd, Reply, ReplyKind, VringFile,
 };
 use wire::WireError;
 use zerocopy::IntoBytes;
@@ -150,8 +150,8 @@ fn large_payloads_round_trip() {
         max_fds: 8,
     };
     let (tx, rx) = (
-        Connection::with_limits(a, limits),
-        Connection::with_limits(b, limits),
+        Connection::with_limits(a, Channel::Frontend, limits),
+        Connection::with_limits(b, Channel::Frontend, limits),
     );
     let payload: Vec<u8> = (0..(1 << 20)).map(|i| (i * 7) as u8).collect();
     let h = Header::new(99, payload.len() as u32, false);
@@ -410,7 +410,7 @@ fn unknown_request_with_need_reply_gets_a_failure_and_the_connection_lives() {
     let h = m.header;
     let err = decode(m).unwrap_err();
     assert!(matches!(err, WireError::UnknownRequest { request: 99 }));
-    conn.reject(&err, Some(&h)).unwrap();
+    conn.refuse(&h).unwrap();
     let mut reply = [0u8; 20];
     peer.read_exact(&mut reply).unwrap();
     assert_eq!(&reply[..12], Header::new(99, 0, false).reply(8).as_bytes());
@@ -421,17 +421,18 @@ fn unknown_request_with_need_reply_gets_a_failure_and_the_connection_lives() {
     send_raw(&peer, &msg(99, 0x1, &[]), &[]);
     let m = conn.recv().unwrap();
     let h = m.header;
-    let err = decode(m).unwrap_err();
-    conn.reject(&err, Some(&h)).unwrap();
-    peer.set_nonblocking(true).unwrap();
-    assert!(peer.read(&mut reply).is_err(), "no reply expected");
-    peer.set_nonblocking(false).unwrap();
+    assert!(matches!(
+        decode(m),
+        Err(WireError::UnknownRequest { request: 99 })
+    ));
+    conn.refuse(&h).unwrap();
+    assert_nothing_to_read(&mut peer);
 
     // Framing errors carry their header. A request that always has a reply of its own
     // (GET_CONFIG here) gets the empty-payload failure reply, even without NEED_REPLY.
     send_raw(&peer, &msg(24, 0x1, &vec![0u8; 5000]), &[]);
     let err = conn.recv().unwrap_err();
-    conn.reject(&err, None).unwrap();
+    conn.reject(&err).unwrap();
     let mut empty = [0u8; 12];
     peer.read_exact(&mut empty).unwrap();
     assert_eq!(&empty, Header::new(24, 0, false).reply(0).as_bytes());
@@ -441,11 +442,50 @@ fn unknown_request_with_need_reply_gets_a_failure_and_the_connection_lives() {
     send_raw(&peer, &msg(43, 0x1, &[]), &[]);
     let m = conn.recv().unwrap();
     let h = m.header;
-    conn.reject(&decode(m).unwrap_err(), Some(&h)).unwrap();
+    decode(m).unwrap_err();
+    conn.refuse(&h).unwrap();
     peer.read_exact(&mut reply).unwrap();
     assert_eq!(&reply[..12], Header::new(43, 0, false).reply(8).as_bytes());
     assert_eq!(u64::from_ne_bytes(reply[12..].try_into().unwrap()), 1);
     still_in_step(&conn, &peer);
+}
+
+fn assert_nothing_to_read(peer: &mut UnixStream) {
+    let mut b = [0u8; 1];
+    peer.set_nonblocking(true).unwrap();
+    assert!(peer.read(&mut b).is_err(), "no reply expected");
+    peer.set_nonblocking(false).unwrap();
+}
+
+#[test]
+fn reply_policy_per_request_and_channel() {
+    // SET_LOG_BASE in its shared-memory form is always answered; refused, it gets the empty
+    // failure reply. In the old 8-byte form nobody waits: nothing is sent.
+    let (conn, mut peer) = pair();
+    conn.refuse(&Header::new(6, 16, false)).unwrap();
+    let mut r = [0u8; 12];
+    peer.read_exact(&mut r).unwrap();
+    assert_eq!(&r, Header::new(6, 0, false).reply(0).as_bytes());
+    conn.refuse(&Header::new(6, 8, false)).unwrap();
+    assert_nothing_to_read(&mut peer);
+    // A request with an answer of its own is not acked a second time.
+    conn.ack(&Header::new(1, 0, true), true).unwrap();
+    assert_nothing_to_read(&mut peer);
+    // A message flagged as a reply is never answered.
+    conn.refuse(&Header::new(22, 32, true).reply(32)).unwrap();
+    assert_nothing_to_read(&mut peer);
+
+    // On the back-end channel, code 1 is BACKEND_IOTLB_MSG, not GET_FEATURES: refused, it
+    // gets a status only if it asked for one.
+    let (a, mut peer) = UnixStream::pair().unwrap();
+    let chan = Connection::backend_channel(a);
+    chan.refuse(&Header::new(1, 32, false)).unwrap();
+    assert_nothing_to_read(&mut peer);
+    chan.refuse(&Header::new(1, 32, true)).unwrap();
+    let mut r = [0u8; 20];
+    peer.read_exact(&mut r).unwrap();
+    assert_eq!(&r[..12], Header::new(1, 0, false).reply(8).as_bytes());
+    assert_eq!(u64::from_ne_bytes(r[12..].try_into().unwrap()), 1);
 }
 
 #[test]

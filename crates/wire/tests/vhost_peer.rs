@@ -80,14 +80,6 @@ enum Seen {
     BackendChannel(Result<(), WireError>),
 }
 
-fn kind_of(reply: &Reply) -> ReplyKind {
-    match reply {
-        Reply::U64(_) => ReplyKind::U64,
-        Reply::VringState(_) => ReplyKind::VringState,
-        Reply::Config(_) => ReplyKind::Config,
-    }
-}
-
 /// The listener: decode each message with our codec, answer it, record it. Refused requests
 /// are answered with `Connection::reject`. Ends when the front-end hangs up, or after
 /// refusing a GET_CONFIG, whose empty failure reply the `vhost` crate cannot read: closing
@@ -106,7 +98,7 @@ fn serve(conn: Connection) -> Vec<Seen> {
         let req = match FrontendRequest::decode(&header, &msg.payload, msg.fds, &limits) {
             Ok(req) => req,
             Err(error) => {
-                conn.reject(&error, Some(&header)).unwrap();
+                conn.refuse(&header).unwrap();
                 let own = FrontendReq::from_code(header.request).and_then(reply_kind);
                 seen.push(Seen::Rejected(header, error));
                 // `reject` answers a refused GET_CONFIG with an empty reply (QEMU's and
@@ -147,7 +139,7 @@ fn serve(conn: Connection) -> Vec<Seen> {
         };
         // Our table of answers and the codec's must agree.
         assert_eq!(
-            reply.as_ref().map(kind_of),
+            reply.as_ref().map(Reply::kind),
             reply_kind(req.req()),
             "{req:?}"
         );
@@ -621,10 +613,10 @@ fn refused_requests_are_answered_and_the_connection_stays_in_step() {
     );
 }
 
-/// What `Connection::reject(error, Some(header))` writes to the peer.
-fn what_reject_sends(error: &WireError, header: &Header) -> Vec<u8> {
+/// What `Connection::refuse(header)` writes to the peer.
+fn what_refuse_sends(header: &Header) -> Vec<u8> {
     let (ours, mut peer) = UnixStream::pair().unwrap();
-    Connection::new(ours).reject(error, Some(header)).unwrap();
+    Connection::new(ours).refuse(header).unwrap();
     // The connection is dropped: the read ends.
     let mut out = Vec::new();
     peer.read_to_end(&mut out).unwrap();
@@ -696,10 +688,10 @@ fn a_refused_get_config_gets_the_empty_failure_reply() {
     for word in [24u32, flags::VERSION_1 | flags::REPLY, 0] {
         expected.extend_from_slice(&word.to_ne_bytes());
     }
-    assert_eq!(what_reject_sends(e, h), expected);
+    assert_eq!(what_refuse_sends(h), expected);
     let with_need_reply = Header {
         flags: NEED_REPLY,
         ..*h
     };
-    assert_eq!(what_reject_sends(e, &with_need_reply), expected);
+    assert_eq!(what_refuse_sends(&with_need_reply), expected);
 }

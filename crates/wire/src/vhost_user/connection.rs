@@ -11,8 +11,13 @@
 //! without resending the descriptors; EINTR is retried; SIGPIPE is never raised.
 //!
 //! Sends and receives each hold their own lock, so one connection can be shared by a thread
-//! that reads requests and threads that write (the back-end channel's MISS messages). The
-//! socket must be blocking. This file knows nothing of what the messages mean.
+//! that reads requests and threads that write (the back-end channel's MISS messages);
+//! [`Connection::call`] holds both for a request and its reply, so that concurrent callers
+//! cannot take each other's replies. The socket is put in blocking mode; a read timeout set on
+//! it (`UnixStream::set_read_timeout`) surfaces as a fatal I/O error. Which requests are
+//! answered whatever their flags depends on the channel, front-end requests on the main socket
+//! or back-end requests on the back-end channel ([`Channel`]). This file knows nothing else
+//! of what messages mean.
 
 use std::io::{IoSlice, IoSliceMut};
 use std::mem::MaybeUninit;
@@ -27,17 +32,31 @@ use rustix::net::{
 };
 use zerocopy::{FromBytes, IntoBytes};
 
-use super::header::{flags, Header, HEADER_SIZE};
+use super::header::{flags, FrontendReq, Header, HEADER_SIZE};
+use super::payload::LogArea;
 use super::request::{BackendRequest, FrontendRequest, Reply, ReplyKind};
 use crate::error::WireError;
 
 /// Caps applied to every received message.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
-    /// Largest payload accepted, in bytes.
+    /// Largest payload accepted, in bytes (the peer can make us allocate this much).
     pub max_payload: usize,
-    /// Most file descriptors accepted with one message.
+    /// Most file descriptors accepted with one message (at most [`MAX_FDS`]).
     pub max_fds: usize,
+}
+
+/// The kernel's limit of descriptors in one SCM_RIGHTS message (`SCM_MAX_FD`).
+pub const MAX_FDS: usize = 253;
+
+/// Which requests travel on a connection, which decides how a refused one is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Channel {
+    /// The main socket: front-end requests (`VHOST_USER_*`), answered by the back-end.
+    Frontend,
+    /// The back-end channel: back-end requests (`VHOST_USER_BACKEND_*`), answered by the
+    /// front-end.
+    Backend,
 }
 
 impl Default for Limits {
@@ -65,8 +84,10 @@ pub struct RawMessage {
 pub struct Connection {
     sock: UnixStream,
     limits: Limits,
+    channel: Channel,
     send_lock: Mutex<()>,
     recv_lock: Mutex<()>,
+    call_lock: Mutex<()>,
 }
 
 /// What a receive loop ended with.
@@ -77,19 +98,38 @@ enum Fill {
 }
 
 impl Connection {
-    /// Wrap a connected stream socket (blocking) with the default limits.
+    /// The main socket (front-end requests), with the default limits.
     pub fn new(sock: UnixStream) -> Self {
-        Self::with_limits(sock, Limits::default())
+        Self::with_limits(sock, Channel::Frontend, Limits::default())
     }
 
-    /// Wrap a connected stream socket (blocking) with `limits`.
-    pub fn with_limits(sock: UnixStream, limits: Limits) -> Self {
+    /// The back-end channel (back-end requests), with the default limits.
+    pub fn backend_channel(sock: UnixStream) -> Self {
+        Self::with_limits(sock, Channel::Backend, Limits::default())
+    }
+
+    /// A connection carrying `channel`'s requests, with `limits` (`max_fds` is clamped to
+    /// [`MAX_FDS`]). The socket is switched to blocking mode.
+    pub fn with_limits(sock: UnixStream, channel: Channel, limits: Limits) -> Self {
+        if let Err(e) = sock.set_nonblocking(false) {
+            tracing::warn!(error = %e, "vhost-user: cannot make the socket blocking");
+        }
         Connection {
             sock,
-            limits,
+            limits: Limits {
+                max_fds: limits.max_fds.min(MAX_FDS),
+                ..limits
+            },
+            channel,
             send_lock: Mutex::new(()),
             recv_lock: Mutex::new(()),
+            call_lock: Mutex::new(()),
         }
+    }
+
+    /// The requests this connection carries.
+    pub fn channel(&self) -> Channel {
+        self.channel
     }
 
     /// The socket (to poll it, or shut it down).
@@ -126,7 +166,15 @@ impl Connection {
             };
             for msg in control.drain() {
                 if let RecvAncillaryMessage::ScmRights(received) = msg {
-                    fds.extend(received);
+                    for fd in received {
+                        // Past the cap, descriptors are closed as they come (a peer sending
+                        // a few with every byte must not fill our descriptor table).
+                        if fds.len() <= self.limits.max_fds {
+                            fds.push(fd);
+                        } else {
+                            *truncated = true;
+                        }
+                    }
                 }
             }
             if r.flags.contains(ReturnFlags::CTRUNC) {
@@ -262,6 +310,13 @@ impl Connection {
             fds = fds.len(),
             "vhost-user: sending"
         );
+        if fds.len() > MAX_FDS {
+            return Err(WireError::TooManyFds {
+                got: fds.len(),
+                max: MAX_FDS,
+                header: *header,
+            });
+        }
         let hbytes = header.as_bytes();
         let total = hbytes.len() + payload.len();
         let _guard = self.send_lock.lock();
@@ -276,11 +331,12 @@ impl Connection {
             };
             let iov = [IoSlice::new(h), IoSlice::new(p)];
             let mut control = SendAncillaryBuffer::new(&mut space);
-            // Descriptors go with the first bytes only.
+            // Descriptors go with the first bytes only. `space` was sized for them, so the
+            // push cannot fail; if it did, nothing has been sent yet.
             if sent == 0 && !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(fds)) {
                 return Err(WireError::TooManyFds {
                     got: fds.len(),
-                    max: self.limits.max_fds,
+                    max: MAX_FDS,
                     header: *header,
                 });
             }
@@ -319,39 +375,83 @@ impl Connection {
 
     /// Answer the request whose header is `to`.
     pub fn send_reply(&self, to: &Header, reply: &Reply) -> Result<(), WireError> {
+        reply.validate()?;
         let payload = reply.encode();
         self.send(&to.reply(payload.len() as u32), &payload, &[])
     }
 
-    /// If `to` asked for a reply, answer with a status: 0 for success, 1 for failure.
+    /// Acknowledge a handled request: if `to` asked for a reply (REPLY_ACK) and is not a
+    /// request that has an answer of its own (which is its acknowledgement), send a status,
+    /// 0 for success and 1 for failure.
     pub fn ack(&self, to: &Header, ok: bool) -> Result<(), WireError> {
-        if to.needs_reply() {
+        if to.needs_reply() && !to.is_reply() && self.answer(to).is_none() {
             self.send_reply(to, &Reply::U64(u64::from(!ok)))?;
         }
         Ok(())
     }
 
-    /// After a non-fatal receive or decode error, answer the offending message with a
-    /// failure so that the peer is never left waiting:
+    /// How a request of this channel is always answered, if it is.
+    fn answer(&self, header: &Header) -> Option<Answer> {
+        match self.channel {
+            // SET_LOG_BASE is answered in its shared-memory form (a 16-byte log area) only;
+            // the old 8-byte form is not, and a reply would be read as the answer to the next
+            // request.
+            Channel::Frontend
+                if header.request == FrontendReq::SetLogBase.code()
+                    && header.size as usize != std::mem::size_of::<LogArea>() =>
+            {
+                None
+            }
+            Channel::Frontend => answer(header.request),
+            // Back-end requests are answered only on NEED_REPLY, with a status.
+            Channel::Backend => None,
+        }
+    }
+
+    /// Answer a message this side refuses (it failed to decode, or is not supported), so the
+    /// peer is never left waiting:
     /// - a request answered with a value of its own (GET_FEATURES, GET_CONFIG, ..., see
     ///   [`Answer::Value`]) gets a reply with an empty payload, whatever its flags: the
     ///   failure convention of libvhost-user, which QEMU reports as a bad reply size instead
     ///   of taking a made-up value;
     /// - a request answered with a status of its own ([`Answer::Status`]), and any other that
     ///   set NEED_REPLY, gets a status of 1;
-    /// - anything else gets nothing.
-    ///
-    /// `header` is the message's header when the caller has it (decode errors); framing
-    /// errors carry their own.
-    pub fn reject(&self, err: &WireError, header: Option<&Header>) -> Result<(), WireError> {
-        match header.or(err.header()) {
-            Some(h) if !err.is_fatal() => match answer(h.request) {
-                Some(Answer::Value) => self.send(&h.reply(0), &[], &[]),
-                Some(Answer::Status) => self.send_reply(h, &Reply::U64(1)),
-                None => self.ack(h, false),
-            },
+    /// - anything else, and anything flagged as a reply, gets nothing.
+    pub fn refuse(&self, header: &Header) -> Result<(), WireError> {
+        if header.is_reply() {
+            return Ok(());
+        }
+        match self.answer(header) {
+            Some(Answer::Value) => self.send(&header.reply(0), &[], &[]),
+            Some(Answer::Status) => self.send_reply(header, &Reply::U64(1)),
+            None if header.needs_reply() => self.send_reply(header, &Reply::U64(1)),
+            None => Ok(()),
+        }
+    }
+
+    /// After an error from [`Connection::recv`] that is not fatal, refuse the message it was
+    /// about (see [`Connection::refuse`]). Decode errors do not carry the header: refuse those
+    /// with `refuse(&raw.header)`.
+    pub fn reject(&self, err: &WireError) -> Result<(), WireError> {
+        match err.header() {
+            Some(h) if !err.is_fatal() => self.refuse(h),
             _ => Ok(()),
         }
+    }
+
+    /// Send a request and receive its reply of kind `kind`, with no other call in between
+    /// (concurrent callers are served one at a time). Nobody else may `recv` on this
+    /// connection meanwhile.
+    pub fn call(
+        &self,
+        header: &Header,
+        payload: &[u8],
+        fds: &[BorrowedFd<'_>],
+        kind: ReplyKind,
+    ) -> Result<Reply, WireError> {
+        let _guard = self.call_lock.lock();
+        self.send(header, payload, fds)?;
+        self.recv_reply(header, kind)
     }
 
     /// Receive the reply to the request sent with header `sent`, of kind `kind`.
@@ -410,7 +510,8 @@ pub enum Answer {
 pub fn answer(code: u32) -> Option<Answer> {
     use super::header::FrontendReq as Q;
     match Q::from_code(code)? {
-        Q::GetFeatures
+        Q::SetLogBase
+        | Q::GetFeatures
         | Q::GetVringBase
         | Q::GetProtocolFeatures
         | Q::GetQueueNum

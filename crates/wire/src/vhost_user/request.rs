@@ -292,6 +292,13 @@ impl FrontendRequest {
         use FrontendReq as Q;
         use FrontendRequest as R;
         let code = header.request;
+        if header.is_reply() {
+            return Err(WireError::InvalidField {
+                request: code,
+                field: "flags (a reply where a request was expected)",
+                value: header.flags.into(),
+            });
+        }
         let Some(req) = Q::from_code(code).filter(|q| Self::SUPPORTED.contains(q)) else {
             return Err(WireError::UnknownRequest { request: code });
         };
@@ -512,6 +519,9 @@ pub enum ReplyKind {
     VringState,
     /// A config window (GET_CONFIG).
     Config,
+    /// The log area echoed back (SET_LOG_BASE with `LOG_SHMFD`: QEMU waits for this reply
+    /// to know the log is mapped).
+    Log,
 }
 
 /// What `req` is answered with, if it is one of the requests that always get an answer.
@@ -526,6 +536,7 @@ pub fn reply_kind(req: FrontendReq) -> Option<ReplyKind> {
         | Q::GetStatus => Some(ReplyKind::U64),
         Q::GetVringBase => Some(ReplyKind::VringState),
         Q::GetConfig => Some(ReplyKind::Config),
+        Q::SetLogBase => Some(ReplyKind::Log),
         _ => None,
     }
 }
@@ -539,15 +550,40 @@ pub enum Reply {
     VringState(VringState),
     /// GET_CONFIG.
     Config(Config),
+    /// SET_LOG_BASE.
+    Log(LogArea),
 }
 
 impl Reply {
+    /// Its kind.
+    pub fn kind(&self) -> ReplyKind {
+        match self {
+            Reply::U64(_) => ReplyKind::U64,
+            Reply::VringState(_) => ReplyKind::VringState,
+            Reply::Config(_) => ReplyKind::Config,
+            Reply::Log(_) => ReplyKind::Log,
+        }
+    }
+
     /// The payload bytes.
     pub fn encode(&self) -> Vec<u8> {
         match self {
             Reply::U64(v) => bytes_of(v),
             Reply::VringState(s) => bytes_of(s),
             Reply::Config(c) => config_bytes(c),
+            Reply::Log(l) => bytes_of(l),
+        }
+    }
+
+    /// Check what a peer can accept: a config window of at most [`MAX_CONFIG_SIZE`] bytes.
+    pub fn validate(&self) -> Result<(), WireError> {
+        match self {
+            Reply::Config(c) if c.data.len() > MAX_CONFIG_SIZE => Err(WireError::InvalidField {
+                request: FrontendReq::GetConfig.code(),
+                field: "config size",
+                value: c.data.len() as u64,
+            }),
+            _ => Ok(()),
         }
     }
 
@@ -557,6 +593,7 @@ impl Reply {
             ReplyKind::U64 => Reply::U64(exact(req, payload)?),
             ReplyKind::VringState => Reply::VringState(exact(req, payload)?),
             ReplyKind::Config => Reply::Config(config(req, payload)?),
+            ReplyKind::Log => Reply::Log(exact(req, payload)?),
         })
     }
 }
