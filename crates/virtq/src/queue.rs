@@ -1,0 +1,609 @@
+//! The device side of one split virtqueue: pop a chain, complete it, decide on notifications.
+//!
+//! Every address goes through the queue's [`Translator`]: ring areas once per change of
+//! their translation (see [`crate::ring`]), descriptor buffers and indirect tables per chain.
+//!
+//! **Miss semantics.** [`Queue::pop`] translates the whole chain at the head of the avail ring
+//! before consuming it. If any address misses, nothing is consumed and nothing is written:
+//! the caller gets [`PopError::Miss`], parks the queue, and after an UPDATE calls `pop` again,
+//! which walks the same chain from its head. A permission failure ([`PopError::Denied`]) or a
+//! malformed chain ([`PopError::Invalid`]) consumes the entry: the device completes that head
+//! with an error of its choosing and moves on. A ring that cannot be used at all (a ring area
+//! refused, an avail index that jumps by more than the queue size) is
+//! [`PopError::Broken`]: the queue serves nothing until it is reset.
+//!
+//! **Ordering.** The avail index is loaded with acquire before any ring entry or descriptor is
+//! read; the used index is stored with release after the used element; a full fence separates
+//! publishing the used index (or the avail event) from reading the driver's event index (or
+//! the avail index again), as the virtio specification requires for event suppression.
+//!
+//! This file never blocks and never sends anything: misses are reported, not resolved.
+
+use std::num::Wrapping;
+use std::sync::atomic::{fence, Ordering};
+
+use iotlb::Access;
+use vm_memory::{GuestAddress, GuestMemoryBackend};
+
+use crate::chain::{Chain, ChainError, Descriptor};
+use crate::ring::{
+    avail_ring_len, desc_table_len, used_ring_len, RingArea, RingError, DESC_SIZE, MAX_QUEUE_SIZE,
+};
+use crate::translate::{Fault, Translator};
+
+/// `VIRTQ_AVAIL_F_NO_INTERRUPT`.
+pub const AVAIL_F_NO_INTERRUPT: u16 = 1;
+/// `VIRTQ_USED_F_NO_NOTIFY`.
+pub const USED_F_NO_NOTIFY: u16 = 1;
+
+/// Why a queue's configuration is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// Size 0, not a power of two, or over the maximum.
+    #[error("queue size {size} (must be a power of two up to {max})")]
+    Size {
+        /// Requested size.
+        size: u16,
+        /// The maximum.
+        max: u16,
+    },
+    /// A ring area not aligned as the specification requires.
+    #[error("{area} at {addr:#x} is not {align}-byte aligned")]
+    Alignment {
+        /// Which area.
+        area: &'static str,
+        /// Its address.
+        addr: u64,
+        /// The alignment required.
+        align: u64,
+    },
+    /// The queue has no addresses yet.
+    #[error("queue addresses are not set")]
+    NotConfigured,
+}
+
+/// What popping a chain ran into.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PopError {
+    /// An address is not translated yet. Nothing was consumed: park, then pop again after an
+    /// UPDATE covers `iova`.
+    #[error("IOTLB miss at {iova:#x} for {access}")]
+    Miss {
+        /// First byte that missed.
+        iova: u64,
+        /// Direction needed.
+        access: Access,
+    },
+    /// A buffer's mapping forbids the access. The entry is consumed: complete `head` with an
+    /// error and report the failure (ACCESS_FAIL).
+    #[error("chain {head}: access denied at {iova:#x} for {access}")]
+    Denied {
+        /// The chain's head.
+        head: u16,
+        /// First byte refused.
+        iova: u64,
+        /// Direction refused.
+        access: Access,
+    },
+    /// The chain is malformed. The entry is consumed; complete `head` (if it names a
+    /// descriptor) with an error.
+    #[error("chain {head:?}: {reason}")]
+    Invalid {
+        /// The chain's head, if it is a valid descriptor index.
+        head: Option<u16>,
+        /// What is wrong.
+        reason: ChainError,
+    },
+    /// The ring itself is unusable; the queue needs a reset.
+    #[error("queue broken: {0}")]
+    Broken(String),
+}
+
+/// One split virtqueue, device side.
+#[derive(Debug)]
+pub struct Queue {
+    max_size: u16,
+    size: u16,
+    desc: RingArea,
+    avail: RingArea,
+    used: RingArea,
+    configured: bool,
+    next_avail: Wrapping<u16>,
+    next_used: Wrapping<u16>,
+    /// The used index when the driver was last notified (event index suppression).
+    signalled_used: Option<Wrapping<u16>>,
+    event_idx: bool,
+    broken: Option<String>,
+    /// The indirect table of the chain being walked.
+    indirect: RingArea,
+    /// Segments of the buffer being translated.
+    scratch: Vec<iotlb::Segment>,
+}
+
+impl Queue {
+    /// A queue that accepts sizes up to `max_size` (clamped to 32768).
+    pub fn new(max_size: u16) -> Self {
+        Queue {
+            max_size: max_size.min(MAX_QUEUE_SIZE),
+            size: 0,
+            desc: RingArea::new(Access::Read),
+            avail: RingArea::new(Access::Read),
+            used: RingArea::new(Access::Write),
+            configured: false,
+            next_avail: Wrapping(0),
+            next_used: Wrapping(0),
+            signalled_used: None,
+            event_idx: false,
+            broken: None,
+            indirect: RingArea::new(Access::Read),
+            scratch: Vec::new(),
+        }
+    }
+
+    /// The largest size accepted.
+    pub fn max_size(&self) -> u16 {
+        self.max_size
+    }
+
+    /// The size in use.
+    pub fn size(&self) -> u16 {
+        self.size
+    }
+
+    /// Set the size (SET_VRING_NUM).
+    pub fn set_size(&mut self, size: u16) -> Result<(), ConfigError> {
+        if size == 0 || size > self.max_size || !size.is_power_of_two() {
+            return Err(ConfigError::Size {
+                size,
+                max: self.max_size,
+            });
+        }
+        self.size = size;
+        self.configured = false;
+        Ok(())
+    }
+
+    /// Set the three ring addresses (SET_VRING_ADDR), in the translator's address space.
+    pub fn set_addresses(&mut self, desc: u64, avail: u64, used: u64) -> Result<(), ConfigError> {
+        for (area, addr, align) in [
+            ("descriptor table", desc, 16),
+            ("avail ring", avail, 2),
+            ("used ring", used, 4),
+        ] {
+            if addr % align != 0 {
+                return Err(ConfigError::Alignment { area, addr, align });
+            }
+        }
+        if self.size == 0 {
+            return Err(ConfigError::NotConfigured);
+        }
+        self.desc.set(desc, desc_table_len(self.size));
+        self.avail.set(avail, avail_ring_len(self.size));
+        self.used.set(used, used_ring_len(self.size));
+        self.configured = true;
+        self.broken = None;
+        Ok(())
+    }
+
+    /// The ring addresses (descriptor table, avail, used).
+    pub fn addresses(&self) -> (u64, u64, u64) {
+        (self.desc.addr(), self.avail.addr(), self.used.addr())
+    }
+
+    /// Use `VIRTIO_RING_F_EVENT_IDX` (from the negotiated features).
+    pub fn set_event_idx(&mut self, on: bool) {
+        self.event_idx = on;
+    }
+
+    /// Set where the next avail entry and next used slot are (SET_VRING_BASE); the used index
+    /// continues from the same value, as with vhost.
+    pub fn set_next_avail(&mut self, idx: u16) {
+        self.next_avail = Wrapping(idx);
+        self.next_used = Wrapping(idx);
+        self.signalled_used = None;
+    }
+
+    /// The next avail entry to consume (GET_VRING_BASE).
+    pub fn next_avail(&self) -> u16 {
+        self.next_avail.0
+    }
+
+    /// The next used slot.
+    pub fn next_used(&self) -> u16 {
+        self.next_used.0
+    }
+
+    /// Why the queue is broken, if it is.
+    pub fn broken(&self) -> Option<&str> {
+        self.broken.as_deref()
+    }
+
+    /// Forget the ring translations (the memory table changed, say).
+    pub fn invalidate_translations(&mut self) {
+        self.desc.invalidate();
+        self.avail.invalidate();
+        self.used.invalidate();
+    }
+
+    /// Back to the unconfigured state.
+    pub fn reset(&mut self) {
+        *self = Queue::new(self.max_size);
+    }
+
+    fn ready(&self) -> Result<(), PopError> {
+        if let Some(why) = &self.broken {
+            return Err(PopError::Broken(why.clone()));
+        }
+        if !self.configured {
+            return Err(PopError::Broken(ConfigError::NotConfigured.to_string()));
+        }
+        Ok(())
+    }
+
+    /// A ring error: a miss parks the queue, anything else breaks it.
+    fn ring_error(&mut self, e: RingError) -> PopError {
+        match e {
+            RingError::Fault {
+                fault: Fault::Miss { iova, access },
+                ..
+            } => PopError::Miss { iova, access },
+            other => {
+                let why = other.to_string();
+                tracing::warn!(error = %why, "virtq: ring unusable, queue stops until reset");
+                self.broken = Some(why.clone());
+                PopError::Broken(why)
+            }
+        }
+    }
+
+    fn ensure<T: Translator + ?Sized, M: GuestMemoryBackend>(
+        area: &mut RingArea,
+        tr: &mut T,
+        mem: &M,
+    ) -> Result<(), RingError> {
+        area.ensure(tr, mem)
+    }
+
+    /// The driver's avail index (acquire).
+    fn avail_idx<T: Translator + ?Sized, M: GuestMemoryBackend>(
+        &mut self,
+        tr: &mut T,
+        mem: &M,
+    ) -> Result<Wrapping<u16>, PopError> {
+        let r = Self::ensure(&mut self.avail, tr, mem)
+            .and_then(|()| self.avail.load_u16(mem, 2, Ordering::Acquire));
+        r.map(Wrapping).map_err(|e| self.ring_error(e))
+    }
+
+    /// Whether the driver has made chains available that were not popped yet.
+    pub fn has_available<T: Translator + ?Sized, M: GuestMemoryBackend>(
+        &mut self,
+        tr: &mut T,
+        mem: &M,
+    ) -> Result<bool, PopError> {
+        self.ready()?;
+        Ok(self.avail_idx(tr, mem)? != self.next_avail)
+    }
+
+    /// Pop the chain at the head of the avail ring into `chain`: `Ok(false)` if there is none.
+    ///
+    /// See the module documentation for what each error means for the avail entry.
+    pub fn pop<T: Translator + ?Sized, M: GuestMemoryBackend>(
+        &mut self,
+        tr: &mut T,
+        mem: &M,
+        chain: &mut Chain,
+    ) -> Result<bool, PopError> {
+        self.ready()?;
+        let avail_idx = self.avail_idx(tr, mem)?;
+        let pending = (avail_idx - self.next_avail).0;
+        if pending == 0 {
+            return Ok(false);
+        }
+        if pending > self.size {
+            let why = format!(
+                "avail index {} is {} entries ahead of {} in a queue of {}",
+                avail_idx.0, pending, self.next_avail.0, self.size
+            );
+            tracing::warn!(error = %why, "virtq: ring broken");
+            self.broken = Some(why.clone());
+            return Err(PopError::Broken(why));
+        }
+        let slot = u64::from(self.next_avail.0 % self.size);
+        let head = Self::ensure(&mut self.desc, tr, mem)
+            .and_then(|()| self.avail.load_u16(mem, 4 + 2 * slot, Ordering::Relaxed))
+            .map_err(|e| self.ring_error(e))?;
+
+        let mut walker = Walker {
+            desc: &self.desc,
+            indirect: &mut self.indirect,
+            size: self.size,
+            descriptors: 0,
+            seen_writable: false,
+            scratch: &mut self.scratch,
+        };
+        match walker.walk(tr, mem, head, chain) {
+            Ok(()) => {
+                self.next_avail += 1;
+                Ok(true)
+            }
+            Err(Walk::Fault(Fault::Miss { iova, access })) => {
+                chain.clear();
+                Err(PopError::Miss { iova, access })
+            }
+            Err(Walk::Fault(Fault::Denied { iova, access })) => {
+                self.next_avail += 1;
+                Err(PopError::Denied { head, iova, access })
+            }
+            Err(Walk::Fault(Fault::BadAddress { addr, len })) => {
+                self.next_avail += 1;
+                Err(PopError::Invalid {
+                    head: Some(head),
+                    reason: ChainError::BadAddress { addr, len },
+                })
+            }
+            Err(Walk::Invalid(reason)) => {
+                self.next_avail += 1;
+                let head = (head < self.size).then_some(head);
+                Err(PopError::Invalid { head, reason })
+            }
+            Err(Walk::Ring(e)) => {
+                chain.clear();
+                Err(self.ring_error(e))
+            }
+        }
+    }
+
+    /// Put `head` in the used ring with `len` bytes written, and publish it (release).
+    pub fn complete<T: Translator + ?Sized, M: GuestMemoryBackend>(
+        &mut self,
+        tr: &mut T,
+        mem: &M,
+        head: u16,
+        len: u32,
+    ) -> Result<(), PopError> {
+        self.ready()?;
+        let slot = u64::from(self.next_used.0 % self.size);
+        let mut elem = [0u8; 8];
+        elem[0..4].copy_from_slice(&u32::from(head).to_le_bytes());
+        elem[4..8].copy_from_slice(&len.to_le_bytes());
+        let next = self.next_used + Wrapping(1);
+        let r = Self::ensure(&mut self.used, tr, mem)
+            .and_then(|()| self.used.write(mem, 4 + 8 * slot, &elem))
+            .and_then(|()| self.used.store_u16(mem, 2, next.0, Ordering::Release));
+        r.map_err(|e| self.ring_error(e))?;
+        self.next_used = next;
+        Ok(())
+    }
+
+    /// Whether the driver wants an interrupt for what was completed since the last time this
+    /// returned true (honours `VIRTQ_AVAIL_F_NO_INTERRUPT` or the used event index).
+    pub fn needs_notification<T: Translator + ?Sized, M: GuestMemoryBackend>(
+        &mut self,
+        tr: &mut T,
+        mem: &M,
+    ) -> Result<bool, PopError> {
+        self.ready()?;
+        // The used index we published must be visible before we read the driver's wishes.
+        fence(Ordering::SeqCst);
+        let new = self.next_used;
+        let r = if self.event_idx {
+            let old = self.signalled_used.replace(new);
+            let off = 4 + 2 * u64::from(self.size);
+            let used_event = Self::ensure(&mut self.avail, tr, mem)
+                .and_then(|()| self.avail.load_u16(mem, off, Ordering::Relaxed))
+                .map(Wrapping);
+            used_event.map(|event| match old {
+                None => true,
+                // vring_need_event: notify if `event` lies in (old, new].
+                Some(old) => (new - event - Wrapping(1)) < (new - old),
+            })
+        } else {
+            Self::ensure(&mut self.avail, tr, mem)
+                .and_then(|()| self.avail.load_u16(mem, 0, Ordering::Relaxed))
+                .map(|flags| flags & AVAIL_F_NO_INTERRUPT == 0)
+        };
+        r.map_err(|e| self.ring_error(e))
+    }
+
+    /// Ask the driver for kicks (or not). When enabling, returns whether chains arrived in the
+    /// meantime (the caller must then pop them rather than wait for a kick).
+    pub fn set_notification<T: Translator + ?Sized, M: GuestMemoryBackend>(
+        &mut self,
+        tr: &mut T,
+        mem: &M,
+        enable: bool,
+    ) -> Result<bool, PopError> {
+        self.ready()?;
+        let r = Self::ensure(&mut self.used, tr, mem).and_then(|()| {
+            if self.event_idx {
+                if enable {
+                    let off = 4 + 8 * u64::from(self.size);
+                    self.used
+                        .store_u16(mem, off, self.next_avail.0, Ordering::Relaxed)
+                } else {
+                    Ok(())
+                }
+            } else {
+                let flags = if enable { 0 } else { USED_F_NO_NOTIFY };
+                self.used.store_u16(mem, 0, flags, Ordering::Relaxed)
+            }
+        });
+        r.map_err(|e| self.ring_error(e))?;
+        if !enable {
+            return Ok(false);
+        }
+        // Our wish must be visible before we look at the avail index again.
+        fence(Ordering::SeqCst);
+        Ok(self.avail_idx(tr, mem)? != self.next_avail)
+    }
+}
+
+/// What a walk ran into.
+enum Walk {
+    Fault(Fault),
+    Invalid(ChainError),
+    Ring(RingError),
+}
+
+/// One chain walk: the areas it reads and the rules it checks.
+struct Walker<'q> {
+    desc: &'q RingArea,
+    indirect: &'q mut RingArea,
+    size: u16,
+    descriptors: u32,
+    seen_writable: bool,
+    scratch: &'q mut Vec<iotlb::Segment>,
+}
+
+impl Walker<'_> {
+    /// Walk the chain at `head` into `chain`, translating every buffer.
+    fn walk<T: Translator + ?Sized, M: GuestMemoryBackend>(
+        &mut self,
+        tr: &mut T,
+        mem: &M,
+        head: u16,
+        chain: &mut Chain,
+    ) -> Result<(), Walk> {
+        chain.clear();
+        chain.head = head;
+        let size = self.size;
+        if head >= size {
+            return Err(Walk::Invalid(ChainError::HeadOutOfRange { head, size }));
+        }
+        let mut index = head;
+        loop {
+            self.count()?;
+            let mut raw = [0u8; 16];
+            self.desc
+                .read(mem, u64::from(index) * DESC_SIZE, &mut raw)
+                .map_err(Walk::Ring)?;
+            let d = Descriptor::from_bytes(&raw);
+            if d.is_indirect() {
+                if d.has_next() {
+                    return Err(Walk::Invalid(ChainError::IndirectWithNext { index }));
+                }
+                return self.walk_indirect(tr, mem, &d, chain);
+            }
+            self.buffer(tr, mem, index, &d, chain)?;
+            if !d.has_next() {
+                return Ok(());
+            }
+            if d.next >= size {
+                return Err(Walk::Invalid(ChainError::NextOutOfRange {
+                    index,
+                    next: d.next,
+                    table: size.into(),
+                }));
+            }
+            index = d.next;
+        }
+    }
+
+    /// Walk the indirect table `table` (the last descriptor of the main chain).
+    fn walk_indirect<T: Translator + ?Sized, M: GuestMemoryBackend>(
+        &mut self,
+        tr: &mut T,
+        mem: &M,
+        table: &Descriptor,
+        chain: &mut Chain,
+    ) -> Result<(), Walk> {
+        if table.len == 0 || u64::from(table.len) % DESC_SIZE != 0 {
+            return Err(Walk::Invalid(ChainError::IndirectLength { len: table.len }));
+        }
+        let entries = u64::from(table.len) / DESC_SIZE;
+        self.indirect.set(table.addr, u64::from(table.len));
+        self.indirect.ensure(tr, mem).map_err(|e| match e {
+            RingError::Fault { fault, .. } => Walk::Fault(fault),
+            other => Walk::Ring(other),
+        })?;
+        let mut i: u64 = 0;
+        loop {
+            self.count()?;
+            let mut raw = [0u8; 16];
+            self.indirect
+                .read(mem, i * DESC_SIZE, &mut raw)
+                .map_err(|_| {
+                    Walk::Invalid(ChainError::BadAddress {
+                        addr: table.addr,
+                        len: table.len.into(),
+                    })
+                })?;
+            let d = Descriptor::from_bytes(&raw);
+            if d.is_indirect() {
+                return Err(Walk::Invalid(ChainError::NestedIndirect));
+            }
+            // `i < entries` and at most `size` (<= 32768) entries are walked before `count`
+            // refuses the chain, so `i` fits in a u16 here.
+            let index = i as u16;
+            self.buffer(tr, mem, index, &d, chain)?;
+            if !d.has_next() {
+                return Ok(());
+            }
+            if u64::from(d.next) >= entries {
+                return Err(Walk::Invalid(ChainError::NextOutOfRange {
+                    index,
+                    next: d.next,
+                    table: entries.min(u64::from(u32::MAX)) as u32,
+                }));
+            }
+            i = u64::from(d.next);
+        }
+    }
+
+    /// One more descriptor: refuse chains longer than the queue (loops included).
+    fn count(&mut self) -> Result<(), Walk> {
+        self.descriptors += 1;
+        if self.descriptors > u32::from(self.size) {
+            return Err(Walk::Invalid(ChainError::TooLong { limit: self.size }));
+        }
+        Ok(())
+    }
+
+    /// Translate one buffer and add it to the chain.
+    fn buffer<T: Translator + ?Sized, M: GuestMemoryBackend>(
+        &mut self,
+        tr: &mut T,
+        mem: &M,
+        index: u16,
+        d: &Descriptor,
+        chain: &mut Chain,
+    ) -> Result<(), Walk> {
+        let write = d.is_write();
+        if !write && self.seen_writable {
+            return Err(Walk::Invalid(ChainError::ReadableAfterWritable { index }));
+        }
+        self.seen_writable |= write;
+        chain.descriptors = chain.descriptors.saturating_add(1);
+        let total = if write {
+            &mut chain.writable_len
+        } else {
+            &mut chain.readable_len
+        };
+        *total = total
+            .checked_add(d.len)
+            .ok_or(Walk::Invalid(ChainError::LengthOverflow))?;
+        if chain.readable_len.checked_add(chain.writable_len).is_none() {
+            return Err(Walk::Invalid(ChainError::LengthOverflow));
+        }
+        let access = if write { Access::Write } else { Access::Read };
+        self.scratch.clear();
+        tr.translate(d.addr, d.len.into(), access, self.scratch)
+            .map_err(Walk::Fault)?;
+        for s in self.scratch.iter() {
+            if !mem.check_range(GuestAddress(s.addr), s.len as usize) {
+                return Err(Walk::Fault(Fault::BadAddress {
+                    addr: s.addr,
+                    len: s.len,
+                }));
+            }
+        }
+        let out = if write {
+            &mut chain.writable
+        } else {
+            &mut chain.readable
+        };
+        out.extend_from_slice(self.scratch);
+        Ok(())
+    }
+}
