@@ -30,8 +30,8 @@ use std::sync::OnceLock;
 use libfuzzer_sys::fuzz_target;
 use rustix::net::{sendmsg, SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
 use wire::vhost_user::{
-    answer, flags, Answer, BackendRequest, Connection, DecodeLimits, FrontendRequest, Header,
-    Limits, Reply, ReplyKind, HEADER_SIZE,
+    answer_for, flags, Answer, BackendRequest, Channel, Connection, DecodeLimits, FrontendRequest,
+    Header, Limits, Reply, ReplyKind, HEADER_SIZE,
 };
 use wire::WireError;
 
@@ -207,7 +207,7 @@ fn rejection(header: &Header) -> Option<Expected> {
     if header.is_reply() {
         return None;
     }
-    match answer(header.request) {
+    match answer_for(Channel::Frontend, header) {
         Some(Answer::Value) => Some(Expected::Empty {
             request: header.request,
         }),
@@ -295,7 +295,7 @@ fn run(data: &[u8]) {
                 };
                 if ok {
                     // `ack` answers REPLY_ACK only for requests without an answer of their own.
-                    if header.needs_reply() && answer(header.request).is_none() {
+                    if header.needs_reply() && answer_for(Channel::Frontend, &header).is_none() {
                         expected.push(Expected::Status {
                             request: header.request,
                             status: 0,

@@ -392,20 +392,7 @@ impl Connection {
 
     /// How a request of this channel is always answered, if it is.
     fn answer(&self, header: &Header) -> Option<Answer> {
-        match self.channel {
-            // SET_LOG_BASE is answered in its shared-memory form (a 16-byte log area) only;
-            // the old 8-byte form is not, and a reply would be read as the answer to the next
-            // request.
-            Channel::Frontend
-                if header.request == FrontendReq::SetLogBase.code()
-                    && header.size as usize != std::mem::size_of::<LogArea>() =>
-            {
-                None
-            }
-            Channel::Frontend => answer(header.request),
-            // Back-end requests are answered only on NEED_REPLY, with a status.
-            Channel::Backend => None,
-        }
+        answer_for(self.channel, header)
     }
 
     /// Answer a message this side refuses (it failed to decode, or is not supported), so the
@@ -503,6 +490,23 @@ pub enum Answer {
     Value,
     /// With a `u64` status, 0 for success.
     Status,
+}
+
+/// How the request with `header` on `channel` is always answered, if it is: [`answer`] for
+/// front-end requests, except that SET_LOG_BASE is answered in its shared-memory form (a
+/// 16-byte log area) only; the old 8-byte form is not, and a reply would be read as the
+/// answer to the next request. Back-end requests are answered only on NEED_REPLY.
+pub fn answer_for(channel: Channel, header: &Header) -> Option<Answer> {
+    match channel {
+        Channel::Frontend
+            if header.request == FrontendReq::SetLogBase.code()
+                && header.size as usize != std::mem::size_of::<LogArea>() =>
+        {
+            None
+        }
+        Channel::Frontend => answer(header.request),
+        Channel::Backend => None,
+    }
 }
 
 /// How the front-end request `code` is always answered, if it is (including requests this

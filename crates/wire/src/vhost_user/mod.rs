@@ -6,7 +6,9 @@ mod header;
 mod payload;
 mod request;
 
-pub use connection::{answer, Answer, Channel, Connection, Limits, RawMessage, MAX_FDS};
+pub use connection::{
+    answer, answer_for, Answer, Channel, Connection, Limits, RawMessage, MAX_FDS,
+};
 pub use header::{flags, BackendReq, FrontendReq, Header, HEADER_SIZE};
 pub use payload::{
     ConfigHeader, LogArea, MemoryRegion, MemoryTableHeader, SingleMemoryRegion, VringAddr,
