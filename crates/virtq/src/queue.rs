@@ -354,6 +354,87 @@ impl Queue {
         }
     }
 
+    /// Give up on the chain at the head of the avail ring without translating its buffers
+    /// (its miss was never answered): consume the entry and return its head, or `None` if
+    /// nothing is available or the head names no descriptor (nothing to complete then).
+    pub fn skip<T: Translator + ?Sized, M: GuestMemoryBackend>(
+        &mut self,
+        tr: &mut T,
+        mem: &M,
+    ) -> Result<Option<u16>, PopError> {
+        self.ready()?;
+        let avail_idx = self.avail_idx(tr, mem)?;
+        if avail_idx == self.next_avail {
+            return Ok(None);
+        }
+        let slot = u64::from(self.next_avail.0 % self.size);
+        let head = self
+            .avail
+            .load_u16(mem, 4 + 2 * slot, Ordering::Relaxed)
+            .map_err(|e| self.ring_error(e))?;
+        self.next_avail += 1;
+        Ok((head < self.size).then_some(head))
+    }
+
+    /// The address and length of the last device-writable buffer of the chain at `head`,
+    /// found without translating any buffer (an indirect table is translated). For a device
+    /// completing a request it could not serve: a status byte lives there.
+    pub fn last_writable<T: Translator + ?Sized, M: GuestMemoryBackend>(
+        &mut self,
+        tr: &mut T,
+        mem: &M,
+        head: u16,
+    ) -> Result<Option<(u64, u32)>, PopError> {
+        self.ready()?;
+        Self::ensure(&mut self.desc, tr, mem).map_err(|e| self.ring_error(e))?;
+        let size = self.size;
+        let mut last = None;
+        let mut index = head;
+        let mut table: Option<(u64, u64)> = None; // (entries, current) inside an indirect table
+        for _ in 0..u32::from(size) {
+            let mut raw = [0u8; 16];
+            let read = match table {
+                None if index < size => self.desc.read(mem, u64::from(index) * DESC_SIZE, &mut raw),
+                Some((entries, i)) if i < entries => {
+                    self.indirect.read(mem, i * DESC_SIZE, &mut raw)
+                }
+                _ => return Ok(last),
+            };
+            if read.is_err() {
+                return Ok(last);
+            }
+            let d = Descriptor::from_bytes(&raw);
+            if d.is_indirect() {
+                if table.is_some() || d.len == 0 || u64::from(d.len) % DESC_SIZE != 0 {
+                    return Ok(last);
+                }
+                self.indirect.set(d.addr, u64::from(d.len));
+                if let Err(e) = self.indirect.ensure(tr, mem) {
+                    return match e {
+                        RingError::Fault {
+                            fault: Fault::Miss { iova, access },
+                            ..
+                        } => Err(PopError::Miss { iova, access }),
+                        _ => Ok(last),
+                    };
+                }
+                table = Some((u64::from(d.len) / DESC_SIZE, 0));
+                continue;
+            }
+            if d.is_write() && d.len > 0 {
+                last = Some((d.addr, d.len));
+            }
+            if !d.has_next() {
+                return Ok(last);
+            }
+            match &mut table {
+                Some((_, i)) => *i = u64::from(d.next),
+                None => index = d.next,
+            }
+        }
+        Ok(last)
+    }
+
     /// Put `head` in the used ring with `len` bytes written, and publish it (release).
     pub fn complete<T: Translator + ?Sized, M: GuestMemoryBackend>(
         &mut self,

@@ -157,6 +157,11 @@ impl<'a, M: GuestMemoryBackend> Reader<'a, M> {
     pub fn slices(&mut self, n: u64) -> Result<Vec<Slice<'a, M>>, BufferError> {
         take_slices(self.mem, &mut self.cur, n)
     }
+
+    /// Hand the next `n` bytes to `f` slice by slice, without allocating; consumed.
+    pub fn visit_slices(&mut self, n: u64, f: impl FnMut(Slice<'a, M>)) -> Result<(), BufferError> {
+        visit_slices(self.mem, &mut self.cur, n, f)
+    }
 }
 
 /// Writes a chain's device-to-driver bytes.
@@ -213,6 +218,14 @@ impl<'a, M: GuestMemoryBackend> Writer<'a, M> {
         self.written += n;
         Ok(s)
     }
+
+    /// Hand the next `n` bytes to `f` slice by slice, without allocating; consumed and
+    /// counted as written.
+    pub fn visit_slices(&mut self, n: u64, f: impl FnMut(Slice<'a, M>)) -> Result<(), BufferError> {
+        visit_slices(self.mem, &mut self.cur, n, f)?;
+        self.written += n;
+        Ok(())
+    }
 }
 
 fn take_slices<'a, M: GuestMemoryBackend>(
@@ -221,13 +234,22 @@ fn take_slices<'a, M: GuestMemoryBackend>(
     n: u64,
 ) -> Result<Vec<Slice<'a, M>>, BufferError> {
     let mut out = Vec::new();
+    visit_slices(mem, cur, n, |s| out.push(s))?;
+    Ok(out)
+}
+
+fn visit_slices<'a, M: GuestMemoryBackend>(
+    mem: &'a M,
+    cur: &mut Cursor<'a>,
+    n: u64,
+    mut f: impl FnMut(Slice<'a, M>),
+) -> Result<(), BufferError> {
     cur.take(n, |gpa, len, _| {
         for s in mem.get_slices(GuestAddress(gpa), len as usize) {
-            out.push(s.map_err(|e| mem_err(gpa, e))?);
+            f(s.map_err(|e| mem_err(gpa, e))?);
         }
         Ok(())
-    })?;
-    Ok(out)
+    })
 }
 
 #[cfg(test)]

@@ -531,3 +531,42 @@ mod random_rings {
         }
     }
 }
+
+#[test]
+fn giving_up_on_a_chain_and_finding_its_status_byte() {
+    for indirect in [false, true] {
+        let mut rig = Rig::new(16, true, 2048, 12);
+        let r = rig.buf(16, false);
+        let data = rig.buf(512, true);
+        let status = rig.buf(1, true);
+        let table = indirect.then(|| rig.buf(48, false).iova);
+        let head = rig
+            .driver
+            .add_chain(&rig.mem, &rig.space, &[r, data, status], table)
+            .unwrap();
+        // The buffers are never translated: the chain's miss is never answered. The ring
+        // and (if any) the table are.
+        for (range, gpa, perm) in rig.space.mappings().collect::<Vec<_>>() {
+            let buffer = [r.iova, data.iova, status.iova].contains(&range.start());
+            if !buffer {
+                rig.iotlb.update(range, gpa, perm).unwrap();
+            }
+        }
+        let mut chain = Chain::new();
+        assert!(matches!(
+            rig.queue.pop(rig.tr.get(), &rig.mem, &mut chain),
+            Err(PopError::Miss { .. })
+        ));
+        assert_eq!(
+            rig.queue
+                .last_writable(rig.tr.get(), &rig.mem, head)
+                .unwrap(),
+            Some((status.iova, 1))
+        );
+        assert_eq!(rig.queue.skip(rig.tr.get(), &rig.mem).unwrap(), Some(head));
+        assert_eq!(rig.queue.next_avail(), 1);
+        assert_eq!(rig.queue.skip(rig.tr.get(), &rig.mem).unwrap(), None);
+        rig.complete(head, 0);
+        assert_eq!(rig.driver.take_used(&rig.mem, &rig.space), vec![(head, 0)]);
+    }
+}
