@@ -416,6 +416,22 @@ impl Iotlb {
         r
     }
 
+    /// Whether any cached entry shares a byte with `range`.
+    pub fn overlaps(&self, range: IovaRange) -> bool {
+        let before = self
+            .index
+            .range(..range.start())
+            .next_back()
+            .and_then(|(_, &n)| self.slots.get(n as usize))
+            .is_some_and(|s| s.last >= range.start());
+        before
+            || self
+                .index
+                .range(range.start()..=range.last())
+                .next()
+                .is_some()
+    }
+
     /// Every cached entry, in IOVA order.
     pub fn iter(&self) -> impl Iterator<Item = Mapping> + '_ {
         self.index

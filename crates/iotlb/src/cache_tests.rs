@@ -458,3 +458,15 @@ fn a_cache_full_of_fragments_still_evicts_within_bounds() {
     assert!(t.translate(1 << 41, 1, Access::Read).is_ok());
     t.check_invariants().unwrap();
 }
+
+#[test]
+fn overlaps_sees_entries_on_either_side() {
+    let mut t = tlb(8);
+    t.update(r(0x1000, 0x1fff), 0, Perm::ReadOnly).unwrap();
+    assert!(t.overlaps(r(0x1fff, 0x2fff)));
+    assert!(t.overlaps(r(0, 0x1000)));
+    assert!(t.overlaps(r(0x1800, 0x1800)));
+    assert!(!t.overlaps(r(0x2000, 0x2fff)));
+    assert!(!t.overlaps(r(0, 0xfff)));
+    assert!(t.overlaps(IovaRange::FULL));
+}

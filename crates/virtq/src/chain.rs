@@ -91,11 +91,18 @@ pub enum ChainError {
         /// Entries of its table.
         table: u32,
     },
-    /// More descriptors than the queue size: a loop, or a chain the driver may not build.
-    #[error("chain longer than the queue size {limit} (a loop?)")]
+    /// More descriptors than the queue size (or than its indirect table holds): a loop, or
+    /// a chain the driver may not build.
+    #[error("chain longer than its table of {limit} descriptors (a loop?)")]
     TooLong {
         /// The limit.
-        limit: u16,
+        limit: u32,
+    },
+    /// More guest-physical segments than the queue's limit.
+    #[error("chain needs more than {limit} segments")]
+    TooManySegments {
+        /// The limit.
+        limit: usize,
     },
     /// The buffers add up to more than `u32::MAX` bytes.
     #[error("chain length exceeds 4 GiB")]

@@ -31,6 +31,11 @@ use crate::ring::{
 };
 use crate::translate::{Fault, Translator};
 
+/// Largest indirect table accepted, in descriptors.
+pub const MAX_INDIRECT: u64 = 65536;
+/// Default limit of guest-physical segments per chain (Linux's `UIO_MAXIOV`).
+pub const DEFAULT_MAX_SEGMENTS: usize = 1024;
+
 /// `VIRTQ_AVAIL_F_NO_INTERRUPT`.
 pub const AVAIL_F_NO_INTERRUPT: u16 = 1;
 /// `VIRTQ_USED_F_NO_NOTIFY`.
@@ -118,6 +123,10 @@ pub struct Queue {
     indirect: RingArea,
     /// Segments of the buffer being translated.
     scratch: Vec<iotlb::Segment>,
+    /// Most guest-physical segments one chain may have.
+    max_segments: usize,
+    /// Whether `next_used` was read from the ring since the last `set_next_avail`.
+    used_synced: bool,
 }
 
 impl Queue {
@@ -137,6 +146,8 @@ impl Queue {
             broken: None,
             indirect: RingArea::new(Access::Read),
             scratch: Vec::new(),
+            max_segments: DEFAULT_MAX_SEGMENTS,
+            used_synced: false,
         }
     }
 
@@ -195,12 +206,20 @@ impl Queue {
         self.event_idx = on;
     }
 
-    /// Set where the next avail entry and next used slot are (SET_VRING_BASE); the used index
-    /// continues from the same value, as with vhost.
+    /// Set where the next avail entry is (SET_VRING_BASE). The used index is read from the
+    /// used ring on the next access, as Linux vhost does (chains may still be in flight).
     pub fn set_next_avail(&mut self, idx: u16) {
         self.next_avail = Wrapping(idx);
         self.next_used = Wrapping(idx);
+        self.used_synced = false;
         self.signalled_used = None;
+    }
+
+    /// Limit the guest-physical segments of one chain (default 1024, Linux's `UIO_MAXIOV`).
+    /// With an IOTLB keep it well under the IOTLB capacity: a chain needing more entries
+    /// than the cache holds would miss forever, each UPDATE evicting a page it needs.
+    pub fn set_max_segments(&mut self, n: usize) {
+        self.max_segments = n.max(1);
     }
 
     /// The next avail entry to consume (GET_VRING_BASE).
@@ -310,7 +329,10 @@ impl Queue {
             return Err(PopError::Broken(why));
         }
         let slot = u64::from(self.next_avail.0 % self.size);
+        // The used ring too: completing must not miss once the request has had effects.
         let head = Self::ensure(&mut self.desc, tr, mem)
+            .and_then(|()| Self::ensure(&mut self.used, tr, mem))
+            .and_then(|()| self.sync_used(mem))
             .and_then(|()| self.avail.load_u16(mem, 4 + 2 * slot, Ordering::Relaxed))
             .map_err(|e| self.ring_error(e))?;
 
@@ -319,6 +341,8 @@ impl Queue {
             indirect: &mut self.indirect,
             size: self.size,
             descriptors: 0,
+            segments: 0,
+            max_segments: self.max_segments,
             seen_writable: false,
             scratch: &mut self.scratch,
         };
@@ -435,6 +459,15 @@ impl Queue {
         Ok(last)
     }
 
+    /// Take the used index from the ring once after the queue (re)starts.
+    fn sync_used<M: GuestMemoryBackend>(&mut self, mem: &M) -> Result<(), RingError> {
+        if !self.used_synced {
+            self.next_used = Wrapping(self.used.load_u16(mem, 2, Ordering::Relaxed)?);
+            self.used_synced = true;
+        }
+        Ok(())
+    }
+
     /// Put `head` in the used ring with `len` bytes written, and publish it (release).
     pub fn complete<T: Translator + ?Sized, M: GuestMemoryBackend>(
         &mut self,
@@ -444,13 +477,16 @@ impl Queue {
         len: u32,
     ) -> Result<(), PopError> {
         self.ready()?;
-        let slot = u64::from(self.next_used.0 % self.size);
         let mut elem = [0u8; 8];
         elem[0..4].copy_from_slice(&u32::from(head).to_le_bytes());
         elem[4..8].copy_from_slice(&len.to_le_bytes());
+        let r = Self::ensure(&mut self.used, tr, mem).and_then(|()| self.sync_used(mem));
+        r.map_err(|e| self.ring_error(e))?;
+        let slot = u64::from(self.next_used.0 % self.size);
         let next = self.next_used + Wrapping(1);
-        let r = Self::ensure(&mut self.used, tr, mem)
-            .and_then(|()| self.used.write(mem, 4 + 8 * slot, &elem))
+        let r = self
+            .used
+            .write(mem, 4 + 8 * slot, &elem)
             .and_then(|()| self.used.store_u16(mem, 2, next.0, Ordering::Release));
         r.map_err(|e| self.ring_error(e))?;
         self.next_used = next;
@@ -469,12 +505,13 @@ impl Queue {
         fence(Ordering::SeqCst);
         let new = self.next_used;
         let r = if self.event_idx {
-            let old = self.signalled_used.replace(new);
             let off = 4 + 2 * u64::from(self.size);
             let used_event = Self::ensure(&mut self.avail, tr, mem)
                 .and_then(|()| self.avail.load_u16(mem, off, Ordering::Relaxed))
                 .map(Wrapping);
-            used_event.map(|event| match old {
+            // Only a decision made moves the mark: after an error the next call still sees
+            // everything completed since the last notification.
+            used_event.map(|event| match self.signalled_used.replace(new) {
                 None => true,
                 // vring_need_event: notify if `event` lies in (old, new].
                 Some(old) => (new - event - Wrapping(1)) < (new - old),
@@ -532,7 +569,11 @@ struct Walker<'q> {
     desc: &'q RingArea,
     indirect: &'q mut RingArea,
     size: u16,
+    /// Descriptors walked in the current table (the ring's, then an indirect one).
     descriptors: u32,
+    /// Guest-physical segments so far, against `max_segments`.
+    segments: usize,
+    max_segments: usize,
     seen_writable: bool,
     scratch: &'q mut Vec<iotlb::Segment>,
 }
@@ -554,7 +595,7 @@ impl Walker<'_> {
         }
         let mut index = head;
         loop {
-            self.count()?;
+            self.count(u32::from(size))?;
             let mut raw = [0u8; 16];
             self.desc
                 .read(mem, u64::from(index) * DESC_SIZE, &mut raw)
@@ -589,10 +630,13 @@ impl Walker<'_> {
         table: &Descriptor,
         chain: &mut Chain,
     ) -> Result<(), Walk> {
-        if table.len == 0 || u64::from(table.len) % DESC_SIZE != 0 {
+        let entries = u64::from(table.len) / DESC_SIZE;
+        if table.len == 0 || u64::from(table.len) % DESC_SIZE != 0 || entries > MAX_INDIRECT {
             return Err(Walk::Invalid(ChainError::IndirectLength { len: table.len }));
         }
-        let entries = u64::from(table.len) / DESC_SIZE;
+        // An indirect table is limited by its own size (as Linux and QEMU do), so that a
+        // table of `size` entries (header, `seg_max` buffers, status) is accepted.
+        self.descriptors = 0;
         self.indirect.set(table.addr, u64::from(table.len));
         self.indirect.ensure(tr, mem).map_err(|e| match e {
             RingError::Fault { fault, .. } => Walk::Fault(fault),
@@ -600,7 +644,7 @@ impl Walker<'_> {
         })?;
         let mut i: u64 = 0;
         loop {
-            self.count()?;
+            self.count(entries as u32)?;
             let mut raw = [0u8; 16];
             self.indirect
                 .read(mem, i * DESC_SIZE, &mut raw)
@@ -614,8 +658,8 @@ impl Walker<'_> {
             if d.is_indirect() {
                 return Err(Walk::Invalid(ChainError::NestedIndirect));
             }
-            // `i < entries` and at most `size` (<= 32768) entries are walked before `count`
-            // refuses the chain, so `i` fits in a u16 here.
+            // `i < entries <= MAX_INDIRECT` (65536): the index fits in a u16 but for the last
+            // entry of the largest table, which is reported truncated (errors only).
             let index = i as u16;
             self.buffer(tr, mem, index, &d, chain)?;
             if !d.has_next() {
@@ -632,11 +676,11 @@ impl Walker<'_> {
         }
     }
 
-    /// One more descriptor: refuse chains longer than the queue (loops included).
-    fn count(&mut self) -> Result<(), Walk> {
+    /// One more descriptor: refuse tables walked longer than `limit` (loops included).
+    fn count(&mut self, limit: u32) -> Result<(), Walk> {
         self.descriptors += 1;
-        if self.descriptors > u32::from(self.size) {
-            return Err(Walk::Invalid(ChainError::TooLong { limit: self.size }));
+        if self.descriptors > limit {
+            return Err(Walk::Invalid(ChainError::TooLong { limit }));
         }
         Ok(())
     }
@@ -671,6 +715,12 @@ impl Walker<'_> {
         self.scratch.clear();
         tr.translate(d.addr, d.len.into(), access, self.scratch)
             .map_err(Walk::Fault)?;
+        self.segments += self.scratch.len();
+        if self.segments > self.max_segments {
+            return Err(Walk::Invalid(ChainError::TooManySegments {
+                limit: self.max_segments,
+            }));
+        }
         for s in self.scratch.iter() {
             if !mem.check_range(GuestAddress(s.addr), s.len as usize) {
                 return Err(Walk::Fault(Fault::BadAddress {

@@ -65,6 +65,10 @@ pub enum RingError {
 }
 
 /// One ring area and its cached translation.
+///
+/// The cache is tied to the translator's generation, not to the translator itself: whoever
+/// gives a queue another translator (the IOMMU switched on or off, a new IOTLB) must call
+/// [`crate::Queue::invalidate_translations`] or configure a new queue.
 #[derive(Debug)]
 pub(crate) struct RingArea {
     addr: u64,

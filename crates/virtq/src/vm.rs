@@ -8,6 +8,12 @@
 //! permission failure is a `GuestMemoryError::IommuError` that names the IOVA, which is what
 //! such a device needs to report a MISS. With the IOMMU switched off, accesses go straight to
 //! the backend. This file only adapts; it never sends misses itself.
+//!
+//! A limit of virtio-queue, not of the adapter: it consumes an avail entry before walking
+//! the chain and ends a chain silently when a descriptor read fails, so a miss on the
+//! descriptor table or an indirect table loses that chain instead of reporting the IOVA. Only
+//! misses on buffers (read by the device through this memory) surface. Our own engine
+//! ([`crate::Queue`]) does not have that limit: it translates the whole chain first.
 
 use std::iter::FusedIterator;
 

@@ -232,14 +232,14 @@ fn hostile_chains_are_refused_and_the_queue_goes_on() {
             Err(PopError::Invalid { reason, .. }) => assert_eq!(reason, ChainError::NestedIndirect),
             other => panic!("{other:?}"),
         }
-        // A loop inside an indirect table.
+        // A loop inside an indirect table: limited by the table's 2 entries.
         rig.space
             .write(&rig.mem, t.iova, &d(b.iova, 8, n, 1).to_bytes());
         rig.space
             .write(&rig.mem, t.iova + 16, &d(b.iova, 8, n, 0).to_bytes());
         match pop_raw(&mut rig, &[(0, d(t.iova, 32, DESC_F_INDIRECT, 0))], 0) {
             Err(PopError::Invalid { reason, .. }) => {
-                assert_eq!(reason, ChainError::TooLong { limit: 8 })
+                assert_eq!(reason, ChainError::TooLong { limit: 2 })
             }
             other => panic!("{other:?}"),
         }
@@ -569,4 +569,114 @@ fn giving_up_on_a_chain_and_finding_its_status_byte() {
         rig.complete(head, 0);
         assert_eq!(rig.driver.take_used(&rig.mem, &rig.space), vec![(head, 0)]);
     }
+}
+
+#[test]
+fn an_indirect_table_of_queue_size_entries_is_accepted() {
+    // header + seg_max (= size - 2) buffers + status: `size` entries, as QEMU allows.
+    let mut rig = Rig::new(8, true, 2048, 13);
+    let table = rig.buf(16 * 8, false);
+    let mut bufs = vec![rig.buf(16, false)];
+    bufs.extend((0..6).map(|_| rig.buf(512, true)));
+    bufs.push(rig.buf(1, true));
+    let head = rig
+        .driver
+        .add_chain(&rig.mem, &rig.space, &bufs, Some(table.iova))
+        .unwrap();
+    let mut chain = Chain::new();
+    assert!(rig.pop(&mut chain).unwrap());
+    assert_eq!((chain.head(), chain.descriptors()), (head, 8));
+}
+
+#[test]
+fn chains_over_the_segment_limit_are_refused() {
+    let mut rig = Rig::new(8, true, 2048, 14);
+    rig.queue.set_max_segments(4);
+    // 5 pages, scattered: 5 segments.
+    let big = rig.buf(5 * 4096, true);
+    rig.driver
+        .add_chain(&rig.mem, &rig.space, &[big], None)
+        .unwrap();
+    let mut chain = Chain::new();
+    assert!(matches!(
+        rig.pop(&mut chain),
+        Err(PopError::Invalid {
+            reason: ChainError::TooManySegments { limit: 4 },
+            ..
+        })
+    ));
+}
+
+#[test]
+fn the_used_index_is_taken_from_the_ring_after_a_restart() {
+    let mut rig = Rig::new(8, false, 16, 15);
+    let b = rig.buf(8, true);
+    let mut chain = Chain::new();
+    for _ in 0..3 {
+        let head = rig
+            .driver
+            .add_chain(&rig.mem, &rig.space, &[b], None)
+            .unwrap();
+        assert!(rig.pop(&mut chain).unwrap());
+        rig.complete(head, 8);
+        rig.driver.take_used(&rig.mem, &rig.space);
+    }
+    // One more popped but not completed, then the queue stops (GET_VRING_BASE says 4) and
+    // restarts: the used index continues from the ring's 3, not from the base.
+    let head = rig
+        .driver
+        .add_chain(&rig.mem, &rig.space, &[b], None)
+        .unwrap();
+    assert!(rig.pop(&mut chain).unwrap());
+    let base = rig.queue.next_avail();
+    assert_eq!(base, 4);
+    let (d, a, u) = rig.driver.addresses();
+    rig.queue = virtq::Queue::new(8);
+    rig.queue.set_size(8).unwrap();
+    rig.queue.set_addresses(d, a, u).unwrap();
+    rig.queue.set_next_avail(base);
+    assert!(!rig.pop(&mut chain).unwrap());
+    rig.complete(head, 8);
+    assert_eq!(rig.driver.take_used(&rig.mem, &rig.space), vec![(head, 8)]);
+    assert_eq!(rig.queue.next_used(), 4);
+}
+
+#[test]
+fn a_notification_decision_survives_a_miss() {
+    let mut rig = Rig::new(8, true, 2048, 16);
+    rig.queue.set_event_idx(true);
+    let b = rig.buf(8, true);
+    let mut chain = Chain::new();
+    rig.driver.set_used_event(&rig.mem, &rig.space, 0);
+    let head = rig
+        .driver
+        .add_chain(&rig.mem, &rig.space, &[b], None)
+        .unwrap();
+    assert!(rig.pop(&mut chain).unwrap());
+    rig.complete(head, 8);
+    assert!(rig
+        .queue
+        .needs_notification(rig.tr.get(), &rig.mem)
+        .unwrap());
+    rig.driver.set_used_event(&rig.mem, &rig.space, 1);
+    let head = rig
+        .driver
+        .add_chain(&rig.mem, &rig.space, &[b], None)
+        .unwrap();
+    assert!(rig.pop(&mut chain).unwrap());
+    rig.complete(head, 8);
+    // The avail ring is invalidated before the decision: the check misses ...
+    let (_, avail, _) = rig.driver.addresses();
+    rig.iotlb
+        .invalidate(IovaRange::from_size(avail, 2).unwrap());
+    let r = rig.queue.needs_notification(rig.tr.get(), &rig.mem);
+    let Err(PopError::Miss { iova, .. }) = r else {
+        panic!("{r:?}");
+    };
+    // ... and once answered, the interrupt is still due.
+    rig.answer(iova);
+    assert!(rig
+        .queue
+        .needs_notification(rig.tr.get(), &rig.mem)
+        .unwrap());
 }
