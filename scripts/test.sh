@@ -2,7 +2,8 @@
 # Every check of the project, as CI runs it: installs what the checks need (idempotent,
 # non-interactive), then formatting, lints, all tests, the benches in test mode, a fuzzing
 # smoke run of every cargo-fuzz target (nightly toolchain and cargo-fuzz installed when
-# missing), and one run of the main job (`vhost-iotlb bench`) whose JSON output is checked
+# missing), the end-to-end run against QEMU in three IOMMU modes (QEMU and the guest
+# installed/built when missing), and one run of the main job (`vhost-iotlb bench`) whose JSON output is checked
 # for its keys.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,6 +31,9 @@ cargo test --workspace --benches
 
 step "fuzzing smoke run (scripts/fuzz-smoke.sh: each cargo-fuzz target for ${FUZZ_SECONDS:-60} s)"
 ./scripts/fuzz-smoke.sh
+
+step "end to end: QEMU + Linux guest + vhost-iotlb blk (intel-iommu, virtio-iommu, none)"
+./scripts/e2e.sh
 
 step "main job: cargo run --release -- bench"
 out="$(mktemp -d)"

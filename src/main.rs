@@ -3,6 +3,7 @@
 //!
 //! - `bench`: the main job. Until the end-to-end benchmark exists it runs the IOTLB
 //!   micro-benchmark (`bench --iotlb`).
+//! - `blk`: serve a file or block device as a vhost-user-blk back-end with a device IOTLB.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -10,6 +11,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 
 mod bench_iotlb;
+mod blk;
 
 #[derive(Parser)]
 #[command(
@@ -26,6 +28,8 @@ struct Cli {
 enum Command {
     /// Run the benchmarks and print a table.
     Bench(BenchArgs),
+    /// Serve a disk image as a vhost-user-blk back-end (IOMMU-capable).
+    Blk(blk::BlkArgs),
 }
 
 #[derive(Args)]
@@ -72,6 +76,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => match BenchKind::chosen(&args) {
             BenchKind::Iotlb => bench_iotlb::run(args.json.as_deref()),
         },
+        Command::Blk(args) => blk::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,28 @@
+//! The vhost-user back-end engine, with a device IOTLB.
+//!
+//! It serves a [`Device`] to a vhost-user front-end (QEMU, or our own) over a Unix socket:
+//! negotiation (with `VIRTIO_F_ACCESS_PLATFORM`, `REPLY_ACK` and `BACKEND_REQ` for the IOMMU),
+//! the memory table mapped through vm-memory, vrings whose addresses are IOVAs when the IOMMU
+//! is on, one worker thread per queue, misses reported on the back-end channel without ever
+//! waiting, UPDATEs that wake parked queues, and INVALIDATEs acknowledged only once no worker
+//! can use what they removed.
+//!
+//! - [`server`]: the listening socket, one front-end at a time, reconnects;
+//! - [`session`] (private): one connection's state machine, on the connection thread;
+//! - [`worker`] (private): queue workers, misses, timeouts;
+//! - [`quiesce`]: per-worker epochs behind invalidation acknowledgement;
+//! - [`memory`]: the memory table;
+//! - [`device`]: what a device provides.
+
+mod device;
+pub mod memory;
+pub mod quiesce;
+pub mod server;
+mod session;
+mod stats;
+mod worker;
+
+pub use device::{Device, QueueHandler};
+pub use server::{wait_for_socket, ServeError, Server, ShutdownHandle};
+pub use session::{EngineConfig, SessionEnd};
+pub use stats::{EngineCounters, Stats};

@@ -1,0 +1,325 @@
+//! The front-end's memory as the back-end maps it: the memory table.
+//!
+//! Each region of SET_MEM_TABLE (or ADD_MEM_REG) comes with a file descriptor; it is mapped
+//! shared, read-write, at its `mmap_offset`, and indexed by guest-physical address in a
+//! vm-memory `GuestMemoryMmap`. The table also knows each region's front-end virtual address
+//! (`userspace_addr`), because the protocol speaks that language in two places: vring
+//! addresses without an IOMMU, and the `uaddr` of an IOTLB UPDATE. [`MemTable::va_to_gpa`]
+//! converts those to guest-physical pieces, so that the IOTLB stores guest-physical targets
+//! and every access, with or without the IOMMU, goes through the same vm-memory regions.
+//!
+//! A table is immutable; a change builds a new one, and the old mappings go away when the
+//! last worker holding it lets go. This file never touches guest memory contents.
+
+use std::fs::File;
+use std::sync::Arc;
+
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+use wire::vhost_user::{MemoryRegion, RegionFd};
+
+/// Why a memory table could not be built or used.
+#[derive(Debug, thiserror::Error)]
+pub enum MemError {
+    /// Mapping a region failed.
+    #[error("cannot map region at guest-physical {gpa:#x} ({size:#x} bytes): {reason}")]
+    Map {
+        /// The region's guest-physical address.
+        gpa: u64,
+        /// Its size.
+        size: u64,
+        /// Why.
+        reason: String,
+    },
+    /// Regions overlap in guest-physical or front-end virtual space.
+    #[error("memory regions overlap: {0}")]
+    Overlap(String),
+    /// Too many regions.
+    #[error("{got} memory regions, at most {max}")]
+    TooMany {
+        /// Regions asked for.
+        got: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A front-end virtual range not (entirely) inside the table.
+    #[error("front-end address range {uaddr:#x}+{len:#x} is not in the memory table")]
+    NotMapped {
+        /// Start.
+        uaddr: u64,
+        /// Length.
+        len: u64,
+    },
+    /// REM_MEM_REG of a region that is not there.
+    #[error("no region at guest-physical {gpa:#x} to remove")]
+    NoSuchRegion {
+        /// Its guest-physical address.
+        gpa: u64,
+    },
+}
+
+/// One mapped region.
+#[derive(Debug, Clone)]
+struct Region {
+    info: MemoryRegion,
+    mapped: Arc<GuestRegionMmap>,
+}
+
+/// The memory table: mapped regions, by guest-physical and by front-end virtual address.
+#[derive(Debug)]
+pub struct MemTable {
+    mem: GuestMemoryMmap,
+    /// Sorted by `userspace_addr`.
+    regions: Vec<Region>,
+}
+
+/// Most regions a table may hold.
+pub const MAX_REGIONS: usize = 32;
+
+fn map(info: &MemoryRegion, file: File) -> Result<GuestRegionMmap, MemError> {
+    let err = |reason: String| MemError::Map {
+        gpa: info.guest_phys_addr,
+        size: info.memory_size,
+        reason,
+    };
+    let size = usize::try_from(info.memory_size).map_err(|e| err(e.to_string()))?;
+    let region = MmapRegion::build(
+        Some(FileOffset::new(file, info.mmap_offset)),
+        size,
+        libc::PROT_READ | libc::PROT_WRITE,
+        libc::MAP_SHARED,
+    )
+    .map_err(|e| err(e.to_string()))?;
+    GuestRegionMmap::new(region, GuestAddress(info.guest_phys_addr))
+        .ok_or_else(|| err("region runs past the end of the address space".into()))
+}
+
+impl MemTable {
+    /// Map `regions` (SET_MEM_TABLE).
+    pub fn new(regions: Vec<RegionFd>) -> Result<Self, MemError> {
+        if regions.len() > MAX_REGIONS {
+            return Err(MemError::TooMany {
+                got: regions.len(),
+                max: MAX_REGIONS,
+            });
+        }
+        let mut out = Vec::with_capacity(regions.len());
+        for r in regions {
+            let mapped = map(&r.region, File::from(r.fd))?;
+            out.push(Region {
+                info: r.region,
+                mapped: Arc::new(mapped),
+            });
+        }
+        Self::from_regions(out)
+    }
+
+    fn from_regions(mut regions: Vec<Region>) -> Result<Self, MemError> {
+        regions.sort_by_key(|r| r.info.guest_phys_addr);
+        let mem =
+            GuestMemoryMmap::from_arc_regions(regions.iter().map(|r| r.mapped.clone()).collect())
+                .map_err(|e| MemError::Overlap(e.to_string()))?;
+        regions.sort_by_key(|r| r.info.userspace_addr);
+        for w in regions.windows(2) {
+            let (a, b) = (&w[0].info, &w[1].info);
+            if a.userspace_addr + (a.memory_size - 1) >= b.userspace_addr {
+                return Err(MemError::Overlap(format!(
+                    "front-end addresses {:#x} and {:#x}",
+                    a.userspace_addr, b.userspace_addr
+                )));
+            }
+        }
+        Ok(MemTable { mem, regions })
+    }
+
+    /// An empty table.
+    pub fn empty() -> Self {
+        MemTable {
+            mem: GuestMemoryMmap::new(),
+            regions: Vec::new(),
+        }
+    }
+
+    /// This table with one more region (ADD_MEM_REG).
+    pub fn with_region(&self, r: RegionFd) -> Result<Self, MemError> {
+        if self.regions.len() >= MAX_REGIONS {
+            return Err(MemError::TooMany {
+                got: self.regions.len() + 1,
+                max: MAX_REGIONS,
+            });
+        }
+        let mapped = map(&r.region, File::from(r.fd))?;
+        let mut regions = self.regions.clone();
+        regions.push(Region {
+            info: r.region,
+            mapped: Arc::new(mapped),
+        });
+        Self::from_regions(regions)
+    }
+
+    /// This table without the region at `region.guest_phys_addr` (REM_MEM_REG).
+    pub fn without_region(&self, region: &MemoryRegion) -> Result<Self, MemError> {
+        let before = self.regions.len();
+        let regions: Vec<Region> = self
+            .regions
+            .iter()
+            .filter(|r| {
+                !(r.info.guest_phys_addr == region.guest_phys_addr
+                    && r.info.memory_size == region.memory_size)
+            })
+            .cloned()
+            .collect();
+        if regions.len() == before {
+            return Err(MemError::NoSuchRegion {
+                gpa: region.guest_phys_addr,
+            });
+        }
+        Self::from_regions(regions)
+    }
+
+    /// The guest-physical memory.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    /// Number of regions.
+    pub fn len(&self) -> usize {
+        self.regions.len()
+    }
+
+    /// Whether there is no region.
+    pub fn is_empty(&self) -> bool {
+        self.regions.is_empty()
+    }
+
+    /// The guest-physical pieces of the front-end virtual range `uaddr..uaddr + len`, in
+    /// order; every byte must be in some region.
+    pub fn va_to_gpa(&self, uaddr: u64, len: u64) -> Result<Vec<(u64, u64)>, MemError> {
+        let not_mapped = MemError::NotMapped { uaddr, len };
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let last = uaddr
+            .checked_add(len - 1)
+            .ok_or(MemError::NotMapped { uaddr, len })?;
+        let mut out = Vec::new();
+        let mut cur = uaddr;
+        loop {
+            let i = self
+                .regions
+                .partition_point(|r| r.info.userspace_addr <= cur)
+                .checked_sub(1)
+                .ok_or(MemError::NotMapped { uaddr, len })?;
+            let r = &self.regions[i].info;
+            let r_last = r.userspace_addr + (r.memory_size - 1);
+            if cur > r_last {
+                return Err(not_mapped);
+            }
+            let end = r_last.min(last);
+            out.push((r.guest_phys_addr + (cur - r.userspace_addr), end - cur + 1));
+            if end == last {
+                return Ok(out);
+            }
+            cur = end + 1;
+        }
+    }
+
+    /// The guest-physical address of a front-end virtual range that must be contiguous in
+    /// guest-physical space (a ring area without the IOMMU).
+    pub fn va_to_gpa_contiguous(&self, uaddr: u64, len: u64) -> Result<u64, MemError> {
+        let pieces = self.va_to_gpa(uaddr, len.max(1))?;
+        let first = pieces.first().ok_or(MemError::NotMapped { uaddr, len })?.0;
+        let mut expect = first;
+        for (gpa, n) in &pieces {
+            if *gpa != expect {
+                return Err(MemError::NotMapped { uaddr, len });
+            }
+            expect = gpa + n;
+        }
+        Ok(first)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::OwnedFd;
+    use vm_memory::Bytes;
+
+    fn memfd(len: u64) -> OwnedFd {
+        let fd = rustix::fs::memfd_create("memtable", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+        rustix::fs::ftruncate(&fd, len).unwrap();
+        fd
+    }
+
+    fn region(gpa: u64, size: u64, uaddr: u64, off: u64) -> MemoryRegion {
+        MemoryRegion {
+            guest_phys_addr: gpa,
+            memory_size: size,
+            userspace_addr: uaddr,
+            mmap_offset: off,
+        }
+    }
+
+    #[test]
+    fn two_regions_of_one_memfd_like_qemu() {
+        let fd = memfd(0x40_0000);
+        let t = MemTable::new(vec![
+            RegionFd {
+                region: region(0, 0x20_0000, 0x7f00_0000_0000, 0),
+                fd: fd.try_clone().unwrap(),
+            },
+            RegionFd {
+                region: region(0x100_0000, 0x20_0000, 0x7f00_0020_0000, 0x20_0000),
+                fd,
+            },
+        ])
+        .unwrap();
+        // Front-end addresses map across the two regions.
+        assert_eq!(
+            t.va_to_gpa(0x7f00_001f_f000, 0x2000).unwrap(),
+            vec![(0x1f_f000, 0x1000), (0x100_0000, 0x1000)]
+        );
+        assert!(t.va_to_gpa_contiguous(0x7f00_001f_f000, 0x2000).is_err());
+        assert_eq!(
+            t.va_to_gpa_contiguous(0x7f00_0000_1000, 0x100).unwrap(),
+            0x1000
+        );
+        assert!(matches!(
+            t.va_to_gpa(0x7f00_0040_0000, 1),
+            Err(MemError::NotMapped { .. })
+        ));
+        assert!(t.va_to_gpa(u64::MAX, 2).is_err());
+        // Both views of the memfd are the same memory.
+        t.memory()
+            .write_obj(0xabcdu16, GuestAddress(0x100_0010))
+            .unwrap();
+        let again = t.with_region(RegionFd {
+            region: region(0x200_0000, 0x1000, 0x6000_0000, 0),
+            fd: memfd(0x1000),
+        });
+        let again = again.unwrap();
+        assert_eq!(again.len(), 3);
+        assert_eq!(
+            again
+                .memory()
+                .read_obj::<u16>(GuestAddress(0x100_0010))
+                .unwrap(),
+            0xabcd
+        );
+        let less = again
+            .without_region(&region(0x200_0000, 0x1000, 0, 0))
+            .unwrap();
+        assert_eq!(less.len(), 2);
+        assert!(less.without_region(&region(0x999_0000, 1, 0, 0)).is_err());
+    }
+
+    #[test]
+    fn overlapping_regions_are_refused() {
+        let r = |gpa, uaddr| RegionFd {
+            region: region(gpa, 0x1000, uaddr, 0),
+            fd: memfd(0x1000),
+        };
+        assert!(MemTable::new(vec![r(0, 0x10_0000), r(0x800, 0x20_0000)]).is_err());
+        assert!(MemTable::new(vec![r(0, 0x10_0000), r(0x10_0000, 0x10_0800)]).is_err());
+    }
+}

@@ -1,0 +1,533 @@
+//! One front-end connection: the vhost-user state machine, run on the connection thread.
+//!
+//! The thread reads a request, applies it and answers it, and never does anything that can
+//! wait for the front-end or for guest I/O: queues run on their own workers
+//! ([`crate::worker`]), misses go out from the workers without waiting for a reply, and the
+//! only thing the thread may wait for before acknowledging an IOTLB change is a worker
+//! finishing the request it is serving (never a worker parked on a miss).
+//!
+//! IOTLB messages:
+//! - UPDATE: `uaddr` is a front-end virtual address; it is resolved through the memory table
+//!   to guest-physical pieces when the UPDATE is applied (an UPDATE spanning two regions
+//!   becomes two entries; one outside every region is refused), so that a hit costs one
+//!   IOTLB lookup. Waiters whose missing byte it covers are woken.
+//! - INVALIDATE: applied, then acknowledged once no worker can still use what it removed.
+//!
+//! Reset hygiene: GET_VRING_BASE stops that queue and drops its pending misses; every
+//! SET_FEATURES with ACCESS_PLATFORM empties the IOTLB (QEMU re-sends it after a guest reset
+//! without forwarding the unmaps of the old rings); a new memory table empties it too; the
+//! end of the connection stops everything and unmaps the memory.
+
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use iotlb::{Iotlb, IovaRange, SharedIotlb};
+use parking_lot::{Mutex, RwLock};
+use wire::features::{check_acked, check_iommu_offer, device as dev_f, protocol};
+use wire::vhost_user::{
+    reply_kind, Config, Connection, DecodeLimits, FrontendRequest, RawMessage, Reply, VringAddr,
+    VringFile, VringState,
+};
+use wire::{IotlbMsg, WireError};
+
+use crate::device::Device;
+use crate::memory::{MemTable, MAX_REGIONS};
+use crate::quiesce::Epochs;
+use crate::stats::EngineCounters;
+use crate::worker::{Worker, WorkerConfig};
+
+/// Settings of the engine.
+#[derive(Debug, Clone, Copy)]
+pub struct EngineConfig {
+    /// IOTLB entries.
+    pub iotlb_capacity: usize,
+    /// How long a MISS may stay unanswered before it is sent again (and, the second time,
+    /// before the request fails).
+    pub miss_timeout: Duration,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            iotlb_capacity: iotlb::DEFAULT_CAPACITY,
+            miss_timeout: Duration::from_secs(1),
+        }
+    }
+}
+
+/// What the connection thread shares with the workers.
+pub(crate) struct Shared<D: Device> {
+    pub dev: Arc<D>,
+    pub mem: RwLock<Arc<MemTable>>,
+    pub iotlb: SharedIotlb<u16>,
+    pub backend_chan: RwLock<Option<Arc<Connection>>>,
+    pub epochs: Epochs,
+    pub stats: EngineCounters,
+    pub miss_timeout: Duration,
+}
+
+/// The connection thread's view of one vring.
+struct Vring {
+    size: u16,
+    addr: Option<VringAddr>,
+    base: u16,
+    call: Arc<Mutex<Option<OwnedFd>>>,
+    enabled: Arc<AtomicBool>,
+    worker: Option<Worker>,
+}
+
+impl Vring {
+    fn new() -> Self {
+        Vring {
+            size: 0,
+            addr: None,
+            base: 0,
+            call: Arc::new(Mutex::new(None)),
+            enabled: Arc::new(AtomicBool::new(false)),
+            worker: None,
+        }
+    }
+}
+
+/// One connection's state.
+pub(crate) struct Session<D: Device> {
+    shared: Arc<Shared<D>>,
+    conn: Connection,
+    vrings: Vec<Vring>,
+    features: u64,
+    protocol: u64,
+    status: u8,
+}
+
+/// Why a session ended.
+#[derive(Debug)]
+pub enum SessionEnd {
+    /// The front-end hung up.
+    Disconnected,
+    /// The stream broke.
+    Error(WireError),
+}
+
+impl<D: Device> Session<D> {
+    pub(crate) fn new(dev: Arc<D>, sock: UnixStream, config: &EngineConfig) -> Self {
+        let queues = usize::from(dev.queues());
+        let iotlb = SharedIotlb::new(
+            Iotlb::with_capacity(config.iotlb_capacity).unwrap_or_else(|_| Iotlb::new()),
+        );
+        Session {
+            shared: Arc::new(Shared {
+                dev,
+                mem: RwLock::new(Arc::new(MemTable::empty())),
+                iotlb,
+                backend_chan: RwLock::new(None),
+                epochs: Epochs::default(),
+                stats: EngineCounters::default(),
+                miss_timeout: config.miss_timeout,
+            }),
+            conn: Connection::new(sock),
+            vrings: (0..queues).map(|_| Vring::new()).collect(),
+            features: 0,
+            protocol: 0,
+            status: 0,
+        }
+    }
+
+    /// The features this back-end offers.
+    pub(crate) fn offered_features(dev: &D) -> u64 {
+        dev.features() | dev_f::VERSION_1 | dev_f::ACCESS_PLATFORM | dev_f::PROTOCOL_FEATURES
+    }
+
+    /// The protocol features this back-end offers.
+    pub(crate) fn offered_protocol(dev: &D) -> u64 {
+        dev.protocol_features()
+            | protocol::REPLY_ACK
+            | protocol::BACKEND_REQ
+            | protocol::CONFIGURE_MEM_SLOTS
+            | protocol::STATUS
+    }
+
+    pub(crate) fn iotlb(&self) -> &SharedIotlb<u16> {
+        &self.shared.iotlb
+    }
+
+    pub(crate) fn counters(&self) -> &EngineCounters {
+        &self.shared.stats
+    }
+
+    fn iommu(&self) -> bool {
+        self.features & dev_f::ACCESS_PLATFORM != 0
+    }
+
+    /// Serve requests until the front-end goes away; then stop everything.
+    pub(crate) fn run(&mut self, stop: &AtomicBool) -> SessionEnd {
+        if let Err(e) = check_iommu_offer(
+            Self::offered_features(&self.shared.dev),
+            Self::offered_protocol(&self.shared.dev),
+        ) {
+            tracing::error!(error = %e, "vhost-user: inconsistent offer");
+        }
+        let end = loop {
+            if stop.load(Ordering::SeqCst) {
+                break SessionEnd::Disconnected;
+            }
+            let msg = match self.conn.recv() {
+                Ok(m) => m,
+                Err(WireError::Disconnected) => break SessionEnd::Disconnected,
+                Err(e) if e.is_fatal() => break SessionEnd::Error(e),
+                Err(e) => {
+                    tracing::warn!(error = %e, "vhost-user: refused a message");
+                    if let Err(e) = self.conn.reject(&e) {
+                        break SessionEnd::Error(e);
+                    }
+                    continue;
+                }
+            };
+            if let Err(e) = self.handle(msg) {
+                if e.is_fatal() {
+                    break SessionEnd::Error(e);
+                }
+                tracing::warn!(error = %e, "vhost-user: reply failed");
+            }
+        };
+        self.shutdown();
+        end
+    }
+
+    /// Decode, apply and answer one message.
+    fn handle(&mut self, msg: RawMessage) -> Result<(), WireError> {
+        let header = msg.header;
+        let limits = DecodeLimits {
+            max_mem_regions: MAX_REGIONS,
+        };
+        let req = match FrontendRequest::decode(&header, &msg.payload, msg.fds, &limits) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(request = header.request, error = %e, "vhost-user: refused a request");
+                return self.conn.refuse(&header);
+            }
+        };
+        tracing::debug!(request = ?req.req(), "vhost-user: request");
+        let code = req.req();
+        match self.apply(req) {
+            Ok(Some(reply)) => self.conn.send_reply(&header, &reply),
+            Ok(None) if reply_kind(code).is_some() => self.conn.refuse(&header),
+            Ok(None) => self.conn.ack(&header, true),
+            Err(why) => {
+                // A failure status if the request asked for one (or has an answer of its
+                // own); nothing otherwise, as the protocol says.
+                tracing::warn!(request = ?code, error = %why, "vhost-user: request failed");
+                self.conn.refuse(&header)
+            }
+        }
+    }
+
+    /// Apply one request; `Ok(Some)` is its reply when it has one of its own.
+    fn apply(&mut self, req: FrontendRequest) -> Result<Option<Reply>, String> {
+        use FrontendRequest as R;
+        let dev = self.shared.dev.clone();
+        Ok(match req {
+            R::GetFeatures => Some(Reply::U64(Self::offered_features(&dev))),
+            R::SetFeatures(f) => {
+                check_acked(Self::offered_features(&dev), f).map_err(|e| e.to_string())?;
+                self.features = f;
+                dev.set_features(f);
+                if f & dev_f::ACCESS_PLATFORM != 0 {
+                    // Every SET_FEATURES with ACCESS_PLATFORM starts from an empty IOTLB.
+                    self.invalidate(IovaRange::FULL);
+                }
+                None
+            }
+            R::GetProtocolFeatures => Some(Reply::U64(Self::offered_protocol(&dev))),
+            R::SetProtocolFeatures(p) => {
+                check_acked(Self::offered_protocol(&dev), p).map_err(|e| e.to_string())?;
+                self.protocol = p;
+                None
+            }
+            R::SetOwner => None,
+            R::ResetOwner | R::ResetDevice => {
+                self.stop_all();
+                self.invalidate(IovaRange::FULL);
+                self.shared.iotlb.clear_pending();
+                None
+            }
+            R::GetQueueNum => Some(Reply::U64(u64::from(dev.queues()))),
+            R::GetMaxMemSlots => Some(Reply::U64(MAX_REGIONS as u64)),
+            R::SetMemTable(regions) => {
+                let table = MemTable::new(regions).map_err(|e| e.to_string())?;
+                self.set_memory(table);
+                None
+            }
+            R::AddMemReg(region) => {
+                let table = self
+                    .shared
+                    .mem
+                    .read()
+                    .with_region(region)
+                    .map_err(|e| e.to_string())?;
+                self.set_memory(table);
+                None
+            }
+            R::RemMemReg(region) => {
+                let table = self
+                    .shared
+                    .mem
+                    .read()
+                    .without_region(&region)
+                    .map_err(|e| e.to_string())?;
+                self.set_memory(table);
+                None
+            }
+            R::SetLogBase { .. } | R::SetLogFd(_) => {
+                return Err("dirty logging is not offered".into());
+            }
+            R::SetVringNum(s) => {
+                let size = u16::try_from(s.num)
+                    .ok()
+                    .filter(|n| *n <= dev.max_queue_size())
+                    .ok_or_else(|| format!("queue size {}", s.num))?;
+                self.vring(s.index)?.size = size;
+                None
+            }
+            R::SetVringAddr(a) => {
+                self.vring(a.index)?.addr = Some(a);
+                None
+            }
+            R::SetVringBase(s) => {
+                let base = u16::try_from(s.num).map_err(|_| format!("vring base {}", s.num))?;
+                self.vring(s.index)?.base = base;
+                None
+            }
+            R::GetVringBase(s) => {
+                let base = self.stop(s.index)?;
+                self.vring(s.index)?.enabled.store(false, Ordering::SeqCst);
+                Some(Reply::VringState(VringState {
+                    index: s.index,
+                    num: u32::from(base),
+                }))
+            }
+            R::SetVringKick(f) => {
+                self.start(f)?;
+                None
+            }
+            R::SetVringCall(f) => {
+                let v = self.vring(u32::from(f.index))?;
+                *v.call.lock() = f.fd;
+                None
+            }
+            R::SetVringErr(_) => None,
+            R::SetVringEnable(s) => {
+                let v = self.vring(s.index)?;
+                v.enabled.store(s.num != 0, Ordering::SeqCst);
+                if let Some(w) = &v.worker {
+                    w.wake();
+                }
+                None
+            }
+            R::SetBackendReqFd(fd) => {
+                let chan = Connection::backend_channel(UnixStream::from(fd));
+                *self.shared.backend_chan.write() = Some(Arc::new(chan));
+                None
+            }
+            R::IotlbMsg(m) => {
+                self.iotlb_msg(m)?;
+                None
+            }
+            R::GetConfig(c) => {
+                let mut data = vec![0u8; c.data.len()];
+                dev.read_config(c.offset, &mut data);
+                Some(Reply::Config(Config {
+                    offset: c.offset,
+                    flags: c.flags,
+                    data,
+                }))
+            }
+            R::SetConfig(c) => {
+                if !dev.write_config(c.offset, &c.data) {
+                    return Err("config write refused".into());
+                }
+                None
+            }
+            R::SetStatus(s) => {
+                self.status = s;
+                None
+            }
+            R::GetStatus => Some(Reply::U64(u64::from(self.status))),
+        })
+    }
+
+    fn vring(&mut self, index: u32) -> Result<&mut Vring, String> {
+        usize::try_from(index)
+            .ok()
+            .and_then(|i| self.vrings.get_mut(i))
+            .ok_or_else(|| format!("no queue {index}"))
+    }
+
+    /// Empty the IOTLB and swap the memory table in.
+    fn set_memory(&mut self, table: MemTable) {
+        *self.shared.mem.write() = Arc::new(table);
+        // IOTLB targets were resolved through the old table.
+        self.invalidate(IovaRange::FULL);
+    }
+
+    /// Invalidate `range` and wait until no worker can still use it.
+    fn invalidate(&self, range: IovaRange) {
+        let g = self.shared.iotlb.invalidate(range);
+        self.quiesce(g);
+    }
+
+    fn quiesce(&self, generation: u64) {
+        let waited = self.shared.epochs.wait(generation);
+        EngineCounters::add(&self.shared.stats.quiesce_us, waited.as_micros() as u64);
+    }
+
+    fn iotlb_msg(&mut self, m: IotlbMsg) -> Result<(), String> {
+        match m {
+            IotlbMsg::Update { range, uaddr, perm } => {
+                let size = range.size().ok_or("an UPDATE of the whole space")?;
+                let pieces = self
+                    .shared
+                    .mem
+                    .read()
+                    .va_to_gpa(uaddr, size)
+                    .map_err(|e| e.to_string())?;
+                let replaces = self.shared.iotlb.with_cache(|t| t.overlaps(range));
+                let mut iova = range.start();
+                for (gpa, len) in pieces {
+                    let piece = IovaRange::from_size(iova, len).map_err(|e| e.to_string())?;
+                    let res = self
+                        .shared
+                        .iotlb
+                        .update(piece, gpa, perm)
+                        .map_err(|e| e.to_string())?;
+                    for q in res.woken {
+                        if let Some(w) = self
+                            .vrings
+                            .get(usize::from(q))
+                            .and_then(|v| v.worker.as_ref())
+                        {
+                            w.wake();
+                        }
+                    }
+                    for (iova, access) in res.resend {
+                        self.send_backend(IotlbMsg::Miss {
+                            iova,
+                            perm: access.as_perm(),
+                        });
+                    }
+                    iova = iova.wrapping_add(len);
+                }
+                if replaces {
+                    // An UPDATE over cached bytes replaces their translation: as for an
+                    // INVALIDATE, nobody may use the old one once we acknowledge.
+                    self.quiesce(self.shared.iotlb.generation());
+                }
+                Ok(())
+            }
+            IotlbMsg::Invalidate { range } => {
+                self.invalidate(range);
+                Ok(())
+            }
+            other => Err(format!(
+                "unexpected IOTLB message from the front-end: {other:?}"
+            )),
+        }
+    }
+
+    fn send_backend(&self, msg: IotlbMsg) {
+        if let Some(chan) = self.shared.backend_chan.read().clone() {
+            if let Err(e) =
+                chan.send_backend_request(&wire::vhost_user::BackendRequest::IotlbMsg(msg), false)
+            {
+                tracing::warn!(error = %e, "vhost-user: back-end channel send failed");
+            }
+        }
+    }
+
+    /// SET_VRING_KICK: the queue starts.
+    fn start(&mut self, f: VringFile) -> Result<(), String> {
+        let index = f.index;
+        let kick = f.fd.ok_or("polling mode (no kick fd) is not supported")?;
+        // A running worker is replaced (QEMU may set a new kick fd).
+        let base = self.stop(u32::from(index))?;
+        let iommu = self.iommu();
+        let event_idx = self.features & dev_f::RING_EVENT_IDX != 0;
+        let protocol_features = self.features & dev_f::PROTOCOL_FEATURES != 0;
+        let mem = self.shared.mem.read().clone();
+        let shared = self.shared.clone();
+        let v = self.vring(u32::from(index))?;
+        let a = v.addr.ok_or("SET_VRING_KICK before SET_VRING_ADDR")?;
+        let size = v.size;
+        let areas = [
+            (a.descriptor, virtq::desc_table_len(size)),
+            (a.available, virtq::avail_ring_len(size)),
+            (a.used, virtq::used_ring_len(size)),
+        ];
+        // Ring addresses: IOVAs with the IOMMU; front-end virtual addresses otherwise.
+        let mut addrs = [0u64; 3];
+        for (out, (addr, len)) in addrs.iter_mut().zip(areas) {
+            *out = if iommu {
+                addr
+            } else {
+                mem.va_to_gpa_contiguous(addr, len)
+                    .map_err(|e| e.to_string())?
+            };
+        }
+        // Without PROTOCOL_FEATURES a ring is enabled when it starts; with them it waits
+        // for SET_VRING_ENABLE.
+        if !protocol_features {
+            v.enabled.store(true, Ordering::SeqCst);
+        }
+        let cfg = WorkerConfig {
+            index: u16::from(index),
+            size,
+            desc: addrs[0],
+            avail: addrs[1],
+            used: addrs[2],
+            base,
+            event_idx,
+            iommu,
+            kick,
+            call: v.call.clone(),
+            enabled: v.enabled.clone(),
+        };
+        let worker = Worker::start(shared, cfg).map_err(|e| e.to_string())?;
+        v.worker = Some(worker);
+        Ok(())
+    }
+
+    /// Stop queue `index` (GET_VRING_BASE): returns its next avail index.
+    fn stop(&mut self, index: u32) -> Result<u16, String> {
+        let shared = self.shared.clone();
+        let v = self.vring(index)?;
+        let base = match v.worker.take() {
+            Some(w) => w.stop(&shared),
+            None => v.base,
+        };
+        v.base = base;
+        // No MISS is ever sent for a stopped queue, and its old misses wake nobody.
+        shared.iotlb.cancel_waiter(&(index as u16));
+        Ok(base)
+    }
+
+    fn stop_all(&mut self) {
+        for i in 0..self.vrings.len() {
+            let _ = self.stop(i as u32);
+            if let Some(v) = self.vrings.get_mut(i) {
+                *v = Vring::new();
+            }
+        }
+    }
+
+    /// The connection ended: stop the workers, forget every translation and pending miss,
+    /// unmap the memory.
+    fn shutdown(&mut self) {
+        self.stop_all();
+        self.shared.iotlb.invalidate_all();
+        self.shared.iotlb.clear_pending();
+        *self.shared.backend_chan.write() = None;
+        *self.shared.mem.write() = Arc::new(MemTable::empty());
+    }
+}

@@ -1,0 +1,102 @@
+//! Back-end counters: what the IOTLB counts, plus what only the engine knows (miss timeouts,
+//! access failures, quiescence waits), summed over connections for the stats line printed on
+//! exit. Counting only; nothing here decides anything.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use iotlb::Stats as IotlbStats;
+
+/// Counters the engine keeps beside the IOTLB's.
+#[derive(Debug, Default)]
+pub struct EngineCounters {
+    /// Requests failed because their MISS was never answered.
+    pub timeouts: AtomicU64,
+    /// Accesses the IOMMU denied (ACCESS_FAIL sent).
+    pub access_failures: AtomicU64,
+    /// MISS messages sent.
+    pub misses_sent: AtomicU64,
+    /// Requests served.
+    pub requests: AtomicU64,
+    /// Malformed chains.
+    pub invalid_chains: AtomicU64,
+    /// Total microseconds the control thread waited for workers before acknowledging.
+    pub quiesce_us: AtomicU64,
+}
+
+impl EngineCounters {
+    pub(crate) fn add(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// A snapshot of everything counted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Translations served from the IOTLB.
+    pub hits: u64,
+    /// Translations that missed.
+    pub misses: u64,
+    /// Misses that joined an outstanding MISS.
+    pub coalesced: u64,
+    /// IOTLB evictions.
+    pub evictions: u64,
+    /// INVALIDATEs applied.
+    pub invalidations: u64,
+    /// UPDATEs applied.
+    pub updates: u64,
+    /// Requests failed after an unanswered MISS.
+    pub timeouts: u64,
+    /// ACCESS_FAILs.
+    pub access_failures: u64,
+    /// MISS messages sent.
+    pub misses_sent: u64,
+    /// Requests served.
+    pub requests: u64,
+    /// Malformed chains.
+    pub invalid_chains: u64,
+    /// Microseconds spent waiting for workers before acknowledging IOTLB changes.
+    pub quiesce_us: u64,
+}
+
+impl Stats {
+    /// Add one connection's IOTLB statistics and engine counters.
+    pub fn add(&mut self, t: &IotlbStats, e: &EngineCounters) {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        self.hits += t.hits;
+        self.misses += t.misses;
+        self.coalesced += t.coalesced_misses;
+        self.evictions += t.evictions;
+        self.invalidations += t.invalidations;
+        self.updates += t.updates;
+        self.timeouts += get(&e.timeouts);
+        self.access_failures += get(&e.access_failures);
+        self.misses_sent += get(&e.misses_sent);
+        self.requests += get(&e.requests);
+        self.invalid_chains += get(&e.invalid_chains);
+        self.quiesce_us += get(&e.quiesce_us);
+    }
+}
+
+impl fmt::Display for Stats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "stats: requests={} hits={} misses={} coalesced={} misses_sent={} evictions={} \
+             updates={} invalidations={} timeouts={} access_failures={} invalid_chains={} \
+             quiesce_us={}",
+            self.requests,
+            self.hits,
+            self.misses,
+            self.coalesced,
+            self.misses_sent,
+            self.evictions,
+            self.updates,
+            self.invalidations,
+            self.timeouts,
+            self.access_failures,
+            self.invalid_chains,
+            self.quiesce_us
+        )
+    }
+}

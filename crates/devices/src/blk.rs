@@ -1,0 +1,375 @@
+//! virtio-blk on a file or a block device.
+//!
+//! Requests are `{ le32 type; le32 reserved; le64 sector }` (driver-to-device), data, and a
+//! status byte (the last device-writable byte). Served: IN, OUT, FLUSH, GET_ID, DISCARD and
+//! WRITE_ZEROES (both with `fallocate`, offered only when the backing file supports them).
+//! Data moves with positioned vectored I/O between the file and the translated guest
+//! segments (see [`crate::io`]), with no allocation per request once a queue is warm. The
+//! status byte is written last. Read-only mode refuses every write with `IOERR`. Each queue
+//! has its own handler; all share the file (positioned I/O needs no lock).
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+
+use backend::{Device, QueueHandler};
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
+    VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
+    VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD,
+    VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_T_WRITE_ZEROES,
+};
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtq::Chain;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use wire::features::protocol;
+
+use crate::io::IoVecs;
+
+/// Bytes per sector.
+pub const SECTOR: u64 = 512;
+/// Bytes of the request header.
+const HEADER: u64 = 16;
+/// Bytes of a GET_ID answer.
+const ID_BYTES: usize = 20;
+/// Size of the config space we describe (`struct virtio_blk_config` up to the secure-erase
+/// fields).
+const CONFIG_SIZE: usize = 72;
+/// Largest data transfer per request we advertise (`size_max`, per segment) and segments.
+const SIZE_MAX: u32 = 1 << 20;
+
+/// How to build a block device.
+#[derive(Debug, Clone)]
+pub struct BlkConfig {
+    /// Queues.
+    pub queues: u16,
+    /// Largest queue size.
+    pub queue_size: u16,
+    /// Refuse writes.
+    pub read_only: bool,
+    /// Serial returned by GET_ID (at most 20 bytes are used).
+    pub serial: String,
+}
+
+impl Default for BlkConfig {
+    fn default() -> Self {
+        BlkConfig {
+            queues: 1,
+            queue_size: 256,
+            read_only: false,
+            serial: "vhost-iotlb-blk".into(),
+        }
+    }
+}
+
+/// A virtio-blk device.
+#[derive(Debug)]
+pub struct Blk {
+    file: Arc<File>,
+    sectors: u64,
+    config: BlkConfig,
+    discard: bool,
+}
+
+/// Why a block device could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum BlkError {
+    /// The backing file failed.
+    #[error("backing file: {0}")]
+    Io(#[from] std::io::Error),
+    /// Zero queues, or a bad queue size.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+}
+
+fn size_of_file(file: &File) -> std::io::Result<u64> {
+    let meta = file.metadata()?;
+    if meta.file_type().is_file() {
+        return Ok(meta.len());
+    }
+    // A block device: its size is where seeking to the end lands.
+    use std::io::{Seek, SeekFrom};
+    let mut f = file;
+    let end = f.seek(SeekFrom::End(0))?;
+    f.seek(SeekFrom::Start(0))?;
+    Ok(end)
+}
+
+impl Blk {
+    /// Serve `file` (a regular file or a block device) with `config`.
+    pub fn new(file: File, config: BlkConfig) -> Result<Self, BlkError> {
+        if config.queues == 0 || config.queue_size == 0 || !config.queue_size.is_power_of_two() {
+            return Err(BlkError::Config(format!(
+                "{} queues of {} (queues >= 1, a power-of-two size)",
+                config.queues, config.queue_size
+            )));
+        }
+        let sectors = size_of_file(&file)? / SECTOR;
+        let discard = file.metadata()?.file_type().is_file();
+        Ok(Blk {
+            file: Arc::new(file),
+            sectors,
+            config,
+            discard,
+        })
+    }
+
+    /// Capacity in 512-byte sectors.
+    pub fn sectors(&self) -> u64 {
+        self.sectors
+    }
+
+    fn config_bytes(&self) -> [u8; CONFIG_SIZE] {
+        let mut c = [0u8; CONFIG_SIZE];
+        let seg_max = u32::from(self.config.queue_size).saturating_sub(2).max(1);
+        c[0..8].copy_from_slice(&self.sectors.to_le_bytes());
+        c[8..12].copy_from_slice(&SIZE_MAX.to_le_bytes());
+        c[12..16].copy_from_slice(&seg_max.to_le_bytes());
+        c[20..24].copy_from_slice(&(SECTOR as u32).to_le_bytes()); // blk_size
+        c[34..36].copy_from_slice(&self.config.queues.to_le_bytes());
+        let max_sectors = u32::MAX / SECTOR as u32;
+        c[36..40].copy_from_slice(&max_sectors.to_le_bytes()); // max_discard_sectors
+        c[40..44].copy_from_slice(&1u32.to_le_bytes()); // max_discard_seg
+        c[44..48].copy_from_slice(&1u32.to_le_bytes()); // discard_sector_alignment
+        c[48..52].copy_from_slice(&max_sectors.to_le_bytes()); // max_write_zeroes_sectors
+        c[52..56].copy_from_slice(&1u32.to_le_bytes()); // max_write_zeroes_seg
+        c
+    }
+}
+
+impl Device for Blk {
+    type Handler = BlkQueue;
+
+    fn features(&self) -> u64 {
+        let mut f = (1 << VIRTIO_BLK_F_SIZE_MAX)
+            | (1 << VIRTIO_BLK_F_SEG_MAX)
+            | (1 << VIRTIO_BLK_F_BLK_SIZE)
+            | (1 << VIRTIO_BLK_F_FLUSH)
+            | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+            | (1 << VIRTIO_RING_F_EVENT_IDX);
+        if self.config.queues > 1 {
+            f |= 1 << VIRTIO_BLK_F_MQ;
+        }
+        if self.config.read_only {
+            f |= 1 << VIRTIO_BLK_F_RO;
+        } else if self.discard {
+            f |= (1 << VIRTIO_BLK_F_DISCARD) | (1 << VIRTIO_BLK_F_WRITE_ZEROES);
+        }
+        f
+    }
+
+    fn protocol_features(&self) -> u64 {
+        protocol::CONFIG | protocol::MQ
+    }
+
+    fn queues(&self) -> u16 {
+        self.config.queues
+    }
+
+    fn max_queue_size(&self) -> u16 {
+        self.config.queue_size
+    }
+
+    fn read_config(&self, offset: u32, buf: &mut [u8]) {
+        let c = self.config_bytes();
+        for (i, b) in buf.iter_mut().enumerate() {
+            *b = usize::try_from(offset)
+                .ok()
+                .and_then(|o| o.checked_add(i))
+                .and_then(|o| c.get(o))
+                .copied()
+                .unwrap_or(0);
+        }
+    }
+
+    fn write_config(&self, _offset: u32, _data: &[u8]) -> bool {
+        // Only `writeback` is writable in virtio-blk, and we do not offer CONFIG_WCE.
+        false
+    }
+
+    fn handler(&self, _index: u16) -> BlkQueue {
+        BlkQueue {
+            file: self.file.clone(),
+            sectors: self.sectors,
+            read_only: self.config.read_only,
+            serial: self.config.serial.clone(),
+            iov: IoVecs::new(),
+        }
+    }
+}
+
+/// One queue's request handler.
+#[derive(Debug)]
+pub struct BlkQueue {
+    file: Arc<File>,
+    sectors: u64,
+    read_only: bool,
+    serial: String,
+    iov: IoVecs,
+}
+
+/// A request parsed from its header.
+struct Request {
+    ty: u32,
+    sector: u64,
+}
+
+impl BlkQueue {
+    fn header(chain: &Chain, mem: &GuestMemoryMmap) -> Option<Request> {
+        let mut r = chain.reader(mem);
+        let h = r.read_array::<16>().ok()?;
+        Some(Request {
+            ty: u32::from_le_bytes([h[0], h[1], h[2], h[3]]),
+            sector: u64::from_le_bytes([h[8], h[9], h[10], h[11], h[12], h[13], h[14], h[15]]),
+        })
+    }
+
+    /// Whether `len` bytes at `sector` lie on the disk.
+    fn in_range(&self, sector: u64, len: u64) -> bool {
+        len % SECTOR == 0
+            && sector
+                .checked_add(len / SECTOR)
+                .is_some_and(|end| end <= self.sectors)
+    }
+
+    /// Serve the request; returns (status, bytes written before the status byte).
+    fn run(&mut self, chain: &Chain, mem: &GuestMemoryMmap) -> (u8, u32) {
+        let ioerr = (VIRTIO_BLK_S_IOERR as u8, 0);
+        let Some(req) = Self::header(chain, mem) else {
+            return ioerr;
+        };
+        // The status byte is the last writable byte; data ends just before it.
+        let writable = u64::from(chain.writable_len());
+        let readable = u64::from(chain.readable_len());
+        match req.ty {
+            VIRTIO_BLK_T_IN => {
+                let len = writable - 1;
+                if !self.in_range(req.sector, len) {
+                    return ioerr;
+                }
+                self.iov.clear();
+                let mut w = chain.writer(mem);
+                let iov = &mut self.iov;
+                if w.visit_slices(len, |s| iov.push(&s)).is_err() {
+                    return ioerr;
+                }
+                match self.iov.preadv(&self.file, req.sector * SECTOR) {
+                    Ok(n) if n as u64 == len => (VIRTIO_BLK_S_OK as u8, len as u32),
+                    Ok(_) | Err(_) => ioerr,
+                }
+            }
+            VIRTIO_BLK_T_OUT => {
+                let len = readable - HEADER;
+                if self.read_only || !self.in_range(req.sector, len) {
+                    return ioerr;
+                }
+                self.iov.clear();
+                let mut r = chain.reader(mem);
+                let iov = &mut self.iov;
+                if r.skip(HEADER).is_err() || r.visit_slices(len, |s| iov.push(&s)).is_err() {
+                    return ioerr;
+                }
+                match self.iov.pwritev(&self.file, req.sector * SECTOR) {
+                    Ok(n) if n as u64 == len => (VIRTIO_BLK_S_OK as u8, 0),
+                    _ => ioerr,
+                }
+            }
+            VIRTIO_BLK_T_FLUSH => match self.file.sync_data() {
+                Ok(()) => (VIRTIO_BLK_S_OK as u8, 0),
+                Err(_) => ioerr,
+            },
+            VIRTIO_BLK_T_GET_ID => {
+                let mut id = [0u8; ID_BYTES];
+                let s = self.serial.as_bytes();
+                let n = s.len().min(ID_BYTES);
+                id[..n].copy_from_slice(&s[..n]);
+                let len = (writable - 1).min(ID_BYTES as u64) as usize;
+                match chain.writer(mem).write_all(&id[..len]) {
+                    Ok(()) => (VIRTIO_BLK_S_OK as u8, len as u32),
+                    Err(_) => ioerr,
+                }
+            }
+            VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
+                if self.read_only {
+                    return ioerr;
+                }
+                let mut r = chain.reader(mem);
+                if r.skip(HEADER).is_err() {
+                    return ioerr;
+                }
+                // Segments of { le64 sector; le32 num_sectors; le32 flags }.
+                while r.available() >= 16 {
+                    let Ok(seg) = r.read_array::<16>() else {
+                        return ioerr;
+                    };
+                    let mut s = [0u8; 8];
+                    s.copy_from_slice(&seg[0..8]);
+                    let sector = u64::from_le_bytes(s);
+                    let num = u64::from(u32::from_le_bytes([seg[8], seg[9], seg[10], seg[11]]));
+                    if !self.in_range(sector, num * SECTOR) {
+                        return ioerr;
+                    }
+                    let mode = if req.ty == VIRTIO_BLK_T_DISCARD {
+                        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+                    } else {
+                        libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+                    };
+                    if !fallocate(&self.file, mode, sector * SECTOR, num * SECTOR) {
+                        return ioerr;
+                    }
+                }
+                (VIRTIO_BLK_S_OK as u8, 0)
+            }
+            _ => (VIRTIO_BLK_S_UNSUPP as u8, 0),
+        }
+    }
+}
+
+fn fallocate(file: &File, mode: i32, offset: u64, len: u64) -> bool {
+    let (Ok(off), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+        return false;
+    };
+    if len == 0 {
+        return true;
+    }
+    // SAFETY: fallocate on an fd we own, with plain integer arguments; no memory is passed.
+    unsafe { libc::fallocate(file.as_raw_fd(), mode, off, len) == 0 }
+}
+
+impl QueueHandler for BlkQueue {
+    fn serve(&mut self, chain: &Chain, mem: &GuestMemoryMmap) -> u32 {
+        if chain.writable_len() == 0 {
+            // No status byte: nothing can be reported.
+            tracing::warn!(
+                head = chain.head(),
+                "virtio-blk: request without a status byte"
+            );
+            return 0;
+        }
+        let (status, written) = self.run(chain, mem);
+        // The status byte, last, at the end of the writable bytes.
+        let mut w = chain.writer(mem);
+        let data = u64::from(chain.writable_len()) - 1;
+        if w.skip(data).is_err() || w.write_all(&[status]).is_err() {
+            return 0;
+        }
+        if status != VIRTIO_BLK_S_OK as u8 {
+            tracing::debug!(head = chain.head(), status, "virtio-blk: request failed");
+        }
+        written + 1
+    }
+
+    fn fail(&mut self, status: Option<u64>, mem: &GuestMemoryMmap) -> u32 {
+        match status {
+            Some(gpa)
+                if mem
+                    .write_obj(VIRTIO_BLK_S_IOERR as u8, GuestAddress(gpa))
+                    .is_ok() =>
+            {
+                1
+            }
+            _ => 0,
+        }
+    }
+}
