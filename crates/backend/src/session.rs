@@ -67,6 +67,7 @@ pub(crate) struct Shared<D: Device> {
     pub epochs: Epochs,
     pub stats: EngineCounters,
     pub miss_timeout: Duration,
+    pub iotlb_capacity: usize,
 }
 
 /// The connection thread's view of one vring.
@@ -126,6 +127,7 @@ impl<D: Device> Session<D> {
                 epochs: Epochs::default(),
                 stats: EngineCounters::default(),
                 miss_timeout: config.miss_timeout,
+                iotlb_capacity: config.iotlb_capacity,
             }),
             conn: Connection::new(sock),
             vrings: (0..queues).map(|_| Vring::new()).collect(),

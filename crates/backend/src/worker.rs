@@ -105,15 +105,23 @@ impl Worker {
     }
 }
 
-/// A parked worker: the miss it waits for.
+/// A parked worker: the miss it waits for, and what to finish once it is answered.
 #[derive(Debug, Clone, Copy)]
 struct Parked {
     iova: u64,
     access: Access,
     since: Instant,
-    /// A request already served whose completion missed (the used ring was invalidated in
-    /// the middle of it): complete it first when woken.
-    completion: Option<(u16, u32)>,
+    /// A request already taken off the avail ring that is not complete yet.
+    unfinished: Option<Unfinished>,
+}
+
+/// A request consumed from the avail ring whose completion waits for a translation.
+#[derive(Debug, Clone, Copy)]
+enum Unfinished {
+    /// Served; its completion missed (the used ring was invalidated in the middle of it).
+    Complete { head: u16, len: u32 },
+    /// To be failed; its status byte (at this IOVA) is not translated yet.
+    Fail { head: u16, status: u64 },
 }
 
 struct WorkerState<D: Device> {
@@ -129,6 +137,16 @@ enum Drained {
     Empty,
     Parked(Parked),
     Broken,
+}
+
+/// Where a failed request's status byte is.
+enum Status {
+    /// Translated: this guest-physical address.
+    At(u64),
+    /// Not translated yet: this IOVA.
+    Missing(u64),
+    /// Nowhere (no writable buffer, or it cannot be used).
+    None,
 }
 
 impl<D: Device> WorkerState<D> {
@@ -155,6 +173,8 @@ impl<D: Device> WorkerState<D> {
             .and_then(|()| queue.set_addresses(self.cfg.desc, self.cfg.avail, self.cfg.used));
         queue.set_next_avail(self.cfg.base);
         queue.set_event_idx(self.cfg.event_idx);
+        // Keep every chain well inside the IOTLB, or it could miss forever.
+        queue.set_max_segments((self.shared.iotlb_capacity / 2).clamp(1, 1024));
         if let Err(e) = configured {
             tracing::warn!(queue = self.cfg.index, error = %e, "vhost-user: queue not started");
             self.wait_for_stop();
@@ -165,8 +185,11 @@ impl<D: Device> WorkerState<D> {
         } else {
             Box::new(GpaTranslator)
         };
-        let mut handler = self.shared.dev.handler(self.cfg.index);
-        let mut chain = Chain::new();
+        let mut w = Work {
+            queue,
+            handler: self.shared.dev.handler(self.cfg.index),
+            chain: Chain::new(),
+        };
         let mut parked: Option<Parked> = None;
         let mut broken = false;
         tracing::debug!(
@@ -187,29 +210,26 @@ impl<D: Device> WorkerState<D> {
                 continue;
             }
             if let Some(p) = parked {
-                if let Some((head, len)) = p.completion {
-                    match self.complete(&mut queue, &mut *tr, head, len) {
-                        Ok(None) => parked = None,
-                        Ok(Some(again)) => {
-                            parked = Some(Parked {
-                                since: p.since,
-                                ..again
-                            });
-                            continue;
-                        }
-                        Err(()) => {
-                            broken = true;
-                            continue;
-                        }
+                let step = match p.unfinished {
+                    Some(u) => self.finish(&mut w, &mut *tr, p, u),
+                    None if p.since.elapsed() >= self.shared.miss_timeout => {
+                        self.on_timeout(&mut w, &mut *tr, p)
                     }
-                } else if p.since.elapsed() >= self.shared.miss_timeout {
-                    parked = self.on_timeout(p, &mut queue, &mut *tr, &mut handler);
-                    if parked.is_some() {
+                    None => Ok(None),
+                };
+                match step {
+                    Ok(Some(again)) => {
+                        parked = Some(again);
+                        continue;
+                    }
+                    Ok(None) => parked = None,
+                    Err(()) => {
+                        broken = true;
                         continue;
                     }
                 }
             }
-            match self.drain(&mut queue, &mut *tr, &mut handler, &mut chain) {
+            match self.drain(&mut w, &mut *tr) {
                 Drained::Empty => parked = None,
                 Drained::Parked(p) => {
                     // Keep the original time if it is the same miss again (a kick while
@@ -225,7 +245,7 @@ impl<D: Device> WorkerState<D> {
                 Drained::Broken => broken = true,
             }
         }
-        queue.next_avail()
+        w.queue.next_avail()
     }
 
     /// Sleep until a kick, a wake-up, or `timeout`.
@@ -263,24 +283,17 @@ impl<D: Device> WorkerState<D> {
     }
 
     /// Serve chains until the queue is empty, a miss parks it, or it breaks.
-    fn drain(
-        &self,
-        queue: &mut Queue,
-        tr: &mut dyn Translator,
-        handler: &mut D::Handler,
-        chain: &mut Chain,
-    ) -> Drained {
+    fn drain(&self, w: &mut Work<D::Handler>, tr: &mut dyn Translator) -> Drained {
         let mut completed = false;
         let outcome = loop {
             let mem = self.shared.mem.read().clone();
             let gm = mem.memory();
             self.epoch.enter(|| self.generation());
-            let popped = queue.pop(tr, gm, chain);
-            match popped {
+            match w.queue.pop(tr, gm, &mut w.chain) {
                 Ok(true) => {
-                    let len = handler.serve(chain, gm);
-                    let head = chain.head();
-                    let done = queue.complete(tr, gm, head, len);
+                    let len = w.handler.serve(&w.chain, gm);
+                    let head = w.chain.head();
+                    let done = w.queue.complete(tr, gm, head, len);
                     self.epoch.exit();
                     EngineCounters::add(&self.shared.stats.requests, 1);
                     match done {
@@ -288,19 +301,19 @@ impl<D: Device> WorkerState<D> {
                         // The used ring was invalidated while the request was served (pop
                         // translated it first): park until it is mapped again, then
                         // complete. The request is not served twice.
-                        Err(PopError::Miss { iova, access }) => match self.miss(iova, access) {
-                            Some(p) => {
-                                break Drained::Parked(Parked {
-                                    completion: Some((head, len)),
-                                    ..p
-                                })
+                        Err(PopError::Miss { iova, access }) => {
+                            match self.park(iova, access, Unfinished::Complete { head, len }) {
+                                Some(p) => break Drained::Parked(p),
+                                None => {
+                                    match self.finish_now(w, tr, Unfinished::Complete { head, len })
+                                    {
+                                        Ok(None) => completed = true,
+                                        Ok(Some(p)) => break Drained::Parked(p),
+                                        Err(()) => break Drained::Broken,
+                                    }
+                                }
                             }
-                            None => match self.complete(queue, tr, head, len) {
-                                Ok(None) => completed = true,
-                                Ok(Some(p)) => break Drained::Parked(p),
-                                Err(()) => break Drained::Broken,
-                            },
-                        },
+                        }
                         Err(e) => {
                             tracing::warn!(queue = self.cfg.index, error = %e, "vhost-user: complete failed");
                             break Drained::Broken;
@@ -311,7 +324,7 @@ impl<D: Device> WorkerState<D> {
                     // Ask for a kick at the next avail index (with EVENT_IDX the driver kicks
                     // only where avail_event says), then look once more: a chain that came
                     // in between would otherwise wait for a kick that is not coming.
-                    let more = queue.set_notification(tr, gm, true);
+                    let more = w.queue.set_notification(tr, gm, true);
                     self.epoch.exit();
                     match more {
                         Ok(true) => continue,
@@ -334,8 +347,6 @@ impl<D: Device> WorkerState<D> {
                     }
                 }
                 Err(PopError::Denied { head, iova, access }) => {
-                    let len = self.fail(queue, tr, handler, gm, head);
-                    let done = queue.complete(tr, gm, head, len);
                     self.epoch.exit();
                     EngineCounters::add(&self.shared.stats.access_failures, 1);
                     tracing::info!(
@@ -348,16 +359,23 @@ impl<D: Device> WorkerState<D> {
                         iova,
                         perm: access.as_perm(),
                     });
-                    completed |= done.is_ok();
+                    match self.fail(w, tr, head) {
+                        Ok(None) => completed = true,
+                        Ok(Some(p)) => break Drained::Parked(p),
+                        Err(()) => break Drained::Broken,
+                    }
                 }
                 Err(PopError::Invalid { head, reason }) => {
+                    self.epoch.exit();
                     EngineCounters::add(&self.shared.stats.invalid_chains, 1);
                     tracing::warn!(queue = self.cfg.index, %reason, "vhost-user: malformed chain");
                     if let Some(head) = head {
-                        let len = self.fail(queue, tr, handler, gm, head);
-                        completed |= queue.complete(tr, gm, head, len).is_ok();
+                        match self.fail(w, tr, head) {
+                            Ok(None) => completed = true,
+                            Ok(Some(p)) => break Drained::Parked(p),
+                            Err(()) => break Drained::Broken,
+                        }
                     }
-                    self.epoch.exit();
                 }
                 Err(PopError::Broken(why)) => {
                     self.epoch.exit();
@@ -367,7 +385,7 @@ impl<D: Device> WorkerState<D> {
             }
         };
         if completed {
-            self.notify(queue, tr);
+            self.notify(&mut w.queue, tr);
         }
         outcome
     }
@@ -376,18 +394,19 @@ impl<D: Device> WorkerState<D> {
     /// the meantime (retry at once).
     fn miss(&self, iova: u64, access: Access) -> Option<Parked> {
         let now = Instant::now();
+        let parked = Parked {
+            iova,
+            access,
+            since: now,
+            unfinished: None,
+        };
         match self
             .shared
             .iotlb
             .register_miss(iova, access, self.cfg.index, now)
         {
             MissOutcome::Mapped => None,
-            MissOutcome::Coalesced => Some(Parked {
-                iova,
-                access,
-                since: now,
-                completion: None,
-            }),
+            MissOutcome::Coalesced => Some(parked),
             MissOutcome::SendMiss { iova, access } => {
                 tracing::trace!(
                     queue = self.cfg.index,
@@ -400,49 +419,17 @@ impl<D: Device> WorkerState<D> {
                     perm: access.as_perm(),
                 });
                 EngineCounters::add(&self.shared.stats.misses_sent, 1);
-                Some(Parked {
-                    iova,
-                    access,
-                    since: now,
-                    completion: None,
-                })
+                Some(parked)
             }
         }
     }
 
-    /// Complete a request whose completion missed before. `Ok(None)` when done (and the
-    /// driver notified), `Ok(Some)` when it missed again, `Err` when the queue broke.
-    fn complete(
-        &self,
-        queue: &mut Queue,
-        tr: &mut dyn Translator,
-        head: u16,
-        len: u32,
-    ) -> Result<Option<Parked>, ()> {
-        loop {
-            let mem = self.shared.mem.read().clone();
-            self.epoch.enter(|| self.generation());
-            let done = queue.complete(tr, mem.memory(), head, len);
-            self.epoch.exit();
-            match done {
-                Ok(()) => {
-                    self.notify(queue, tr);
-                    return Ok(None);
-                }
-                Err(PopError::Miss { iova, access }) => {
-                    if let Some(p) = self.miss(iova, access) {
-                        return Ok(Some(Parked {
-                            completion: Some((head, len)),
-                            ..p
-                        }));
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(queue = self.cfg.index, error = %e, "vhost-user: complete failed");
-                    return Err(());
-                }
-            }
-        }
+    /// Register a miss for a request that is already off the avail ring.
+    fn park(&self, iova: u64, access: Access, u: Unfinished) -> Option<Parked> {
+        self.miss(iova, access).map(|p| Parked {
+            unfinished: Some(u),
+            ..p
+        })
     }
 
     /// Send on the back-end channel without waiting for anything.
@@ -461,14 +448,153 @@ impl<D: Device> WorkerState<D> {
         }
     }
 
+    /// Woken while a consumed request waits: finish it, or park again (giving up on its
+    /// status byte once the miss has timed out).
+    fn finish(
+        &self,
+        w: &mut Work<D::Handler>,
+        tr: &mut dyn Translator,
+        p: Parked,
+        u: Unfinished,
+    ) -> Result<Option<Parked>, ()> {
+        let expired = p.since.elapsed() >= self.shared.miss_timeout;
+        match (u, expired) {
+            (Unfinished::Fail { head, .. }, true) => {
+                // The status byte never got a translation: complete without it.
+                self.shared.iotlb.cancel_waiter(&self.cfg.index);
+                self.complete_failed(w, tr, head, None)
+            }
+            _ => self.finish_now(w, tr, u).map(|again| {
+                again.map(|a| Parked {
+                    since: p.since,
+                    ..a
+                })
+            }),
+        }
+    }
+
+    /// Try to finish `u` now.
+    fn finish_now(
+        &self,
+        w: &mut Work<D::Handler>,
+        tr: &mut dyn Translator,
+        u: Unfinished,
+    ) -> Result<Option<Parked>, ()> {
+        match u {
+            Unfinished::Complete { head, len } => self.complete(w, tr, head, len),
+            Unfinished::Fail { head, status } => {
+                let mem = self.shared.mem.read().clone();
+                let mut seg = Vec::with_capacity(1);
+                self.epoch.enter(|| self.generation());
+                let r = tr.translate(status, 1, Access::Write, &mut seg);
+                self.epoch.exit();
+                match r {
+                    Ok(()) => {
+                        let gpa = seg.first().map(|s| s.addr);
+                        drop(mem);
+                        self.complete_failed(w, tr, head, gpa)
+                    }
+                    Err(virtq::Fault::Miss { iova, access }) => match self.park(iova, access, u) {
+                        Some(p) => Ok(Some(p)),
+                        None => self.finish_now(w, tr, u),
+                    },
+                    Err(_) => self.complete_failed(w, tr, head, None),
+                }
+            }
+        }
+    }
+
+    /// Let the device write its error status (if `status` is known) and complete `head`.
+    fn complete_failed(
+        &self,
+        w: &mut Work<D::Handler>,
+        tr: &mut dyn Translator,
+        head: u16,
+        status: Option<u64>,
+    ) -> Result<Option<Parked>, ()> {
+        let mem = self.shared.mem.read().clone();
+        self.epoch.enter(|| self.generation());
+        let len = w.handler.fail(status, mem.memory());
+        self.epoch.exit();
+        self.complete(w, tr, head, len)
+    }
+
+    /// Fail the consumed request `head`: find its status byte; if it is not translated yet,
+    /// park until it is.
+    fn fail(
+        &self,
+        w: &mut Work<D::Handler>,
+        tr: &mut dyn Translator,
+        head: u16,
+    ) -> Result<Option<Parked>, ()> {
+        match self.status_of(w, tr, head) {
+            Status::At(gpa) => self.complete_failed(w, tr, head, Some(gpa)),
+            Status::None => self.complete_failed(w, tr, head, None),
+            Status::Missing(iova) => {
+                self.finish_now(w, tr, Unfinished::Fail { head, status: iova })
+            }
+        }
+    }
+
+    /// Where the status byte (last device-writable byte) of `head` is.
+    fn status_of(&self, w: &mut Work<D::Handler>, tr: &mut dyn Translator, head: u16) -> Status {
+        let mem = self.shared.mem.read().clone();
+        self.epoch.enter(|| self.generation());
+        let last = w.queue.last_writable(tr, mem.memory(), head);
+        let status = match last {
+            Ok(Some((addr, len))) => {
+                let iova = addr + u64::from(len) - 1;
+                let mut seg = Vec::with_capacity(1);
+                match tr.translate(iova, 1, Access::Write, &mut seg) {
+                    Ok(()) => seg.first().map_or(Status::None, |s| Status::At(s.addr)),
+                    Err(virtq::Fault::Miss { .. }) => Status::Missing(iova),
+                    Err(_) => Status::None,
+                }
+            }
+            _ => Status::None,
+        };
+        self.epoch.exit();
+        status
+    }
+
+    /// Complete `head` with `len` (and notify). `Ok(Some)` when the used ring missed.
+    fn complete(
+        &self,
+        w: &mut Work<D::Handler>,
+        tr: &mut dyn Translator,
+        head: u16,
+        len: u32,
+    ) -> Result<Option<Parked>, ()> {
+        loop {
+            let mem = self.shared.mem.read().clone();
+            self.epoch.enter(|| self.generation());
+            let done = w.queue.complete(tr, mem.memory(), head, len);
+            self.epoch.exit();
+            match done {
+                Ok(()) => {
+                    self.notify(&mut w.queue, tr);
+                    return Ok(None);
+                }
+                Err(PopError::Miss { iova, access }) => {
+                    if let Some(p) = self.park(iova, access, Unfinished::Complete { head, len }) {
+                        return Ok(Some(p));
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(queue = self.cfg.index, error = %e, "vhost-user: complete failed");
+                    return Err(());
+                }
+            }
+        }
+    }
+
     /// Our miss was not answered in time: send it once more, or give up on the request.
     fn on_timeout(
         &self,
-        p: Parked,
-        queue: &mut Queue,
+        w: &mut Work<D::Handler>,
         tr: &mut dyn Translator,
-        handler: &mut D::Handler,
-    ) -> Option<Parked> {
+        p: Parked,
+    ) -> Result<Option<Parked>, ()> {
         let now = Instant::now();
         let index = self.cfg.index;
         let mine = self
@@ -490,7 +616,7 @@ impl<D: Device> WorkerState<D> {
                 });
                 EngineCounters::add(&self.shared.stats.misses_sent, 1);
                 self.shared.iotlb.miss_resent(m.page, m.access, now);
-                Some(Parked { since: now, ..p })
+                Ok(Some(Parked { since: now, ..p }))
             }
             Some(m) => {
                 tracing::warn!(
@@ -499,43 +625,23 @@ impl<D: Device> WorkerState<D> {
                     "vhost-user: MISS never answered; failing the request"
                 );
                 self.shared.iotlb.cancel_waiter(&index);
+                EngineCounters::add(&self.shared.stats.timeouts, 1);
                 let mem = self.shared.mem.read().clone();
-                let gm = mem.memory();
                 self.epoch.enter(|| self.generation());
-                if let Ok(Some(head)) = queue.skip(tr, gm) {
-                    let len = self.fail(queue, tr, handler, gm, head);
-                    if queue.complete(tr, gm, head, len).is_ok() {
-                        self.notify(queue, tr);
+                let skipped = w.queue.skip(tr, mem.memory());
+                self.epoch.exit();
+                match skipped {
+                    Ok(Some(head)) => self.fail(w, tr, head),
+                    Ok(None) => Ok(None),
+                    Err(e) => {
+                        tracing::warn!(queue = index, error = %e, "vhost-user: queue broken until reset");
+                        Err(())
                     }
                 }
-                self.epoch.exit();
-                EngineCounters::add(&self.shared.stats.timeouts, 1);
-                None
             }
             // Resolved, cancelled, or resent by another queue: look again.
-            None => None,
+            None => Ok(None),
         }
-    }
-
-    /// Let the device fail `head`, giving it the status byte if it can be translated.
-    fn fail(
-        &self,
-        queue: &mut Queue,
-        tr: &mut dyn Translator,
-        handler: &mut D::Handler,
-        mem: &vm_memory::GuestMemoryMmap,
-        head: u16,
-    ) -> u32 {
-        let status = match queue.last_writable(tr, mem, head) {
-            Ok(Some((addr, len))) => {
-                let mut seg = Vec::with_capacity(1);
-                tr.translate(addr + u64::from(len) - 1, 1, Access::Write, &mut seg)
-                    .ok()
-                    .and_then(|()| seg.first().map(|s| s.addr))
-            }
-            _ => None,
-        };
-        handler.fail(status, mem)
     }
 
     fn notify(&self, queue: &mut Queue, tr: &mut dyn Translator) {
@@ -543,10 +649,19 @@ impl<D: Device> WorkerState<D> {
         self.epoch.enter(|| self.generation());
         let wants = queue.needs_notification(tr, mem.memory());
         self.epoch.exit();
+        // When the driver's wish cannot be read, notify anyway: a spurious interrupt is
+        // harmless, a missing one hangs the driver.
         if matches!(wants, Ok(true) | Err(_)) {
             if let Some(call) = self.cfg.call.lock().as_ref() {
                 signal(call);
             }
         }
     }
+}
+
+/// What a worker works with.
+struct Work<H> {
+    queue: Queue,
+    handler: H,
+    chain: Chain,
 }

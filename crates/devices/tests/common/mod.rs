@@ -1,0 +1,323 @@
+//! A small vhost-user front-end for tests: it plays QEMU and the guest's virtio-blk driver
+//! over real sockets, with its guest memory in a memfd shared with the back-end, rings and
+//! buffers at IOVAs on scattered pages, and an IOMMU side that answers MISS messages from its
+//! page table (or deliberately not).
+
+#![allow(dead_code)]
+
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+use iotlb::{IovaRange, Perm};
+use rustix::event::{eventfd, poll, EventfdFlags, PollFd, PollFlags, Timespec};
+use virtq::testing::{Buf, DriverQueue, IovaSpace, PageAllocator, PAGE};
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+use wire::features::{device, protocol};
+use wire::vhost_user::{
+    BackendRequest, Connection, FrontendRequest, MemoryRegion, RegionFd, Reply, ReplyKind,
+    VringAddr, VringFile, VringState,
+};
+use wire::IotlbMsg;
+
+/// Guest memory size.
+pub const MEM: u64 = 16 << 20;
+/// The front-end virtual address of guest-physical 0 (what UPDATEs carry as `uaddr`).
+pub const VA_BASE: u64 = 0x7f00_0000_0000;
+pub const RING_IOVA: u64 = 0x10_0000_0000;
+pub const BUF_IOVA: u64 = 0x20_0000_0000;
+/// Where buffers live without the IOMMU (guest-physical).
+pub const BUF_GPA: u64 = 8 << 20;
+
+pub struct Queue {
+    pub driver: DriverQueue,
+    pub kick: OwnedFd,
+    pub call: OwnedFd,
+}
+
+pub struct Frontend {
+    pub conn: Connection,
+    /// Our end of the back-end channel: MISS and ACCESS_FAIL arrive here.
+    pub channel: Connection,
+    pub mem: GuestMemoryMmap,
+    pub space: IovaSpace,
+    pub alloc: PageAllocator,
+    pub queues: Vec<Queue>,
+    pub iommu: bool,
+    next_buf: u64,
+    /// IOVAs (pages) whose misses we do not answer.
+    pub never_map: Vec<u64>,
+    /// Misses we received and did not answer.
+    pub ignored: Vec<u64>,
+    pub misses_seen: u64,
+}
+
+fn memfd(len: u64) -> OwnedFd {
+    let fd = rustix::fs::memfd_create("guest-ram", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+    rustix::fs::ftruncate(&fd, len).unwrap();
+    fd
+}
+
+impl Frontend {
+    /// Connect over `sock` and set up `queues` queues of `size`.
+    pub fn connect(sock: UnixStream, queues: u16, size: u16, iommu: bool, seed: u64) -> Self {
+        let conn = Connection::new(sock);
+        let ram = memfd(MEM);
+        let region = MmapRegion::build(
+            Some(FileOffset::new(
+                std::fs::File::from(ram.try_clone().unwrap()),
+                0,
+            )),
+            MEM as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+        )
+        .unwrap();
+        let mem =
+            GuestMemoryMmap::from_regions(vec![
+                GuestRegionMmap::new(region, GuestAddress(0)).unwrap()
+            ])
+            .unwrap();
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        theirs.set_read_timeout(None).unwrap();
+        ours.set_read_timeout(Some(Duration::from_millis(5)))
+            .unwrap();
+        let channel = Connection::backend_channel(ours);
+        // `backend_channel` makes the socket blocking; the read timeout stays.
+        let mut f = Frontend {
+            conn,
+            channel,
+            mem,
+            space: if iommu {
+                IovaSpace::new()
+            } else {
+                IovaSpace::identity()
+            },
+            alloc: PageAllocator::new(PAGE, (BUF_GPA - PAGE) & !(PAGE - 1), seed),
+            queues: Vec::new(),
+            iommu,
+            next_buf: if iommu { BUF_IOVA } else { BUF_GPA },
+            never_map: Vec::new(),
+            ignored: Vec::new(),
+            misses_seen: 0,
+        };
+        let feats = f.get_u64(FrontendRequest::GetFeatures);
+        let mut want = device::VERSION_1 | device::PROTOCOL_FEATURES | device::RING_EVENT_IDX;
+        if iommu {
+            want |= device::ACCESS_PLATFORM;
+        }
+        assert_eq!(feats & want, want, "the back-end offers {feats:#x}");
+        f.request(FrontendRequest::SetFeatures(want | (feats & 0xffff)));
+        let proto = f.get_u64(FrontendRequest::GetProtocolFeatures);
+        let want_p = protocol::REPLY_ACK | protocol::BACKEND_REQ | protocol::CONFIG | protocol::MQ;
+        assert_eq!(proto & want_p, want_p);
+        f.request_plain(FrontendRequest::SetProtocolFeatures(want_p));
+        f.request(FrontendRequest::SetOwner);
+        f.request(FrontendRequest::SetBackendReqFd(OwnedFd::from(theirs)));
+        f.request(FrontendRequest::SetMemTable(vec![RegionFd {
+            region: MemoryRegion {
+                guest_phys_addr: 0,
+                memory_size: MEM,
+                userspace_addr: VA_BASE,
+                mmap_offset: 0,
+            },
+            fd: ram,
+        }]));
+        for q in 0..queues {
+            let base = if iommu {
+                RING_IOVA + u64::from(q) * 0x10_0000
+            } else {
+                (4 << 20) + u64::from(q) * 0x2_0000
+            };
+            let driver = DriverQueue::new(&f.mem, &mut f.space, &mut f.alloc, base, size);
+            let (d, a, u) = driver.addresses();
+            // Without the IOMMU, ring addresses are front-end virtual addresses.
+            let va = |x: u64| if iommu { x } else { VA_BASE + x };
+            let idx = u32::from(q);
+            f.request(FrontendRequest::SetVringNum(VringState {
+                index: idx,
+                num: u32::from(size),
+            }));
+            f.request(FrontendRequest::SetVringBase(VringState {
+                index: idx,
+                num: 0,
+            }));
+            f.request(FrontendRequest::SetVringAddr(VringAddr {
+                index: idx,
+                flags: 0,
+                descriptor: va(d),
+                used: va(u),
+                available: va(a),
+                log: 0,
+            }));
+            let kick = eventfd(0, EventfdFlags::CLOEXEC).unwrap();
+            let call = eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK).unwrap();
+            f.request(FrontendRequest::SetVringCall(VringFile {
+                index: q as u8,
+                fd: Some(call.try_clone().unwrap()),
+            }));
+            f.request(FrontendRequest::SetVringKick(VringFile {
+                index: q as u8,
+                fd: Some(kick.try_clone().unwrap()),
+            }));
+            f.request(FrontendRequest::SetVringEnable(VringState {
+                index: idx,
+                num: 1,
+            }));
+            f.queues.push(Queue { driver, kick, call });
+        }
+        f
+    }
+
+    fn get_u64(&mut self, req: FrontendRequest) -> u64 {
+        let h = self.conn.send_request(&req, false).unwrap();
+        match self.conn.recv_reply(&h, ReplyKind::U64).unwrap() {
+            Reply::U64(v) => v,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// A request acknowledged with REPLY_ACK.
+    pub fn request(&mut self, req: FrontendRequest) {
+        let h = self.conn.send_request(&req, true).unwrap();
+        self.conn.recv_ack(&h).unwrap();
+    }
+
+    fn request_plain(&mut self, req: FrontendRequest) {
+        self.conn.send_request(&req, false).unwrap();
+    }
+
+    /// Send an IOTLB message and wait for its acknowledgement.
+    pub fn iotlb(&mut self, m: IotlbMsg) -> Result<(), wire::WireError> {
+        let h = self
+            .conn
+            .send_request(&FrontendRequest::IotlbMsg(m), true)?;
+        self.conn.recv_ack(&h)
+    }
+
+    /// Invalidate `range` in the back-end's IOTLB.
+    pub fn invalidate(&mut self, range: IovaRange) {
+        self.iotlb(IotlbMsg::Invalidate { range }).unwrap();
+    }
+
+    /// A buffer of `len` bytes at a fresh address.
+    pub fn buf(&mut self, len: u32, write: bool) -> Buf {
+        let iova = self.next_buf;
+        let pages = u64::from(len).div_ceil(PAGE).max(1);
+        self.space
+            .map_new(&mut self.alloc, iova, pages, Perm::ReadWrite);
+        self.next_buf += (pages + 1) * PAGE;
+        Buf { iova, len, write }
+    }
+
+    /// Answer pending misses (one pass over what has arrived). Returns how many.
+    pub fn serve_misses(&mut self) -> u64 {
+        let mut n = 0;
+        loop {
+            let msg = match self.channel.recv() {
+                Ok(m) => m,
+                Err(wire::WireError::Io(e))
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return n;
+                }
+                Err(e) => panic!("back-end channel: {e}"),
+            };
+            match BackendRequest::decode(&msg.header, &msg.payload, msg.fds).unwrap() {
+                BackendRequest::IotlbMsg(IotlbMsg::Miss { iova, .. }) => {
+                    self.misses_seen += 1;
+                    let page = iova - iova % PAGE;
+                    if self.never_map.contains(&page) {
+                        self.ignored.push(iova);
+                        continue;
+                    }
+                    if let Some((range, gpa, perm)) = self.space.update_for(iova) {
+                        self.iotlb(IotlbMsg::Update {
+                            range,
+                            uaddr: VA_BASE + gpa,
+                            perm,
+                        })
+                        .unwrap();
+                        n += 1;
+                    }
+                }
+                other => panic!("unexpected back-end request {other:?}"),
+            }
+        }
+    }
+
+    /// Submit a chain on queue `q` and kick.
+    pub fn submit(&mut self, q: usize, bufs: &[Buf]) -> u16 {
+        let head = self.queues[q]
+            .driver
+            .add_chain(&self.mem, &self.space, bufs, None)
+            .expect("descriptors");
+        rustix::io::write(&self.queues[q].kick, &1u64.to_ne_bytes()).unwrap();
+        head
+    }
+
+    /// Wait for used entries on queue `q`, answering misses meanwhile.
+    pub fn wait_used(&mut self, q: usize, want: usize, timeout: Duration) -> Vec<(u16, u32)> {
+        let deadline = Instant::now() + timeout;
+        let mut got = Vec::new();
+        while got.len() < want {
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {want} completions (got {})",
+                got.len()
+            );
+            self.serve_misses();
+            let mut fds = [PollFd::new(&self.queues[q].call, PollFlags::IN)];
+            let ts = Timespec {
+                tv_sec: 0,
+                tv_nsec: 2_000_000,
+            };
+            let _ = poll(&mut fds, Some(&ts));
+            let mut b = [0u8; 8];
+            let _ = rustix::io::read(&self.queues[q].call, &mut b);
+            got.extend(self.queues[q].driver.take_used(&self.mem, &self.space));
+        }
+        got
+    }
+}
+
+/// A virtio-blk request: header + data + status, returning the buffers.
+pub fn blk_request(
+    f: &mut Frontend,
+    ty: u32,
+    sector: u64,
+    data: &[u8],
+    read_len: u32,
+) -> (Buf, Option<Buf>, Buf) {
+    let header = f.buf(16, false);
+    let mut h = [0u8; 16];
+    h[0..4].copy_from_slice(&ty.to_le_bytes());
+    h[8..16].copy_from_slice(&sector.to_le_bytes());
+    f.space.write(&f.mem, header.iova, &h);
+    let data_buf = if !data.is_empty() {
+        let b = f.buf(data.len() as u32, false);
+        f.space.write(&f.mem, b.iova, data);
+        Some(b)
+    } else if read_len > 0 {
+        Some(f.buf(read_len, true))
+    } else {
+        None
+    };
+    let status = f.buf(1, true);
+    f.space.write(&f.mem, status.iova, &[0xff]);
+    (header, data_buf, status)
+}
+
+/// The status byte of a request.
+pub fn status(f: &Frontend, s: &Buf) -> u8 {
+    f.space.read(&f.mem, s.iova, 1)[0]
+}
+
+pub fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| seed.wrapping_add((i / 7) as u8).wrapping_mul(3))
+        .collect()
+}
