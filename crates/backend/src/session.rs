@@ -234,11 +234,15 @@ impl<D: Device> Session<D> {
             R::GetFeatures => Some(Reply::U64(Self::offered_features(&dev))),
             R::SetFeatures(f) => {
                 check_acked(Self::offered_features(&dev), f).map_err(|e| e.to_string())?;
+                let toggled = (self.features ^ f) & dev_f::ACCESS_PLATFORM != 0;
                 self.features = f;
                 dev.set_features(f);
-                if f & dev_f::ACCESS_PLATFORM != 0 {
-                    // Every SET_FEATURES with ACCESS_PLATFORM starts from an empty IOTLB.
+                // Every SET_FEATURES with ACCESS_PLATFORM starts from an empty IOTLB (QEMU
+                // re-sends it after a guest reset without the unmaps of the old rings), and
+                // so does switching the IOMMU off.
+                if f & dev_f::ACCESS_PLATFORM != 0 || toggled {
                     self.invalidate(IovaRange::FULL);
+                    self.shared.iotlb.clear_pending();
                 }
                 None
             }
