@@ -40,9 +40,10 @@ pub struct BlkArgs {
 
 /// Run the back-end until SIGINT or SIGTERM.
 pub fn run(args: &BlkArgs) -> Result<(), String> {
-    if args.iotlb_capacity == 0 || args.iotlb_capacity > iotlb::MAX_CAPACITY {
+    if !(backend::MIN_IOTLB_CAPACITY..=iotlb::MAX_CAPACITY).contains(&args.iotlb_capacity) {
         return Err(format!(
-            "--iotlb-capacity must be within 1..={}",
+            "--iotlb-capacity must be within {}..={}",
+            backend::MIN_IOTLB_CAPACITY,
             iotlb::MAX_CAPACITY
         ));
     }

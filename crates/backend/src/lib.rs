@@ -24,5 +24,5 @@ mod worker;
 
 pub use device::{Device, QueueHandler};
 pub use server::{wait_for_socket, ServeError, Server, ShutdownHandle};
-pub use session::{EngineConfig, SessionEnd};
+pub use session::{EngineConfig, SessionEnd, MIN_IOTLB_CAPACITY};
 pub use stats::{EngineCounters, Stats};

@@ -82,6 +82,22 @@ fn map(info: &MemoryRegion, file: File) -> Result<GuestRegionMmap, MemError> {
         reason,
     };
     let size = usize::try_from(info.memory_size).map_err(|e| err(e.to_string()))?;
+    // Mapping past the end of a file succeeds, but touching those pages raises SIGBUS: refuse
+    // a region the file does not hold (a front-end that shrinks the file later can still do
+    // that to us; nothing short of a SIGBUS handler prevents it).
+    let meta = file.metadata().map_err(|e| err(e.to_string()))?;
+    if meta.file_type().is_file() {
+        let end = info
+            .mmap_offset
+            .checked_add(info.memory_size)
+            .ok_or_else(|| err("mmap_offset + memory_size overflows".into()))?;
+        if end > meta.len() {
+            return Err(err(format!(
+                "the file holds {:#x} bytes, the region needs {end:#x}",
+                meta.len()
+            )));
+        }
+    }
     let region = MmapRegion::build(
         Some(FileOffset::new(file, info.mmap_offset)),
         size,

@@ -10,10 +10,14 @@
 //! control thread never waits for a worker that is itself waiting for a miss reply, and
 //! queues that are between requests are never stopped.
 //!
-//! The protocol is a Dekker pair with sequentially consistent operations: the worker stores
-//! `active` then loads the generation; the control thread stores the generation then loads
-//! `active`. Either the worker sees the new generation, or the control thread sees it active
-//! and waits. Nothing here touches guest memory.
+//! The protocol is a Dekker pair: the worker stores `active`, then a sequentially consistent
+//! fence, then loads the generation; the control thread stores the generation, then a fence,
+//! then loads `active`. Either the worker sees the new generation, or the control thread sees
+//! it active and waits. The worker's fence matters: without it the generation load (an
+//! acquire load in the IOTLB) could be satisfied before the `active` store is visible, on
+//! weakly ordered machines. [`Section`] leaves the epoch on every path out, unwinding
+//! included, so a panicking device cannot leave the control thread waiting forever.
+//! Nothing here touches guest memory.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -34,6 +38,7 @@ impl WorkerEpoch {
     #[inline]
     pub fn enter(&self, generation: impl FnOnce() -> u64) {
         self.active.store(true, Ordering::SeqCst);
+        std::sync::atomic::fence(Ordering::SeqCst);
         self.generation.store(generation(), Ordering::SeqCst);
     }
 
@@ -45,6 +50,25 @@ impl WorkerEpoch {
 
     fn blocks(&self, generation: u64) -> bool {
         self.active.load(Ordering::SeqCst) && self.generation.load(Ordering::SeqCst) < generation
+    }
+}
+
+/// A unit of work in progress: the epoch is left when this drops.
+pub struct Section<'a>(&'a WorkerEpoch);
+
+impl<'a> Section<'a> {
+    /// Enter `epoch` (see [`WorkerEpoch::enter`]).
+    #[inline]
+    pub fn enter(epoch: &'a WorkerEpoch, generation: impl FnOnce() -> u64) -> Self {
+        epoch.enter(generation);
+        Section(epoch)
+    }
+}
+
+impl Drop for Section<'_> {
+    #[inline]
+    fn drop(&mut self) {
+        self.0.exit();
     }
 }
 
@@ -121,5 +145,21 @@ mod tests {
         epochs.unregister(&a);
         a.enter(|| 0);
         epochs.wait(100); // unregistered: not waited for
+    }
+
+    #[test]
+    fn a_section_is_left_even_when_its_work_panics() {
+        let epochs = Epochs::default();
+        let e = epochs.register();
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _s = Section::enter(&e, || 1);
+            panic!("device bug");
+        }));
+        assert!(r.is_err());
+        assert!(
+            !e.blocks(2),
+            "a panicked section must not hold up invalidations"
+        );
+        epochs.wait(2);
     }
 }

@@ -88,9 +88,13 @@ impl<D: Device> Server<D> {
 
     /// Listen on `path` and serve front-ends one after another until shut down.
     pub fn serve(&self, path: &Path) -> Result<(), ServeError> {
-        if path.exists() {
-            // A socket left by an earlier run: connecting to it would fail anyway.
-            let _ = std::fs::remove_file(path);
+        // A socket left by an earlier run is removed (connecting to it would fail anyway);
+        // anything else at that path is left alone and binding fails.
+        if let Ok(meta) = std::fs::symlink_metadata(path) {
+            use std::os::unix::fs::FileTypeExt;
+            if meta.file_type().is_socket() {
+                let _ = std::fs::remove_file(path);
+            }
         }
         let listener = UnixListener::bind(path).map_err(|source| ServeError::Bind {
             path: path.to_path_buf(),

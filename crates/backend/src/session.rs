@@ -39,10 +39,15 @@ use crate::quiesce::Epochs;
 use crate::stats::EngineCounters;
 use crate::worker::{Worker, WorkerConfig};
 
+/// Smallest IOTLB the engine works with: a chain is limited to half the IOTLB's entries, and
+/// a block request needs a few.
+pub const MIN_IOTLB_CAPACITY: usize = 16;
+
 /// Settings of the engine.
 #[derive(Debug, Clone, Copy)]
 pub struct EngineConfig {
-    /// IOTLB entries.
+    /// IOTLB entries, within [`MIN_IOTLB_CAPACITY`]`..=`[`iotlb::MAX_CAPACITY`] (a value
+    /// outside is brought inside, with a warning).
     pub iotlb_capacity: usize,
     /// How long a MISS may stay unanswered before it is sent again (and, the second time,
     /// before the request fails).
@@ -115,9 +120,18 @@ pub enum SessionEnd {
 impl<D: Device> Session<D> {
     pub(crate) fn new(dev: Arc<D>, sock: UnixStream, config: &EngineConfig) -> Self {
         let queues = usize::from(dev.queues());
-        let iotlb = SharedIotlb::new(
-            Iotlb::with_capacity(config.iotlb_capacity).unwrap_or_else(|_| Iotlb::new()),
-        );
+        let capacity = config
+            .iotlb_capacity
+            .clamp(MIN_IOTLB_CAPACITY, iotlb::MAX_CAPACITY);
+        if capacity != config.iotlb_capacity {
+            tracing::warn!(
+                asked = config.iotlb_capacity,
+                capacity,
+                "vhost-user: IOTLB capacity out of range; using the nearest supported"
+            );
+        }
+        let iotlb =
+            SharedIotlb::new(Iotlb::with_capacity(capacity).unwrap_or_else(|_| Iotlb::new()));
         Session {
             shared: Arc::new(Shared {
                 dev,
@@ -127,7 +141,7 @@ impl<D: Device> Session<D> {
                 epochs: Epochs::default(),
                 stats: EngineCounters::default(),
                 miss_timeout: config.miss_timeout,
-                iotlb_capacity: config.iotlb_capacity,
+                iotlb_capacity: capacity,
             }),
             conn: Connection::new(sock),
             vrings: (0..queues).map(|_| Vring::new()).collect(),
@@ -442,12 +456,14 @@ impl<D: Device> Session<D> {
         }
     }
 
+    /// Send on the back-end channel without blocking: the front-end may be waiting for this
+    /// thread's reply and not reading. A dropped MISS is sent again on timeout.
     fn send_backend(&self, msg: IotlbMsg) {
         if let Some(chan) = self.shared.backend_chan.read().clone() {
-            if let Err(e) =
-                chan.send_backend_request(&wire::vhost_user::BackendRequest::IotlbMsg(msg), false)
-            {
-                tracing::warn!(error = %e, "vhost-user: back-end channel send failed");
+            match chan.try_send_backend_request(&wire::vhost_user::BackendRequest::IotlbMsg(msg)) {
+                Ok(true) => {}
+                Ok(false) => tracing::debug!("vhost-user: back-end channel full; MISS dropped"),
+                Err(e) => tracing::warn!(error = %e, "vhost-user: back-end channel send failed"),
             }
         }
     }

@@ -13,10 +13,19 @@
 //! queue moves on. A denied access sends ACCESS_FAIL and fails that request.
 //!
 //! Every unit of work that translates and touches guest memory runs inside the worker's
-//! epoch (see [`crate::quiesce`]); parking, sending misses and sleeping happen outside it.
+//! epoch (see [`crate::quiesce`]), and reads the memory table only once inside it;
+//! parking, sending misses and sleeping happen outside it. A translation is never carried
+//! from one section to the next: a failed request's status byte is translated and written in
+//! the same section.
+//!
+//! A queue whose ring cannot be used any more is *broken* until the front-end restarts it:
+//! it drops its miss and sleeps without a timeout. A request taken off the avail ring but
+//! never completed (its used entry could not be written) is handed back by GET_VRING_BASE,
+//! one index earlier, so that it is served again after a restart rather than lost; block
+//! requests may be repeated.
 
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -24,12 +33,13 @@ use std::time::{Duration, Instant};
 use iotlb::{Access, MissOutcome};
 use parking_lot::Mutex;
 use rustix::event::{eventfd, poll, EventfdFlags, PollFd, PollFlags, Timespec};
-use virtq::{Chain, GpaTranslator, IotlbTranslator, PopError, Queue, Translator};
+use virtq::{Chain, Fault, GpaTranslator, IotlbTranslator, PopError, Queue, Translator};
+use vm_memory::GuestMemoryMmap;
 use wire::vhost_user::BackendRequest;
 use wire::IotlbMsg;
 
 use crate::device::{Device, QueueHandler};
-use crate::quiesce::WorkerEpoch;
+use crate::quiesce::{Section, WorkerEpoch};
 use crate::session::Shared;
 use crate::stats::EngineCounters;
 
@@ -52,10 +62,13 @@ pub(crate) struct WorkerConfig {
 
 /// The connection thread's handle on a running worker.
 pub(crate) struct Worker {
-    thread: Option<JoinHandle<u16>>,
+    thread: Option<JoinHandle<()>>,
     stop: Arc<AtomicBool>,
     wake: Arc<OwnedFd>,
     epoch: Arc<WorkerEpoch>,
+    /// Where the queue resumes (next avail index, less an unfinished request), kept current
+    /// by the worker so that it is known even if the thread died.
+    base: Arc<AtomicU16>,
 }
 
 fn signal(fd: &OwnedFd) {
@@ -76,17 +89,34 @@ impl Worker {
     ) -> std::io::Result<Self> {
         let wake = Arc::new(eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?);
         let stop = Arc::new(AtomicBool::new(false));
+        let base = Arc::new(AtomicU16::new(cfg.base));
         let epoch = shared.epochs.register();
-        let state = WorkerState::new(shared, cfg, wake.clone(), stop.clone(), epoch.clone());
+        let epochs = shared.clone();
+        let state = WorkerState {
+            shared,
+            cfg,
+            wake: wake.clone(),
+            stop: stop.clone(),
+            epoch: epoch.clone(),
+            base: base.clone(),
+        };
         let name = format!("vq{}", state.cfg.index);
-        let thread = std::thread::Builder::new()
+        let thread = match std::thread::Builder::new()
             .name(name)
-            .spawn(move || state.run())?;
+            .spawn(move || state.run())
+        {
+            Ok(t) => t,
+            Err(e) => {
+                epochs.epochs.unregister(&epoch);
+                return Err(e);
+            }
+        };
         Ok(Worker {
             thread: Some(thread),
             stop,
             wake,
             epoch,
+            base,
         })
     }
 
@@ -95,13 +125,17 @@ impl Worker {
         signal(&self.wake);
     }
 
-    /// Stop it and return the next avail index (for GET_VRING_BASE).
+    /// Stop it and return where the queue resumes (for GET_VRING_BASE).
     pub(crate) fn stop<D: Device>(mut self, shared: &Shared<D>) -> u16 {
         self.stop.store(true, Ordering::SeqCst);
         signal(&self.wake);
-        let base = self.thread.take().and_then(|t| t.join().ok()).unwrap_or(0);
+        if let Some(t) = self.thread.take() {
+            if t.join().is_err() {
+                tracing::error!("vhost-user: a queue worker panicked; its queue stopped");
+            }
+        }
         shared.epochs.unregister(&self.epoch);
-        base
+        self.base.load(Ordering::SeqCst)
     }
 }
 
@@ -130,6 +164,7 @@ struct WorkerState<D: Device> {
     wake: Arc<OwnedFd>,
     stop: Arc<AtomicBool>,
     epoch: Arc<WorkerEpoch>,
+    base: Arc<AtomicU16>,
 }
 
 /// How a drain ended.
@@ -139,34 +174,25 @@ enum Drained {
     Broken,
 }
 
-/// Where a failed request's status byte is.
-enum Status {
-    /// Translated: this guest-physical address.
-    At(u64),
-    /// Not translated yet: this IOVA.
-    Missing(u64),
-    /// Nowhere (no writable buffer, or it cannot be used).
-    None,
+/// What one section of [`WorkerState::drain`] did.
+enum Popped {
+    /// Served `head`; `done` is how completing it went.
+    Served {
+        head: u16,
+        len: u32,
+        done: Result<(), PopError>,
+    },
+    /// A chain came in while notifications were being re-enabled.
+    More,
+    /// Nothing to do.
+    Empty,
 }
 
-impl<D: Device> WorkerState<D> {
-    fn new(
-        shared: Arc<Shared<D>>,
-        cfg: WorkerConfig,
-        wake: Arc<OwnedFd>,
-        stop: Arc<AtomicBool>,
-        epoch: Arc<WorkerEpoch>,
-    ) -> Self {
-        WorkerState {
-            shared,
-            cfg,
-            wake,
-            stop,
-            epoch,
-        }
-    }
+/// Completions between two driver notifications under sustained load.
+const NOTIFY_EVERY: u32 = 32;
 
-    fn run(self) -> u16 {
+impl<D: Device> WorkerState<D> {
+    fn run(self) {
         let mut queue = Queue::new(self.shared.dev.max_queue_size());
         let configured = queue
             .set_size(self.cfg.size)
@@ -174,11 +200,11 @@ impl<D: Device> WorkerState<D> {
         queue.set_next_avail(self.cfg.base);
         queue.set_event_idx(self.cfg.event_idx);
         // Keep every chain well inside the IOTLB, or it could miss forever.
-        queue.set_max_segments((self.shared.iotlb_capacity / 2).clamp(1, 1024));
+        queue.set_max_segments((self.shared.iotlb_capacity / 2).clamp(2, 1024));
         if let Err(e) = configured {
             tracing::warn!(queue = self.cfg.index, error = %e, "vhost-user: queue not started");
             self.wait_for_stop();
-            return self.cfg.base;
+            return;
         }
         let mut tr: Box<dyn Translator> = if self.cfg.iommu {
             Box::new(IotlbTranslator::new(self.shared.iotlb.handle()))
@@ -189,6 +215,8 @@ impl<D: Device> WorkerState<D> {
             queue,
             handler: self.shared.dev.handler(self.cfg.index),
             chain: Chain::new(),
+            open: None,
+            unnotified: 0,
         };
         let mut parked: Option<Parked> = None;
         let mut broken = false;
@@ -199,7 +227,9 @@ impl<D: Device> WorkerState<D> {
         );
 
         loop {
-            let timeout = parked.map(|p| {
+            let enabled = self.cfg.enabled.load(Ordering::SeqCst);
+            // A broken or disabled queue waits for nothing but a kick, a wake-up or a stop.
+            let timeout = parked.filter(|_| enabled && !broken).map(|p| {
                 (p.since + self.shared.miss_timeout).saturating_duration_since(Instant::now())
             });
             self.sleep(timeout);
@@ -209,43 +239,67 @@ impl<D: Device> WorkerState<D> {
             if broken || !self.cfg.enabled.load(Ordering::SeqCst) {
                 continue;
             }
-            if let Some(p) = parked {
-                let step = match p.unfinished {
-                    Some(u) => self.finish(&mut w, &mut *tr, p, u),
-                    None if p.since.elapsed() >= self.shared.miss_timeout => {
-                        self.on_timeout(&mut w, &mut *tr, p)
-                    }
-                    None => Ok(None),
-                };
-                match step {
+            let prev = parked.take();
+            if let Some(p) = prev {
+                match self.resume(&mut w, &mut *tr, p) {
                     Ok(Some(again)) => {
                         parked = Some(again);
+                        self.publish_base(&w);
                         continue;
                     }
-                    Ok(None) => parked = None,
+                    Ok(None) => {}
                     Err(()) => {
-                        broken = true;
+                        broken = self.break_queue();
+                        self.publish_base(&w);
                         continue;
                     }
                 }
             }
             match self.drain(&mut w, &mut *tr) {
-                Drained::Empty => parked = None,
+                Drained::Empty => {}
                 Drained::Parked(p) => {
-                    // Keep the original time if it is the same miss again (a kick while
-                    // parked must not postpone the timeout).
-                    parked = Some(match parked {
-                        Some(old) if old.iova == p.iova && old.access == p.access => Parked {
-                            since: old.since,
-                            ..p
-                        },
+                    // The same miss again (a kick while parked re-walks the chain and misses
+                    // where it did): keep its start time, or kicks would postpone the
+                    // timeout forever. A miss whose time is up was just dealt with by
+                    // `resume`; its retry starts a new wait.
+                    parked = Some(match prev {
+                        Some(old)
+                            if old.iova == p.iova
+                                && old.access == p.access
+                                && old.unfinished.is_none()
+                                && p.unfinished.is_none()
+                                && old.since.elapsed() < self.shared.miss_timeout =>
+                        {
+                            Parked {
+                                since: old.since,
+                                ..p
+                            }
+                        }
                         _ => p,
                     });
                 }
-                Drained::Broken => broken = true,
+                Drained::Broken => broken = self.break_queue(),
             }
+            self.publish_base(&w);
         }
-        w.queue.next_avail()
+        self.publish_base(&w);
+    }
+
+    /// Where the queue resumes: a request off the avail ring but not completed is handed back.
+    fn publish_base(&self, w: &Work<D::Handler>) {
+        let next = w.queue.next_avail();
+        let base = if w.open.is_some() {
+            next.wrapping_sub(1)
+        } else {
+            next
+        };
+        self.base.store(base, Ordering::SeqCst);
+    }
+
+    /// The queue cannot go on: drop our misses. Returns true (the new `broken`).
+    fn break_queue(&self) -> bool {
+        self.shared.iotlb.cancel_waiter(&self.cfg.index);
+        true
     }
 
     /// Sleep until a kick, a wake-up, or `timeout`.
@@ -278,40 +332,54 @@ impl<D: Device> WorkerState<D> {
         }
     }
 
-    fn generation(&self) -> u64 {
-        self.shared.iotlb.generation()
+    /// Run `f` inside the worker's epoch, with the memory table current at its start. The
+    /// epoch is entered before the table is read (so a table swap waits for us or is seen by
+    /// us) and left when `f` returns or unwinds.
+    fn section<R>(&self, f: impl FnOnce(&GuestMemoryMmap) -> R) -> R {
+        let _section = Section::enter(&self.epoch, || self.shared.iotlb.generation());
+        let mem = self.shared.mem.read().clone();
+        f(mem.memory())
     }
 
     /// Serve chains until the queue is empty, a miss parks it, or it breaks.
     fn drain(&self, w: &mut Work<D::Handler>, tr: &mut dyn Translator) -> Drained {
-        let mut completed = false;
         let outcome = loop {
-            let mem = self.shared.mem.read().clone();
-            let gm = mem.memory();
-            self.epoch.enter(|| self.generation());
-            match w.queue.pop(tr, gm, &mut w.chain) {
+            let popped = self.section(|gm| match w.queue.pop(tr, gm, &mut w.chain) {
                 Ok(true) => {
-                    let len = w.handler.serve(&w.chain, gm);
                     let head = w.chain.head();
+                    w.open = Some(head);
+                    let len = w.handler.serve(&w.chain, gm);
                     let done = w.queue.complete(tr, gm, head, len);
-                    self.epoch.exit();
+                    Ok(Popped::Served { head, len, done })
+                }
+                // Ask for a kick at the next avail index (with EVENT_IDX the driver kicks
+                // only where avail_event says), then look once more: a chain that came in
+                // between would otherwise wait for a kick that is not coming.
+                Ok(false) => w.queue.set_notification(tr, gm, true).map(|more| {
+                    if more {
+                        Popped::More
+                    } else {
+                        Popped::Empty
+                    }
+                }),
+                Err(e) => Err(e),
+            });
+            match popped {
+                Ok(Popped::Served { head, len, done }) => {
                     EngineCounters::add(&self.shared.stats.requests, 1);
                     match done {
-                        Ok(()) => completed = true,
+                        Ok(()) => self.completed(w, tr),
                         // The used ring was invalidated while the request was served (pop
                         // translated it first): park until it is mapped again, then
                         // complete. The request is not served twice.
                         Err(PopError::Miss { iova, access }) => {
                             match self.park(iova, access, Unfinished::Complete { head, len }) {
                                 Some(p) => break Drained::Parked(p),
-                                None => {
-                                    match self.finish_now(w, tr, Unfinished::Complete { head, len })
-                                    {
-                                        Ok(None) => completed = true,
-                                        Ok(Some(p)) => break Drained::Parked(p),
-                                        Err(()) => break Drained::Broken,
-                                    }
-                                }
+                                None => match self.complete(w, tr, head, len) {
+                                    Ok(None) => {}
+                                    Ok(Some(p)) => break Drained::Parked(p),
+                                    Err(()) => break Drained::Broken,
+                                },
                             }
                         }
                         Err(e) => {
@@ -320,34 +388,13 @@ impl<D: Device> WorkerState<D> {
                         }
                     }
                 }
-                Ok(false) => {
-                    // Ask for a kick at the next avail index (with EVENT_IDX the driver kicks
-                    // only where avail_event says), then look once more: a chain that came
-                    // in between would otherwise wait for a kick that is not coming.
-                    let more = w.queue.set_notification(tr, gm, true);
-                    self.epoch.exit();
-                    match more {
-                        Ok(true) => continue,
-                        Ok(false) => break Drained::Empty,
-                        Err(PopError::Miss { iova, access }) => match self.miss(iova, access) {
-                            Some(p) => break Drained::Parked(p),
-                            None => continue,
-                        },
-                        Err(e) => {
-                            tracing::warn!(queue = self.cfg.index, error = %e, "vhost-user: queue broken until reset");
-                            break Drained::Broken;
-                        }
-                    }
-                }
-                Err(PopError::Miss { iova, access }) => {
-                    self.epoch.exit();
-                    match self.miss(iova, access) {
-                        Some(p) => break Drained::Parked(p),
-                        None => continue, // mapped meanwhile: retry
-                    }
-                }
+                Ok(Popped::More) => continue,
+                Ok(Popped::Empty) => break Drained::Empty,
+                Err(PopError::Miss { iova, access }) => match self.miss(iova, access) {
+                    Some(p) => break Drained::Parked(p),
+                    None => continue, // mapped meanwhile: retry
+                },
                 Err(PopError::Denied { head, iova, access }) => {
-                    self.epoch.exit();
                     EngineCounters::add(&self.shared.stats.access_failures, 1);
                     tracing::info!(
                         queue = self.cfg.index,
@@ -359,35 +406,45 @@ impl<D: Device> WorkerState<D> {
                         iova,
                         perm: access.as_perm(),
                     });
+                    w.open = Some(head);
                     match self.fail(w, tr, head) {
-                        Ok(None) => completed = true,
+                        Ok(None) => {}
                         Ok(Some(p)) => break Drained::Parked(p),
                         Err(()) => break Drained::Broken,
                     }
                 }
                 Err(PopError::Invalid { head, reason }) => {
-                    self.epoch.exit();
                     EngineCounters::add(&self.shared.stats.invalid_chains, 1);
                     tracing::warn!(queue = self.cfg.index, %reason, "vhost-user: malformed chain");
                     if let Some(head) = head {
+                        w.open = Some(head);
                         match self.fail(w, tr, head) {
-                            Ok(None) => completed = true,
+                            Ok(None) => {}
                             Ok(Some(p)) => break Drained::Parked(p),
                             Err(()) => break Drained::Broken,
                         }
                     }
                 }
-                Err(PopError::Broken(why)) => {
-                    self.epoch.exit();
-                    tracing::warn!(queue = self.cfg.index, error = %why, "vhost-user: queue broken until reset");
+                Err(e) => {
+                    tracing::warn!(queue = self.cfg.index, error = %e, "vhost-user: queue broken until reset");
                     break Drained::Broken;
                 }
             }
         };
-        if completed {
-            self.notify(&mut w.queue, tr);
+        if w.unnotified > 0 {
+            self.notify(w, tr);
         }
         outcome
+    }
+
+    /// A request was completed: notify the driver now and then under sustained load, not
+    /// only when the queue runs dry.
+    fn completed(&self, w: &mut Work<D::Handler>, tr: &mut dyn Translator) {
+        w.open = None;
+        w.unnotified += 1;
+        if w.unnotified >= NOTIFY_EVERY {
+            self.notify(w, tr);
+        }
     }
 
     /// Register a miss; send the MISS if we are the first. `None` if an UPDATE covered it in
@@ -432,15 +489,22 @@ impl<D: Device> WorkerState<D> {
         })
     }
 
-    /// Send on the back-end channel without waiting for anything.
+    /// Send on the back-end channel without ever blocking: a worker must not wait for a
+    /// front-end that is busy waiting for us. A message that does not fit now is dropped; the
+    /// miss timeout sends it again.
     fn send(&self, msg: IotlbMsg) {
         let chan = self.shared.backend_chan.read().clone();
         match chan {
-            Some(chan) => {
-                if let Err(e) = chan.send_backend_request(&BackendRequest::IotlbMsg(msg), false) {
-                    tracing::warn!(queue = self.cfg.index, error = %e, "vhost-user: back-end channel send failed");
+            Some(chan) => match chan.try_send_backend_request(&BackendRequest::IotlbMsg(msg)) {
+                Ok(true) => {}
+                Ok(false) => tracing::debug!(
+                    queue = self.cfg.index,
+                    "vhost-user: back-end channel full; the message will be sent again on timeout"
+                ),
+                Err(e) => {
+                    tracing::warn!(queue = self.cfg.index, error = %e, "vhost-user: back-end channel send failed")
                 }
-            }
+            },
             None => tracing::warn!(
                 queue = self.cfg.index,
                 "vhost-user: no back-end channel (SET_BACKEND_REQ_FD) to report a miss on"
@@ -448,29 +512,31 @@ impl<D: Device> WorkerState<D> {
         }
     }
 
-    /// Woken while a consumed request waits: finish it, or park again (giving up on its
-    /// status byte once the miss has timed out).
-    fn finish(
+    /// Woken, or timed out, while parked: finish what waits, and deal with a miss whose time
+    /// is up. `Ok(None)`: go on draining the queue.
+    fn resume(
         &self,
         w: &mut Work<D::Handler>,
         tr: &mut dyn Translator,
         p: Parked,
-        u: Unfinished,
     ) -> Result<Option<Parked>, ()> {
-        let expired = p.since.elapsed() >= self.shared.miss_timeout;
-        match (u, expired) {
-            (Unfinished::Fail { head, .. }, true) => {
-                // The status byte never got a translation: complete without it.
-                self.shared.iotlb.cancel_waiter(&self.cfg.index);
-                self.complete_failed(w, tr, head, None)
-            }
-            _ => self.finish_now(w, tr, u).map(|again| {
-                again.map(|a| Parked {
+        let p = match p.unfinished {
+            Some(u) => match self.finish_now(w, tr, u)? {
+                None => return Ok(None),
+                // Still waiting: on the same miss, the clock keeps running.
+                Some(again) if again.iova == p.iova && again.access == p.access => Parked {
                     since: p.since,
-                    ..a
-                })
-            }),
+                    ..again
+                },
+                Some(again) => again,
+            },
+            None => p,
+        };
+        if p.since.elapsed() < self.shared.miss_timeout {
+            // Not answered yet (a request in progress waits; a queue re-walks its chain).
+            return Ok(p.unfinished.map(|_| p));
         }
+        self.on_timeout(w, tr, p)
     }
 
     /// Try to finish `u` now.
@@ -482,82 +548,73 @@ impl<D: Device> WorkerState<D> {
     ) -> Result<Option<Parked>, ()> {
         match u {
             Unfinished::Complete { head, len } => self.complete(w, tr, head, len),
-            Unfinished::Fail { head, status } => {
-                let mem = self.shared.mem.read().clone();
-                let mut seg = Vec::with_capacity(1);
-                self.epoch.enter(|| self.generation());
-                let r = tr.translate(status, 1, Access::Write, &mut seg);
-                self.epoch.exit();
+            Unfinished::Fail { head, status } => loop {
+                let r =
+                    self.section(|gm| Self::write_failure(&mut w.handler, tr, gm, Some(status)));
                 match r {
-                    Ok(()) => {
-                        let gpa = seg.first().map(|s| s.addr);
-                        drop(mem);
-                        self.complete_failed(w, tr, head, gpa)
+                    Ok(len) => return self.complete(w, tr, head, len),
+                    Err((iova, access)) => {
+                        if let Some(p) = self.park(iova, access, u) {
+                            return Ok(Some(p));
+                        }
                     }
-                    Err(virtq::Fault::Miss { iova, access }) => match self.park(iova, access, u) {
-                        Some(p) => Ok(Some(p)),
-                        None => self.finish_now(w, tr, u),
-                    },
-                    Err(_) => self.complete_failed(w, tr, head, None),
                 }
-            }
+            },
         }
     }
 
-    /// Let the device write its error status (if `status` is known) and complete `head`.
-    fn complete_failed(
-        &self,
-        w: &mut Work<D::Handler>,
+    /// Let the device report a failure, with its status byte at IOVA `status` when there is
+    /// one, inside the caller's section: the byte is translated and written there and then.
+    /// `Err` is the miss that keeps it from being written; returns the used length.
+    fn write_failure(
+        handler: &mut D::Handler,
         tr: &mut dyn Translator,
-        head: u16,
+        gm: &GuestMemoryMmap,
         status: Option<u64>,
-    ) -> Result<Option<Parked>, ()> {
-        let mem = self.shared.mem.read().clone();
-        self.epoch.enter(|| self.generation());
-        let len = w.handler.fail(status, mem.memory());
-        self.epoch.exit();
-        self.complete(w, tr, head, len)
+    ) -> Result<u32, (u64, Access)> {
+        let Some(iova) = status else {
+            return Ok(handler.fail(None, gm));
+        };
+        let mut seg = Vec::with_capacity(1);
+        match tr.translate(iova, 1, Access::Write, &mut seg) {
+            Ok(()) => Ok(handler.fail(seg.first().map(|s| s.addr), gm)),
+            Err(Fault::Miss { iova, access }) => Err((iova, access)),
+            // Denied or outside guest memory: report without a status byte.
+            Err(_) => Ok(handler.fail(None, gm)),
+        }
     }
 
-    /// Fail the consumed request `head`: find its status byte; if it is not translated yet,
-    /// park until it is.
+    /// Fail the consumed request `head`: write its status byte (the last device-writable
+    /// byte) if it can be found and translated, and complete it; if the byte's translation
+    /// is missing, park until it comes.
     fn fail(
         &self,
         w: &mut Work<D::Handler>,
         tr: &mut dyn Translator,
         head: u16,
     ) -> Result<Option<Parked>, ()> {
-        match self.status_of(w, tr, head) {
-            Status::At(gpa) => self.complete_failed(w, tr, head, Some(gpa)),
-            Status::None => self.complete_failed(w, tr, head, None),
-            Status::Missing(iova) => {
-                self.finish_now(w, tr, Unfinished::Fail { head, status: iova })
+        let r = self.section(|gm| {
+            let status = match w.queue.last_writable(tr, gm, head) {
+                // The buffer's bounds come from the guest: no overflow.
+                Ok(Some((addr, len))) => u64::from(len)
+                    .checked_sub(1)
+                    .and_then(|last| addr.checked_add(last)),
+                _ => None,
+            };
+            match status {
+                None => Ok(w.handler.fail(None, gm)),
+                Some(iova) => {
+                    Self::write_failure(&mut w.handler, tr, gm, Some(iova)).map_err(|_| iova)
+                }
             }
+        });
+        match r {
+            Ok(len) => self.complete(w, tr, head, len),
+            Err(status) => self.finish_now(w, tr, Unfinished::Fail { head, status }),
         }
     }
 
-    /// Where the status byte (last device-writable byte) of `head` is.
-    fn status_of(&self, w: &mut Work<D::Handler>, tr: &mut dyn Translator, head: u16) -> Status {
-        let mem = self.shared.mem.read().clone();
-        self.epoch.enter(|| self.generation());
-        let last = w.queue.last_writable(tr, mem.memory(), head);
-        let status = match last {
-            Ok(Some((addr, len))) => {
-                let iova = addr + u64::from(len) - 1;
-                let mut seg = Vec::with_capacity(1);
-                match tr.translate(iova, 1, Access::Write, &mut seg) {
-                    Ok(()) => seg.first().map_or(Status::None, |s| Status::At(s.addr)),
-                    Err(virtq::Fault::Miss { .. }) => Status::Missing(iova),
-                    Err(_) => Status::None,
-                }
-            }
-            _ => Status::None,
-        };
-        self.epoch.exit();
-        status
-    }
-
-    /// Complete `head` with `len` (and notify). `Ok(Some)` when the used ring missed.
+    /// Complete `head` with `len`. `Ok(Some)` when the used ring missed.
     fn complete(
         &self,
         w: &mut Work<D::Handler>,
@@ -566,13 +623,10 @@ impl<D: Device> WorkerState<D> {
         len: u32,
     ) -> Result<Option<Parked>, ()> {
         loop {
-            let mem = self.shared.mem.read().clone();
-            self.epoch.enter(|| self.generation());
-            let done = w.queue.complete(tr, mem.memory(), head, len);
-            self.epoch.exit();
+            let done = self.section(|gm| w.queue.complete(tr, gm, head, len));
             match done {
                 Ok(()) => {
-                    self.notify(&mut w.queue, tr);
+                    self.completed(w, tr);
                     return Ok(None);
                 }
                 Err(PopError::Miss { iova, access }) => {
@@ -588,7 +642,7 @@ impl<D: Device> WorkerState<D> {
         }
     }
 
-    /// Our miss was not answered in time: send it once more, or give up on the request.
+    /// Our miss was not answered in time: send it once more, or give up.
     fn on_timeout(
         &self,
         w: &mut Work<D::Handler>,
@@ -603,35 +657,42 @@ impl<D: Device> WorkerState<D> {
             .expired_misses(now - self.shared.miss_timeout)
             .into_iter()
             .find(|m| m.waiters.contains(&index));
-        match mine {
-            Some(m) if m.sends < 2 => {
-                tracing::info!(
-                    queue = index,
-                    iova = %format_args!("{:#x}", m.miss_iova),
-                    "vhost-user: MISS unanswered, sending it again"
-                );
-                self.send(IotlbMsg::Miss {
-                    iova: m.miss_iova,
-                    perm: m.access.as_perm(),
-                });
-                EngineCounters::add(&self.shared.stats.misses_sent, 1);
-                self.shared.iotlb.miss_resent(m.page, m.access, now);
-                Ok(Some(Parked { since: now, ..p }))
-            }
-            Some(m) => {
-                tracing::warn!(
-                    queue = index,
-                    iova = %format_args!("{:#x}", m.miss_iova),
-                    "vhost-user: MISS never answered; failing the request"
-                );
-                self.shared.iotlb.cancel_waiter(&index);
-                EngineCounters::add(&self.shared.stats.timeouts, 1);
-                let mem = self.shared.mem.read().clone();
-                self.epoch.enter(|| self.generation());
-                let skipped = w.queue.skip(tr, mem.memory());
-                self.epoch.exit();
+        let Some(m) = mine else {
+            // Resolved, cancelled, or resent by another queue not long ago: a queue re-walks
+            // its chain; a request in progress waits once more, from now.
+            return Ok(p.unfinished.map(|_| Parked { since: now, ..p }));
+        };
+        if m.sends < 2 {
+            tracing::info!(
+                queue = index,
+                iova = %format_args!("{:#x}", m.miss_iova),
+                "vhost-user: MISS unanswered, sending it again"
+            );
+            self.send(IotlbMsg::Miss {
+                iova: m.miss_iova,
+                perm: m.access.as_perm(),
+            });
+            EngineCounters::add(&self.shared.stats.misses_sent, 1);
+            self.shared.iotlb.miss_resent(m.page, m.access, now);
+            return Ok(Some(Parked { since: now, ..p }));
+        }
+        tracing::warn!(
+            queue = index,
+            iova = %format_args!("{:#x}", m.miss_iova),
+            "vhost-user: MISS never answered; giving up"
+        );
+        self.shared.iotlb.cancel_waiter(&index);
+        EngineCounters::add(&self.shared.stats.timeouts, 1);
+        match p.unfinished {
+            // The chain at the head of the avail ring: fail it without translating its
+            // buffers.
+            None => {
+                let skipped = self.section(|gm| w.queue.skip(tr, gm));
                 match skipped {
-                    Ok(Some(head)) => self.fail(w, tr, head),
+                    Ok(Some(head)) => {
+                        w.open = Some(head);
+                        self.fail(w, tr, head)
+                    }
                     Ok(None) => Ok(None),
                     Err(e) => {
                         tracing::warn!(queue = index, error = %e, "vhost-user: queue broken until reset");
@@ -639,16 +700,25 @@ impl<D: Device> WorkerState<D> {
                     }
                 }
             }
-            // Resolved, cancelled, or resent by another queue: look again.
-            None => Ok(None),
+            // Its status byte never got a translation: complete it without one.
+            Some(Unfinished::Fail { head, .. }) => {
+                let len = self.section(|gm| w.handler.fail(None, gm));
+                self.complete(w, tr, head, len)
+            }
+            // The used ring itself cannot be written: nothing more can be done on this ring.
+            Some(Unfinished::Complete { .. }) => {
+                tracing::warn!(
+                    queue = index,
+                    "vhost-user: used ring unreachable; queue broken until reset"
+                );
+                Err(())
+            }
         }
     }
 
-    fn notify(&self, queue: &mut Queue, tr: &mut dyn Translator) {
-        let mem = self.shared.mem.read().clone();
-        self.epoch.enter(|| self.generation());
-        let wants = queue.needs_notification(tr, mem.memory());
-        self.epoch.exit();
+    fn notify(&self, w: &mut Work<D::Handler>, tr: &mut dyn Translator) {
+        w.unnotified = 0;
+        let wants = self.section(|gm| w.queue.needs_notification(tr, gm));
         // When the driver's wish cannot be read, notify anyway: a spurious interrupt is
         // harmless, a missing one hangs the driver.
         if matches!(wants, Ok(true) | Err(_)) {
@@ -664,4 +734,8 @@ struct Work<H> {
     queue: Queue,
     handler: H,
     chain: Chain,
+    /// A request taken off the avail ring and not completed yet.
+    open: Option<u16>,
+    /// Completions since the driver was last notified.
+    unnotified: u32,
 }

@@ -254,7 +254,9 @@ impl BlkQueue {
                 if w.visit_slices(len, |s| iov.push(&s)).is_err() {
                     return ioerr;
                 }
-                match self.iov.preadv(&self.file, req.sector * SECTOR) {
+                // SAFETY: the slices were pushed just above from `mem`, which this call
+                // borrows for its whole duration, so their memory is still mapped.
+                match unsafe { self.iov.preadv(&self.file, req.sector * SECTOR) } {
                     Ok(n) if n as u64 == len => (VIRTIO_BLK_S_OK as u8, len as u32),
                     Ok(_) | Err(_) => ioerr,
                 }
@@ -270,7 +272,8 @@ impl BlkQueue {
                 if r.skip(HEADER).is_err() || r.visit_slices(len, |s| iov.push(&s)).is_err() {
                     return ioerr;
                 }
-                match self.iov.pwritev(&self.file, req.sector * SECTOR) {
+                // SAFETY: as for the read: pushed just above from the borrowed `mem`.
+                match unsafe { self.iov.pwritev(&self.file, req.sector * SECTOR) } {
                     Ok(n) if n as u64 == len => (VIRTIO_BLK_S_OK as u8, 0),
                     _ => ioerr,
                 }

@@ -6,7 +6,8 @@
 //! memory changes under us). Short transfers are resumed; more than `IOV_MAX` segments are
 //! sent in batches. The `iovec` buffer is the caller's, reused from request to request.
 //!
-//! This is the only file of the crate with `unsafe`: the two system calls.
+//! `unsafe` lives here (the two system calls) and at the two call sites in `blk.rs`, which
+//! promise that the memory behind every pushed slice is still mapped.
 
 use std::fs::File;
 use std::io;
@@ -40,8 +41,8 @@ impl IoVecs {
         self.iov.clear();
     }
 
-    /// Add a guest memory slice. Its pointer is only used by [`IoVecs::preadv`] and
-    /// [`IoVecs::pwritev`] calls made while the memory the slice borrows is still borrowed.
+    /// Add a guest memory slice. Only its address is kept: the list does not borrow the
+    /// memory, which is why [`IoVecs::preadv`] and [`IoVecs::pwritev`] are `unsafe`.
     pub fn push<B: BitmapSlice>(&mut self, s: &VolatileSlice<'_, B>) {
         // The guest memory here has no dirty bitmap, so the guard has nothing to record when
         // it drops; the pointer stays valid as long as the mapping the slice borrows.
@@ -64,12 +65,21 @@ impl IoVecs {
 
     /// Read `self.len()` bytes from `file` at `offset` into the segments. Returns the bytes
     /// read, less than asked only at the end of the file.
-    pub fn preadv(&mut self, file: &File, offset: u64) -> io::Result<usize> {
+    ///
+    /// # Safety
+    ///
+    /// Every slice pushed since the last [`IoVecs::clear`] must still be mapped: the memory
+    /// (guest memory object) it came from must not have been dropped or unmapped.
+    pub unsafe fn preadv(&mut self, file: &File, offset: u64) -> io::Result<usize> {
         self.transfer(file, offset, Dir::Read)
     }
 
     /// Write the segments to `file` at `offset`, all of them or an error.
-    pub fn pwritev(&mut self, file: &File, offset: u64) -> io::Result<usize> {
+    ///
+    /// # Safety
+    ///
+    /// As for [`IoVecs::preadv`].
+    pub unsafe fn pwritev(&mut self, file: &File, offset: u64) -> io::Result<usize> {
         self.transfer(file, offset, Dir::Write)
     }
 
@@ -85,9 +95,8 @@ impl IoVecs {
                 .and_then(|p| libc::off_t::try_from(p).ok())
                 .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
             let n = match dir {
-                // SAFETY: every iovec points into guest memory that the caller's slices
-                // borrow for the duration of this call (see `push`), and is `iov_len` bytes
-                // long; `batch` is a valid array of `batch.len()` iovecs. The kernel writes
+                // SAFETY: every iovec points into guest memory that is still mapped (the
+                // contract of `preadv`/`pwritev`), and is `iov_len` bytes long; `batch` is a valid array of `batch.len()` iovecs. The kernel writes
                 // only inside those ranges.
                 Dir::Read => unsafe {
                     libc::preadv(file.as_raw_fd(), batch.as_ptr(), batch.len() as i32, pos)
@@ -175,7 +184,9 @@ mod tests {
             }
         }
         assert_eq!(iov.len(), 6100);
-        assert_eq!(iov.preadv(&file, 10).unwrap(), 6100);
+        // SAFETY: `mem`, which the slices came from, lives to the end of the test.
+        let n = unsafe { iov.preadv(&file, 10) }.unwrap();
+        assert_eq!(n, 6100);
         let expect = |off: usize| ((off + 10) % 251) as u8;
         assert_eq!(mem.read_obj::<u8>(GuestAddress(0x3000)).unwrap(), expect(0));
         assert_eq!(
@@ -193,7 +204,9 @@ mod tests {
         for (gpa, len) in pieces {
             iov2.push(&mem.get_slice(GuestAddress(gpa), len).unwrap());
         }
-        assert_eq!(iov2.pwritev(&file, 0x2000).unwrap(), 6100);
+        // SAFETY: `mem`, which the slices came from, lives to the end of the test.
+        let n = unsafe { iov2.pwritev(&file, 0x2000) }.unwrap();
+        assert_eq!(n, 6100);
         let mut f = &file;
         f.seek(SeekFrom::Start(0x2000)).unwrap();
         let mut back = vec![0u8; 101];
@@ -204,6 +217,8 @@ mod tests {
         // Past the end of the file: a short read.
         let mut iov3 = IoVecs::new();
         iov3.push(&mem.get_slice(GuestAddress(0), 0x100).unwrap());
-        assert_eq!(iov3.preadv(&file, 0x4000 - 0x10).unwrap(), 0x10);
+        // SAFETY: `mem`, which the slices came from, lives to the end of the test.
+        let n = unsafe { iov3.preadv(&file, 0x4000 - 0x10) }.unwrap();
+        assert_eq!(n, 0x10);
     }
 }

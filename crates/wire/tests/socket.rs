@@ -577,3 +577,31 @@ fn replies_are_matched_to_their_request() {
         })
     ));
 }
+
+#[test]
+fn try_send_never_blocks_and_keeps_the_stream_framed() {
+    use wire::iotlb_msg::IotlbMsg;
+    use wire::vhost_user::BackendRequest;
+    let (a, b) = UnixStream::pair().unwrap();
+    let conn = Connection::backend_channel(a);
+    let miss = BackendRequest::IotlbMsg(IotlbMsg::Miss {
+        iova: 0x1000,
+        perm: iotlb::Perm::ReadOnly,
+    });
+    // Nobody reads `b`: the buffer fills and try_send reports it instead of blocking.
+    let mut sent = 0usize;
+    while conn.try_send_backend_request(&miss).unwrap() {
+        sent += 1;
+        assert!(sent < 1_000_000, "the socket buffer never filled");
+    }
+    assert!(sent > 0);
+    // Every message that was reported sent arrives whole, and nothing else.
+    let reader = Connection::backend_channel(b);
+    for _ in 0..sent {
+        let m = reader.recv().unwrap();
+        assert_eq!(m.header.request, 1);
+        assert_eq!(m.payload.len(), 32);
+    }
+    reader.socket().set_nonblocking(true).unwrap();
+    assert!(reader.recv().is_err(), "a message reported unsent arrived");
+}

@@ -296,6 +296,30 @@ impl Connection {
         payload: &[u8],
         fds: &[BorrowedFd<'_>],
     ) -> Result<(), WireError> {
+        self.send_inner(header, payload, fds, false).map(|_| ())
+    }
+
+    /// Send one message unless that would block: `Ok(false)` when the socket buffer is full
+    /// or another thread has been sending for more than a millisecond (nothing was sent).
+    /// Once the first byte is out the rest is sent even if it has to wait, so that the
+    /// stream stays framed. For messages whose loss a timeout repairs (MISS) and that must
+    /// never block their sender against a peer that is not reading.
+    pub fn try_send(
+        &self,
+        header: &Header,
+        payload: &[u8],
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<bool, WireError> {
+        self.send_inner(header, payload, fds, true)
+    }
+
+    fn send_inner(
+        &self,
+        header: &Header,
+        payload: &[u8],
+        fds: &[BorrowedFd<'_>],
+        nonblocking: bool,
+    ) -> Result<bool, WireError> {
         if header.size as usize != payload.len() {
             return Err(WireError::PayloadSize {
                 request: header.request,
@@ -319,7 +343,17 @@ impl Connection {
         }
         let hbytes = header.as_bytes();
         let total = hbytes.len() + payload.len();
-        let _guard = self.send_lock.lock();
+        let _guard = if nonblocking {
+            match self
+                .send_lock
+                .try_lock_for(std::time::Duration::from_millis(1))
+            {
+                Some(g) => g,
+                None => return Ok(false),
+            }
+        } else {
+            self.send_lock.lock()
+        };
         let mut space =
             vec![MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(fds.len()))];
         let mut sent = 0;
@@ -340,13 +374,19 @@ impl Connection {
                     header: *header,
                 });
             }
-            match sendmsg(&self.sock, &iov, &mut control, SendFlags::NOSIGNAL) {
+            let flags = if nonblocking && sent == 0 {
+                SendFlags::NOSIGNAL | SendFlags::DONTWAIT
+            } else {
+                SendFlags::NOSIGNAL
+            };
+            match sendmsg(&self.sock, &iov, &mut control, flags) {
                 Ok(n) => sent += n,
                 Err(Errno::INTR) => continue,
+                Err(Errno::AGAIN) if nonblocking && sent == 0 => return Ok(false),
                 Err(e) => return Err(WireError::Io(e.into())),
             }
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Send a front-end request; returns its header.
@@ -371,6 +411,14 @@ impl Connection {
         let header = Header::new(req.req().code(), payload.len() as u32, need_reply);
         self.send(&header, &payload, &[])?;
         Ok(header)
+    }
+
+    /// Send a back-end request that needs no reply unless that would block (see
+    /// [`Connection::try_send`]); `Ok(false)` when it was not sent.
+    pub fn try_send_backend_request(&self, req: &BackendRequest) -> Result<bool, WireError> {
+        let payload = req.encode_payload()?;
+        let header = Header::new(req.req().code(), payload.len() as u32, false);
+        self.try_send(&header, &payload, &[])
     }
 
     /// Answer the request whose header is `to`.
@@ -423,6 +471,35 @@ impl Connection {
         match err.header() {
             Some(h) if !err.is_fatal() => self.refuse(h),
             _ => Ok(()),
+        }
+    }
+
+    /// A front-end request with its answer, under the call lock: a request that has an answer
+    /// of its own (GET_*) returns it; any other is sent with NEED_REPLY (the peer must have
+    /// REPLY_ACK) and its status checked (`Ok(None)` for success).
+    pub fn request(&self, req: &FrontendRequest) -> Result<Option<Reply>, WireError> {
+        let payload = req.encode_payload()?;
+        let code = req.req();
+        match super::request::reply_kind(code) {
+            Some(kind) => {
+                let h = Header::new(code.code(), payload.len() as u32, false);
+                self.call(&h, &payload, &req.fds(), kind).map(Some)
+            }
+            None => {
+                let h = Header::new(code.code(), payload.len() as u32, true);
+                match self.call(&h, &payload, &req.fds(), ReplyKind::U64)? {
+                    Reply::U64(0) => Ok(None),
+                    Reply::U64(status) => Err(WireError::PeerFailed {
+                        request: code.code(),
+                        status,
+                    }),
+                    _ => Err(WireError::UnexpectedReply {
+                        expected: code.code(),
+                        got: code.code(),
+                        flags: 0,
+                    }),
+                }
+            }
         }
     }
 
