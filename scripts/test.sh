@@ -3,7 +3,7 @@
 # non-interactive), then formatting, lints, all tests, the benches in test mode, a fuzzing
 # smoke run of every cargo-fuzz target (nightly toolchain and cargo-fuzz installed when
 # missing), the end-to-end run against QEMU in three IOMMU modes (QEMU and the guest
-# installed/built when missing), and one run of the main job (`vhost-iotlb bench`) whose JSON output is checked
+# installed/built when missing), and one run of the main job (`vhost-iotlb bench`) and of `bench --iotlb`, whose JSON output is checked
 # for its keys.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,6 +16,12 @@ for comp in rustfmt clippy; do
         rustup component add "$comp"
     fi
 done
+
+step "tools: python3 (checks the bench JSON)"
+if ! command -v python3 >/dev/null; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q && apt-get install -y -q python3
+fi
 
 step "cargo fmt --check"
 cargo fmt --all --check
@@ -35,12 +41,28 @@ step "fuzzing smoke run (scripts/fuzz-smoke.sh: each cargo-fuzz target for ${FUZ
 step "end to end: QEMU + Linux guest + vhost-iotlb blk (intel-iommu, virtio-iommu, none)"
 ./scripts/e2e.sh
 
-step "main job: cargo run --release -- bench"
+step "main job: cargo run --release -- bench (end to end), then bench --iotlb"
 out="$(mktemp -d)"
 trap 'rm -rf "$out"' EXIT
-cargo run --release -q -- bench --json "$out/bench.json"
+cargo run --release -q -- bench --json "$out/bench.json" --plot "$out/bench.svg"
+python3 - "$out/bench.json" <<'PY'
+import json, sys
+doc = json.load(open(sys.argv[1]))
+want = ["off", "warm", "strict", "lazy", "thrash"]
+missing = [w for w in want if w not in doc]
+assert not missing, f"bench JSON lacks workloads {missing}"
+for name, w in doc.items():
+    assert w["iops"] > 0, f"{name}: no I/O"
+    assert set(w["miss_rtt_us"]) == {"p50", "p99"}, f"{name}: miss_rtt_us"
+    assert w["verify_failures"] == 0 and w["poison_violations"] == 0, f"{name}: data check"
+for name in ["strict", "lazy", "thrash"]:
+    assert doc[name]["miss_rtt_us"]["p50"] is not None, f"{name}: no miss measured"
+print("bench JSON: " + ", ".join(f"{k} {v['iops']:.0f} IOPS" for k, v in doc.items()))
+PY
+grep -q "<svg" "$out/bench.svg" || { echo "bench plot is not an SVG" >&2; exit 1; }
+cargo run --release -q -- bench --iotlb --json "$out/iotlb.json"
 for key in '"lookup_ns"' '"ours"' '"vm_memory"' '"linear"' '"entries"' '"hit_rate"' '"zipf"' '"scan"' '"fifo"' '"random"'; do
-    grep -q "$key" "$out/bench.json" || { echo "bench JSON lacks $key" >&2; exit 1; }
+    grep -q "$key" "$out/iotlb.json" || { echo "bench --iotlb JSON lacks $key" >&2; exit 1; }
 done
 
 step "all checks passed"

@@ -1,8 +1,8 @@
 //! `vhost-iotlb`: the command-line entry point. It parses arguments and dispatches to the
 //! subcommands; the work itself lives in the crates and in the subcommand modules.
 //!
-//! - `bench`: the main job. Until the end-to-end benchmark exists it runs the IOTLB
-//!   micro-benchmark (`bench --iotlb`).
+//! - `bench`: the main job, the end-to-end benchmark (front-end + vIOMMU + back-end over a
+//!   real socket); `bench --iotlb` runs the IOTLB micro-benchmark instead.
 //! - `blk`: serve a file or block device as a vhost-user-blk back-end with a device IOTLB.
 
 use std::path::PathBuf;
@@ -10,6 +10,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
+mod bench;
 mod bench_iotlb;
 mod blk;
 
@@ -41,24 +42,24 @@ struct BenchArgs {
     /// Also write every figure as JSON to this file.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
+    #[command(flatten)]
+    e2e: bench::E2eArgs,
 }
 
 /// The benchmarks `bench` can run.
 enum BenchKind {
+    /// The end-to-end benchmark (the default).
+    EndToEnd,
     /// The IOTLB micro-benchmark.
     Iotlb,
 }
 
 impl BenchKind {
-    /// What runs without a selecting flag. The end-to-end benchmark takes this over when it
-    /// lands; `--iotlb` keeps selecting the micro-benchmark.
-    const DEFAULT: BenchKind = BenchKind::Iotlb;
-
     fn chosen(args: &BenchArgs) -> BenchKind {
         if args.iotlb {
             BenchKind::Iotlb
         } else {
-            BenchKind::DEFAULT
+            BenchKind::EndToEnd
         }
     }
 }
@@ -75,6 +76,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Bench(args) => match BenchKind::chosen(&args) {
             BenchKind::Iotlb => bench_iotlb::run(args.json.as_deref()),
+            BenchKind::EndToEnd => bench::run(&args.e2e, args.json.as_deref()),
         },
         Command::Blk(args) => blk::run(&args),
     };

@@ -18,6 +18,7 @@ use rustix::event::{poll, PollFd, PollFlags, Timespec};
 use crate::device::Device;
 use crate::session::{EngineConfig, Session, SessionEnd};
 use crate::stats::Stats;
+use iotlb::hist::Histogram;
 
 /// Why serving failed.
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +60,7 @@ pub struct Server<D: Device> {
     stop: Arc<AtomicBool>,
     current: Arc<Mutex<Option<UnixStream>>>,
     totals: Mutex<Stats>,
+    miss_rtt: Arc<Histogram>,
 }
 
 impl<D: Device> Server<D> {
@@ -70,6 +72,7 @@ impl<D: Device> Server<D> {
             stop: Arc::new(AtomicBool::new(false)),
             current: Arc::new(Mutex::new(None)),
             totals: Mutex::new(Stats::default()),
+            miss_rtt: Arc::new(Histogram::new()),
         }
     }
 
@@ -84,6 +87,12 @@ impl<D: Device> Server<D> {
     /// Everything counted so far (connections that ended).
     pub fn stats(&self) -> Stats {
         *self.totals.lock()
+    }
+
+    /// Miss round trips of every connection (MISS sent to queue running again), recorded
+    /// live; [`Histogram::reset`] it between measurements.
+    pub fn miss_rtt(&self) -> &Histogram {
+        &self.miss_rtt
     }
 
     /// Listen on `path` and serve front-ends one after another until shut down.
@@ -136,7 +145,12 @@ impl<D: Device> Server<D> {
         if let Ok(s) = stream.try_clone() {
             *self.current.lock() = Some(s);
         }
-        let mut session = Session::new(self.dev.clone(), stream, &self.config);
+        let mut session = Session::new(
+            self.dev.clone(),
+            stream,
+            &self.config,
+            self.miss_rtt.clone(),
+        );
         let end = session.run(&self.stop);
         *self.current.lock() = None;
         let t = session.iotlb().stats();

@@ -118,7 +118,12 @@ pub enum SessionEnd {
 }
 
 impl<D: Device> Session<D> {
-    pub(crate) fn new(dev: Arc<D>, sock: UnixStream, config: &EngineConfig) -> Self {
+    pub(crate) fn new(
+        dev: Arc<D>,
+        sock: UnixStream,
+        config: &EngineConfig,
+        miss_rtt: Arc<iotlb::hist::Histogram>,
+    ) -> Self {
         let queues = usize::from(dev.queues());
         let capacity = config
             .iotlb_capacity
@@ -139,7 +144,10 @@ impl<D: Device> Session<D> {
                 iotlb,
                 backend_chan: RwLock::new(None),
                 epochs: Epochs::default(),
-                stats: EngineCounters::default(),
+                stats: EngineCounters {
+                    miss_rtt,
+                    ..EngineCounters::default()
+                },
                 miss_timeout: config.miss_timeout,
                 iotlb_capacity: capacity,
             }),

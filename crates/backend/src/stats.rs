@@ -4,7 +4,9 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
+use iotlb::hist::Histogram;
 use iotlb::Stats as IotlbStats;
 
 /// Counters the engine keeps beside the IOTLB's.
@@ -22,6 +24,9 @@ pub struct EngineCounters {
     pub invalid_chains: AtomicU64,
     /// Total microseconds the control thread waited for workers before acknowledging.
     pub quiesce_us: AtomicU64,
+    /// Miss round trips: from a queue's MISS sent to the queue running again (the UPDATE
+    /// applied and the worker woken). Shared by every connection of a server, recorded live.
+    pub miss_rtt: Arc<Histogram>,
 }
 
 impl EngineCounters {

@@ -145,6 +145,8 @@ struct Parked {
     iova: u64,
     access: Access,
     since: Instant,
+    /// When this queue sent the MISS itself (for the round-trip histogram).
+    sent: Option<Instant>,
     /// A request already taken off the avail ring that is not complete yet.
     unfinished: Option<Unfinished>,
 }
@@ -217,6 +219,7 @@ impl<D: Device> WorkerState<D> {
             chain: Chain::new(),
             open: None,
             unnotified: 0,
+            rtt: None,
         };
         let mut parked: Option<Parked> = None;
         let mut broken = false;
@@ -272,6 +275,7 @@ impl<D: Device> WorkerState<D> {
                         {
                             Parked {
                                 since: old.since,
+                                sent: old.sent,
                                 ..p
                             }
                         }
@@ -364,6 +368,11 @@ impl<D: Device> WorkerState<D> {
                 }),
                 Err(e) => Err(e),
             });
+            // A walk that got further than the address it was parked on: that miss is over.
+            match &popped {
+                Err(PopError::Miss { iova, access }) => self.progress(w, Some((*iova, *access))),
+                _ => self.progress(w, None),
+            }
             match popped {
                 Ok(Popped::Served { head, len, done }) => {
                     EngineCounters::add(&self.shared.stats.requests, 1);
@@ -391,7 +400,12 @@ impl<D: Device> WorkerState<D> {
                 Ok(Popped::More) => continue,
                 Ok(Popped::Empty) => break Drained::Empty,
                 Err(PopError::Miss { iova, access }) => match self.miss(iova, access) {
-                    Some(p) => break Drained::Parked(p),
+                    Some(p) => {
+                        if let Some(sent) = p.sent {
+                            w.rtt = Some((sent, iova, access));
+                        }
+                        break Drained::Parked(p);
+                    }
                     None => continue, // mapped meanwhile: retry
                 },
                 Err(PopError::Denied { head, iova, access }) => {
@@ -437,6 +451,17 @@ impl<D: Device> WorkerState<D> {
         outcome
     }
 
+    /// The queue got past the miss `w.rtt` waited for (unless it misses on that very address
+    /// again, `missing`): record the round trip.
+    fn progress(&self, w: &mut Work<D::Handler>, missing: Option<(u64, Access)>) {
+        if let Some((sent, iova, access)) = w.rtt {
+            if missing != Some((iova, access)) {
+                self.shared.stats.miss_rtt.record(sent.elapsed());
+                w.rtt = None;
+            }
+        }
+    }
+
     /// A request was completed: notify the driver now and then under sustained load, not
     /// only when the queue runs dry.
     fn completed(&self, w: &mut Work<D::Handler>, tr: &mut dyn Translator) {
@@ -455,6 +480,7 @@ impl<D: Device> WorkerState<D> {
             iova,
             access,
             since: now,
+            sent: None,
             unfinished: None,
         };
         match self
@@ -476,7 +502,10 @@ impl<D: Device> WorkerState<D> {
                     perm: access.as_perm(),
                 });
                 EngineCounters::add(&self.shared.stats.misses_sent, 1);
-                Some(parked)
+                Some(Parked {
+                    sent: Some(now),
+                    ..parked
+                })
             }
         }
     }
@@ -526,6 +555,7 @@ impl<D: Device> WorkerState<D> {
                 // Still waiting: on the same miss, the clock keeps running.
                 Some(again) if again.iova == p.iova && again.access == p.access => Parked {
                     since: p.since,
+                    sent: p.sent,
                     ..again
                 },
                 Some(again) => again,
@@ -683,6 +713,7 @@ impl<D: Device> WorkerState<D> {
         );
         self.shared.iotlb.cancel_waiter(&index);
         EngineCounters::add(&self.shared.stats.timeouts, 1);
+        w.rtt = None; // never answered: no round trip to record
         match p.unfinished {
             // The chain at the head of the avail ring: fail it without translating its
             // buffers.
@@ -738,4 +769,6 @@ struct Work<H> {
     open: Option<u16>,
     /// Completions since the driver was last notified.
     unnotified: u32,
+    /// The MISS this queue sent and waits for: when, and the address that missed.
+    rtt: Option<(Instant, u64, Access)>,
 }

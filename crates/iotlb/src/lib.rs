@@ -27,6 +27,7 @@
 mod cache;
 mod error;
 mod handle;
+pub mod hist;
 mod pending;
 mod policy;
 mod range;

@@ -1,0 +1,14 @@
+//! The IOMMU side.
+//!
+//! - [`viommu`]: the vIOMMU model (I/O page tables, IOVA allocator, strict or lazy
+//!   invalidation, optional pre-push), forwarding to any [`viommu::DeviceIotlb`];
+//! - [`vhost_user`]: a vhost-user front-end that shares guest RAM as a memfd, places vrings at
+//!   IOVAs, answers MISS messages from the vIOMMU and forwards its unmaps, with the back-end
+//!   channel served on its own thread so that it never deadlocks against a waiting back-end;
+//! - [`driver`]: a virtio-blk guest-driver simulator over the split ring in that memory.
+//!
+//! This crate plays the guest and the VMM; it never reaches into the back-end's state.
+
+pub mod driver;
+pub mod vhost_user;
+pub mod viommu;

@@ -1,0 +1,614 @@
+//! A vhost-user front-end (the VMM's side of the socket), with the vIOMMU behind it.
+//!
+//! [`GuestRam`] is the guest's memory: a memfd mapped here and shared with the back-end by
+//! `SET_MEM_TABLE`, its front-end virtual address being the mapping's real address (UPDATEs
+//! carry `uaddr` in that space, as QEMU's do). [`VhostUserFrontend::connect`] negotiates the
+//! way QEMU does (features, protocol features with `REPLY_ACK` and `BACKEND_REQ`, owner,
+//! back-end channel, `ACCESS_PLATFORM` when there is an IOMMU, memory table), then
+//! [`VhostUserFrontend::start_queue`] starts rings whose addresses are IOVAs behind the IOMMU
+//! or guest-physical addresses (sent as front-end virtual ones) without.
+//!
+//! The back-end channel is served on a thread of its own, never by a thread that waits for a
+//! reply on the main socket: a MISS is answered by [`Viommu::fault`], whose UPDATE goes out on
+//! the main socket with `NEED_REPLY`. [`VhostUserIotlb`] is the vIOMMU's view of this
+//! back-end: UPDATE and INVALIDATE, each acknowledged before it returns.
+//!
+//! This module speaks the protocol and moves no data; the driver lives in [`crate::driver`].
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use iotlb::hist::Histogram;
+use iotlb::{Access, IovaRange, Perm};
+use rustix::event::{eventfd, EventfdFlags};
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+use wire::features::{device, protocol};
+use wire::vhost_user::{
+    BackendRequest, Config, Connection, FrontendRequest, MemoryRegion, RegionFd, Reply, VringAddr,
+    VringFile, VringState,
+};
+use wire::{IotlbMsg, WireError};
+
+use crate::viommu::{DeviceIotlb, Viommu, ViommuError};
+
+/// Why the front-end failed.
+#[derive(Debug, thiserror::Error)]
+pub enum FrontendError {
+    /// A system call failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The protocol failed (the back-end refused a request, closed the socket, ...).
+    #[error("vhost-user: {0}")]
+    Wire(#[from] WireError),
+    /// The back-end lacks a feature we need.
+    #[error("the back-end does not offer {what} (offered {offered:#x})")]
+    Missing {
+        /// The feature.
+        what: &'static str,
+        /// What it offered.
+        offered: u64,
+    },
+    /// A request we made does not fit the device (queue index, size, ...).
+    #[error("{0}")]
+    Invalid(String),
+    /// The vIOMMU refused.
+    #[error("vIOMMU: {0}")]
+    Viommu(#[from] ViommuError),
+    /// A reply of the wrong kind.
+    #[error("unexpected reply to {0}")]
+    Reply(&'static str),
+}
+
+fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> FrontendError {
+    move |source| FrontendError::Io { what, source }
+}
+
+/// The guest's RAM: a memfd mapped shared, guest-physical 0 at its start.
+#[derive(Debug)]
+pub struct GuestRam {
+    fd: OwnedFd,
+    mem: GuestMemoryMmap,
+    size: u64,
+    va: u64,
+}
+
+impl GuestRam {
+    /// `size` bytes (a multiple of 4 KiB), zeroed.
+    pub fn new(size: u64) -> Result<Self, FrontendError> {
+        if size == 0 || size % 4096 != 0 {
+            return Err(FrontendError::Invalid(format!(
+                "guest RAM of {size:#x} bytes: not a positive multiple of 4 KiB"
+            )));
+        }
+        let fd = rustix::fs::memfd_create("vhost-iotlb-guest-ram", rustix::fs::MemfdFlags::CLOEXEC)
+            .map_err(|e| FrontendError::Io {
+                what: "memfd_create",
+                source: e.into(),
+            })?;
+        rustix::fs::ftruncate(&fd, size).map_err(|e| FrontendError::Io {
+            what: "ftruncate guest RAM",
+            source: e.into(),
+        })?;
+        let file = std::fs::File::from(fd.try_clone().map_err(io("dup guest RAM fd"))?);
+        let len = usize::try_from(size).map_err(|e| FrontendError::Invalid(e.to_string()))?;
+        let region = MmapRegion::build(
+            Some(FileOffset::new(file, 0)),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+        )
+        .map_err(|e| FrontendError::Invalid(format!("mapping guest RAM: {e}")))?;
+        // Only the address's value is kept (as the front-end virtual address the back-end
+        // translates UPDATEs from); memory is reached through `mem`.
+        let va = region.as_ptr() as u64;
+        let region = GuestRegionMmap::new(region, GuestAddress(0))
+            .ok_or_else(|| FrontendError::Invalid("guest RAM region".into()))?;
+        let mem = GuestMemoryMmap::from_regions(vec![region])
+            .map_err(|e| FrontendError::Invalid(format!("guest RAM: {e}")))?;
+        Ok(GuestRam { fd, mem, size, va })
+    }
+
+    /// The memory, for volatile access.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    /// Its size.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The front-end virtual address of `gpa` (what `SET_VRING_ADDR` without an IOMMU and
+    /// UPDATEs carry).
+    pub fn va(&self, gpa: u64) -> u64 {
+        self.va + gpa
+    }
+
+    fn region(&self) -> Result<RegionFd, FrontendError> {
+        Ok(RegionFd {
+            region: MemoryRegion {
+                guest_phys_addr: 0,
+                memory_size: self.size,
+                userspace_addr: self.va,
+                mmap_offset: 0,
+            },
+            fd: self.fd.try_clone().map_err(io("dup guest RAM fd"))?,
+        })
+    }
+}
+
+/// How the front-end is set up.
+#[derive(Debug, Clone, Copy)]
+pub struct FrontendConfig {
+    /// Queues to be able to start.
+    pub queues: u16,
+    /// Device feature bits to ack when offered (beyond `VERSION_1`, `PROTOCOL_FEATURES` and,
+    /// with an IOMMU, `ACCESS_PLATFORM`).
+    pub device_features: u64,
+}
+
+impl Default for FrontendConfig {
+    fn default() -> Self {
+        FrontendConfig {
+            queues: 1,
+            device_features: 0,
+        }
+    }
+}
+
+/// A ring to start. Addresses are in the device's space: IOVAs behind the IOMMU,
+/// guest-physical addresses without.
+#[derive(Debug, Clone, Copy)]
+pub struct RingSetup {
+    /// Queue index.
+    pub index: u16,
+    /// Queue size.
+    pub size: u16,
+    /// Descriptor table.
+    pub desc: u64,
+    /// Available ring.
+    pub avail: u64,
+    /// Used ring.
+    pub used: u64,
+}
+
+/// A started queue's notifiers: write `kick` to notify the device, read `call` for its
+/// interrupts.
+#[derive(Debug)]
+pub struct Notifiers {
+    /// Driver-to-device.
+    pub kick: OwnedFd,
+    /// Device-to-driver.
+    pub call: OwnedFd,
+}
+
+/// What the back-end channel thread saw.
+#[derive(Debug, Default)]
+pub struct ChannelStats {
+    /// MISS messages received.
+    pub misses: AtomicU64,
+    /// MISSes for an IOVA the vIOMMU has not mapped (left unanswered, as QEMU does).
+    pub unmapped: AtomicU64,
+    /// MISSes that could not be answered (the main socket failed).
+    pub failed: AtomicU64,
+    /// ACCESS_FAIL messages received.
+    pub access_fails: AtomicU64,
+    /// Other or malformed messages.
+    pub other: AtomicU64,
+    /// Time from a MISS received to its UPDATE acknowledged.
+    pub service: Histogram,
+}
+
+/// The vIOMMU's handle on a vhost-user back-end's IOTLB: UPDATE and INVALIDATE on the main
+/// socket, each with `NEED_REPLY`, so they return once the back-end applied them (for an
+/// INVALIDATE: once no queue can still use the old translation).
+#[derive(Debug)]
+pub struct VhostUserIotlb {
+    conn: Arc<Connection>,
+    va_base: u64,
+}
+
+impl VhostUserIotlb {
+    fn send(&self, msg: IotlbMsg) -> Result<(), String> {
+        self.conn
+            .request(&FrontendRequest::IotlbMsg(msg))
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+}
+
+impl DeviceIotlb for VhostUserIotlb {
+    fn update(&self, range: IovaRange, gpa: u64, perm: Perm) -> Result<(), String> {
+        let uaddr = self
+            .va_base
+            .checked_add(gpa)
+            .ok_or("guest-physical address out of the front-end's space")?;
+        self.send(IotlbMsg::Update { range, uaddr, perm })
+    }
+
+    fn invalidate(&self, range: IovaRange) -> Result<(), String> {
+        self.send(IotlbMsg::Invalidate { range })
+    }
+}
+
+/// A connected vhost-user front-end.
+pub struct VhostUserFrontend {
+    conn: Arc<Connection>,
+    ram: Arc<GuestRam>,
+    viommu: Option<Arc<Viommu>>,
+    iotlb: Arc<VhostUserIotlb>,
+    features: u64,
+    protocol: u64,
+    queues: u16,
+    channel: Option<(UnixStream, JoinHandle<()>)>,
+    channel_stats: Arc<ChannelStats>,
+}
+
+impl std::fmt::Debug for VhostUserFrontend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VhostUserFrontend")
+            .field("features", &format_args!("{:#x}", self.features))
+            .field("protocol", &format_args!("{:#x}", self.protocol))
+            .field("iommu", &self.viommu.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl VhostUserFrontend {
+    /// Connect to the back-end listening at `path`.
+    pub fn connect(
+        path: &Path,
+        ram: Arc<GuestRam>,
+        config: FrontendConfig,
+        viommu: Option<Arc<Viommu>>,
+    ) -> Result<Self, FrontendError> {
+        let sock = UnixStream::connect(path).map_err(io("connecting to the back-end"))?;
+        Self::with_stream(sock, ram, config, viommu)
+    }
+
+    /// Set up over an already connected socket.
+    pub fn with_stream(
+        sock: UnixStream,
+        ram: Arc<GuestRam>,
+        config: FrontendConfig,
+        viommu: Option<Arc<Viommu>>,
+    ) -> Result<Self, FrontendError> {
+        let conn = Arc::new(Connection::new(sock));
+        let offered = u64_reply(conn.request(&FrontendRequest::GetFeatures)?, "GET_FEATURES")?;
+        let mut need = device::VERSION_1 | device::PROTOCOL_FEATURES;
+        if viommu.is_some() {
+            need |= device::ACCESS_PLATFORM;
+        }
+        for (bit, what) in [
+            (device::VERSION_1, "VIRTIO_F_VERSION_1"),
+            (device::PROTOCOL_FEATURES, "VHOST_USER_F_PROTOCOL_FEATURES"),
+            (device::ACCESS_PLATFORM, "VIRTIO_F_ACCESS_PLATFORM"),
+        ] {
+            if need & bit != 0 && offered & bit == 0 {
+                return Err(FrontendError::Missing { what, offered });
+            }
+        }
+        let features = need | (offered & config.device_features);
+
+        let offered_p = u64_reply(
+            conn.request(&FrontendRequest::GetProtocolFeatures)?,
+            "GET_PROTOCOL_FEATURES",
+        )?;
+        let mut need_p = protocol::REPLY_ACK;
+        if viommu.is_some() {
+            need_p |= protocol::BACKEND_REQ;
+        }
+        if config.queues > 1 {
+            need_p |= protocol::MQ;
+        }
+        for (bit, what) in [
+            (protocol::REPLY_ACK, "VHOST_USER_PROTOCOL_F_REPLY_ACK"),
+            (protocol::BACKEND_REQ, "VHOST_USER_PROTOCOL_F_BACKEND_REQ"),
+            (protocol::MQ, "VHOST_USER_PROTOCOL_F_MQ"),
+        ] {
+            if need_p & bit != 0 && offered_p & bit == 0 {
+                return Err(FrontendError::Missing {
+                    what,
+                    offered: offered_p,
+                });
+            }
+        }
+        let protocol_features = need_p | (offered_p & protocol::CONFIG);
+        // REPLY_ACK is not in force until this is applied: no NEED_REPLY on it.
+        conn.send_request(
+            &FrontendRequest::SetProtocolFeatures(protocol_features),
+            false,
+        )?;
+        if protocol_features & protocol::MQ != 0 {
+            let n = u64_reply(
+                conn.request(&FrontendRequest::GetQueueNum)?,
+                "GET_QUEUE_NUM",
+            )?;
+            if u64::from(config.queues) > n {
+                return Err(FrontendError::Invalid(format!(
+                    "{} queues asked, the back-end has {n}",
+                    config.queues
+                )));
+            }
+        }
+        conn.request(&FrontendRequest::SetOwner)?;
+
+        let iotlb = Arc::new(VhostUserIotlb {
+            conn: conn.clone(),
+            va_base: ram.va(0),
+        });
+        let channel_stats = Arc::new(ChannelStats::default());
+        let mut channel = None;
+        if let Some(v) = &viommu {
+            let (ours, theirs) = UnixStream::pair().map_err(io("socketpair"))?;
+            conn.request(&FrontendRequest::SetBackendReqFd(OwnedFd::from(theirs)))?;
+            let shutdown = ours.try_clone().map_err(io("dup back-end channel"))?;
+            let chan = Connection::backend_channel(ours);
+            let (v, dev, stats) = (v.clone(), iotlb.clone(), channel_stats.clone());
+            let thread = std::thread::Builder::new()
+                .name("vu-backend-chan".into())
+                .spawn(move || serve_channel(&chan, &v, &*dev, &stats))
+                .map_err(io("spawning the back-end channel thread"))?;
+            channel = Some((shutdown, thread));
+        }
+        conn.request(&FrontendRequest::SetFeatures(features))?;
+        conn.request(&FrontendRequest::SetMemTable(vec![ram.region()?]))?;
+
+        let fe = VhostUserFrontend {
+            conn,
+            ram,
+            viommu,
+            iotlb,
+            features,
+            protocol: protocol_features,
+            queues: config.queues,
+            channel,
+            channel_stats,
+        };
+        if let Some(v) = &fe.viommu {
+            v.attach(fe.iotlb.clone());
+        }
+        tracing::debug!(?fe, "vhost-user front-end: connected");
+        Ok(fe)
+    }
+
+    /// The guest memory.
+    pub fn ram(&self) -> &Arc<GuestRam> {
+        &self.ram
+    }
+
+    /// The vIOMMU, if the device is behind one.
+    pub fn viommu(&self) -> Option<&Arc<Viommu>> {
+        self.viommu.as_ref()
+    }
+
+    /// Device features acked.
+    pub fn features(&self) -> u64 {
+        self.features
+    }
+
+    /// What the back-end channel thread saw so far.
+    pub fn channel_stats(&self) -> &ChannelStats {
+        &self.channel_stats
+    }
+
+    /// Read `len` bytes of the device's config space from `offset` (needs the `CONFIG`
+    /// protocol feature).
+    pub fn config(&self, offset: u32, len: u32) -> Result<Vec<u8>, FrontendError> {
+        if self.protocol & protocol::CONFIG == 0 {
+            return Err(FrontendError::Missing {
+                what: "VHOST_USER_PROTOCOL_F_CONFIG",
+                offered: self.protocol,
+            });
+        }
+        let req = FrontendRequest::GetConfig(Config {
+            offset,
+            flags: 0,
+            data: vec![0; len as usize],
+        });
+        match self.conn.request(&req)? {
+            Some(Reply::Config(c)) => Ok(c.data),
+            _ => Err(FrontendError::Reply("GET_CONFIG")),
+        }
+    }
+
+    /// Start a ring (size, base 0, addresses, kick, call, enable).
+    pub fn start_queue(&self, ring: RingSetup) -> Result<Notifiers, FrontendError> {
+        if ring.index >= self.queues {
+            return Err(FrontendError::Invalid(format!(
+                "queue {} of {}",
+                ring.index, self.queues
+            )));
+        }
+        let index = u32::from(ring.index);
+        let to_device = |a: u64| {
+            if self.viommu.is_some() {
+                a
+            } else {
+                self.ram.va(a)
+            }
+        };
+        self.conn
+            .request(&FrontendRequest::SetVringNum(VringState {
+                index,
+                num: u32::from(ring.size),
+            }))?;
+        self.conn
+            .request(&FrontendRequest::SetVringBase(VringState { index, num: 0 }))?;
+        self.conn
+            .request(&FrontendRequest::SetVringAddr(VringAddr {
+                index,
+                flags: 0,
+                descriptor: to_device(ring.desc),
+                used: to_device(ring.used),
+                available: to_device(ring.avail),
+                log: 0,
+            }))?;
+        let new_eventfd = || {
+            eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK).map_err(|e| {
+                FrontendError::Io {
+                    what: "eventfd",
+                    source: e.into(),
+                }
+            })
+        };
+        let kick = new_eventfd()?;
+        let call = new_eventfd()?;
+        let idx8 = u8::try_from(ring.index)
+            .map_err(|_| FrontendError::Invalid(format!("queue index {}", ring.index)))?;
+        let dup = |fd: &OwnedFd| fd.try_clone().map_err(io("dup eventfd"));
+        self.conn
+            .request(&FrontendRequest::SetVringCall(VringFile {
+                index: idx8,
+                fd: Some(dup(&call)?),
+            }))?;
+        self.conn
+            .request(&FrontendRequest::SetVringKick(VringFile {
+                index: idx8,
+                fd: Some(dup(&kick)?),
+            }))?;
+        self.conn
+            .request(&FrontendRequest::SetVringEnable(VringState {
+                index,
+                num: 1,
+            }))?;
+        Ok(Notifiers { kick, call })
+    }
+
+    /// Stop a ring; returns where the back-end would resume (GET_VRING_BASE).
+    pub fn stop_queue(&self, index: u16) -> Result<u16, FrontendError> {
+        let reply = self
+            .conn
+            .request(&FrontendRequest::GetVringBase(VringState {
+                index: u32::from(index),
+                num: 0,
+            }))?;
+        match reply {
+            Some(Reply::VringState(s)) => u16::try_from(s.num)
+                .map_err(|_| FrontendError::Invalid(format!("vring base {}", s.num))),
+            _ => Err(FrontendError::Reply("GET_VRING_BASE")),
+        }
+    }
+}
+
+impl Drop for VhostUserFrontend {
+    fn drop(&mut self) {
+        if let Some(v) = &self.viommu {
+            v.detach_all();
+        }
+        // Closing the channel ends its thread; closing the main socket ends the session.
+        if let Some((sock, thread)) = self.channel.take() {
+            let _ = sock.shutdown(std::net::Shutdown::Both);
+            let _ = thread.join();
+        }
+        let _ = self.conn.socket().shutdown(std::net::Shutdown::Both);
+    }
+}
+
+fn u64_reply(r: Option<Reply>, what: &'static str) -> Result<u64, FrontendError> {
+    match r {
+        Some(Reply::U64(v)) => Ok(v),
+        _ => Err(FrontendError::Reply(what)),
+    }
+}
+
+/// The back-end channel thread: answer MISSes until the channel closes.
+fn serve_channel(chan: &Connection, viommu: &Viommu, dev: &dyn DeviceIotlb, stats: &ChannelStats) {
+    let add = |c: &AtomicU64| c.fetch_add(1, Ordering::Relaxed);
+    loop {
+        let raw = match chan.recv() {
+            Ok(m) => m,
+            Err(e) if e.is_fatal() => {
+                tracing::debug!(error = %e, "vhost-user front-end: back-end channel closed");
+                return;
+            }
+            Err(e) => {
+                add(&stats.other);
+                tracing::warn!(error = %e, "vhost-user front-end: bad back-end message");
+                let _ = chan.reject(&e);
+                continue;
+            }
+        };
+        let header = raw.header;
+        let req = match BackendRequest::decode(&header, &raw.payload, raw.fds) {
+            Ok(r) => r,
+            Err(e) => {
+                add(&stats.other);
+                tracing::warn!(error = %e, "vhost-user front-end: bad back-end request");
+                let _ = chan.refuse(&header);
+                continue;
+            }
+        };
+        let ok = match req {
+            BackendRequest::IotlbMsg(IotlbMsg::Miss { iova, perm }) => {
+                add(&stats.misses);
+                let t0 = Instant::now();
+                let access = if perm.allows(Access::Write) {
+                    Access::Write
+                } else {
+                    Access::Read
+                };
+                match viommu.fault(dev, iova, access) {
+                    Ok(true) => {
+                        stats.service.record(t0.elapsed());
+                        true
+                    }
+                    Ok(false) => {
+                        add(&stats.unmapped);
+                        tracing::debug!(
+                            iova = %format_args!("{iova:#x}"),
+                            "vhost-user front-end: MISS for an unmapped IOVA, not answered"
+                        );
+                        true
+                    }
+                    Err(e) => {
+                        add(&stats.failed);
+                        tracing::warn!(error = %e, "vhost-user front-end: cannot answer a MISS");
+                        false
+                    }
+                }
+            }
+            BackendRequest::IotlbMsg(IotlbMsg::AccessFail { iova, perm }) => {
+                add(&stats.access_fails);
+                tracing::info!(
+                    iova = %format_args!("{iova:#x}"),
+                    ?perm,
+                    "vhost-user front-end: the device reported a denied access"
+                );
+                true
+            }
+            other => {
+                add(&stats.other);
+                tracing::debug!(?other, "vhost-user front-end: back-end request ignored");
+                false
+            }
+        };
+        if header.needs_reply() {
+            let _ = chan.send_reply(&header, &Reply::U64(u64::from(!ok)));
+        }
+    }
+}
+
+impl Notifiers {
+    /// Notify the device.
+    pub fn kick(&self) {
+        // An eventfd counter; overflow still leaves it readable, which is all that matters.
+        let _ = rustix::io::write(&self.kick, &1u64.to_ne_bytes());
+    }
+
+    /// Consume pending interrupts; true if there was one.
+    pub fn take_call(&self) -> bool {
+        let mut b = [0u8; 8];
+        matches!(rustix::io::read(self.call.as_fd(), &mut b), Ok(8))
+    }
+}

@@ -1,0 +1,624 @@
+//! The vIOMMU model: the IOMMU side's I/O page table, IOVA allocator and invalidation policy.
+//!
+//! A [`Viommu`] holds one domain: 4 KiB and 2 MiB pages mapping IOVAs to guest-physical
+//! addresses with a permission. It answers a device's MISS with the UPDATE covering the
+//! largest run of pages around the address that is contiguous in both IOVA and guest-physical
+//! space and has the same permission, up to a limit (QEMU answers one page at a time; set the
+//! limit to 4 KiB to behave like it). It forwards unmaps to every attached device IOTLB
+//! ([`DeviceIotlb`], whatever the transport) as INVALIDATEs:
+//!
+//! - strict: each unmap is invalidated, and the IOVA is reused only after every device
+//!   acknowledged;
+//! - lazy: unmaps are queued and flushed together (one whole-space INVALIDATE, as a Linux
+//!   guest's flush queue ends up), their IOVAs reused only after the flush.
+//!
+//! Optionally the UPDATE is pushed at map time ("pre-push"), before any miss.
+//!
+//! A fault answer and an unmap never interleave (`order`): otherwise an answer computed just
+//! before an unmap could reach the device after the INVALIDATE and leave it a translation for
+//! a page the guest freed.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use iotlb::{Access, IovaRange, Perm};
+use parking_lot::{Mutex, RwLock};
+
+/// Small page.
+pub const PAGE: u64 = 4096;
+/// Large page.
+pub const HUGE_PAGE: u64 = 2 << 20;
+
+/// Why a vIOMMU operation failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ViommuError {
+    /// An address or length not aligned to 4 KiB, or zero.
+    #[error("map of {len:#x} bytes at IOVA {iova:#x} -> {gpa:#x} is not 4 KiB aligned")]
+    Unaligned {
+        /// IOVA.
+        iova: u64,
+        /// Guest-physical address.
+        gpa: u64,
+        /// Length.
+        len: u64,
+    },
+    /// The IOVA range is already (partly) mapped.
+    #[error("IOVA range {0} is already mapped")]
+    Busy(IovaRange),
+    /// Unmapping part of a large page, or a range with nothing mapped.
+    #[error("cannot unmap {0}: {1}")]
+    Unmap(IovaRange, &'static str),
+    /// The IOVA space is exhausted.
+    #[error("IOVA space exhausted")]
+    NoSpace,
+    /// A device did not take an UPDATE or INVALIDATE.
+    #[error("device IOTLB: {0}")]
+    Forward(String),
+}
+
+/// A device IOTLB the vIOMMU forwards to (a vhost-user back-end, a kernel vhost device).
+pub trait DeviceIotlb: Send + Sync {
+    /// `range` now maps to guest-physical `gpa` with `perm`.
+    fn update(&self, range: IovaRange, gpa: u64, perm: Perm) -> Result<(), String>;
+    /// Drop every translation of `range`; returns once the device acknowledged.
+    fn invalidate(&self, range: IovaRange) -> Result<(), String>;
+}
+
+/// When unmaps reach the devices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Invalidation {
+    /// Every unmap, acknowledged before its IOVA is reused.
+    Strict,
+    /// Queued; flushed (one whole-space INVALIDATE) when `batch` unmaps are waiting.
+    Lazy {
+        /// Unmaps per flush.
+        batch: usize,
+    },
+}
+
+/// vIOMMU settings.
+#[derive(Debug, Clone, Copy)]
+pub struct ViommuConfig {
+    /// How unmaps are forwarded.
+    pub invalidation: Invalidation,
+    /// Push the UPDATE at map time.
+    pub prepush: bool,
+    /// Largest UPDATE sent in answer to a miss, in bytes (at least one page).
+    pub max_update: u64,
+}
+
+impl Default for ViommuConfig {
+    fn default() -> Self {
+        ViommuConfig {
+            invalidation: Invalidation::Strict,
+            prepush: false,
+            max_update: 2 << 20,
+        }
+    }
+}
+
+/// One page table entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Pte {
+    gpa: u64,
+    perm: Perm,
+    size: u64,
+}
+
+/// The I/O page table.
+#[derive(Debug, Default)]
+pub struct PageTable {
+    ptes: BTreeMap<u64, Pte>,
+}
+
+impl PageTable {
+    /// The entry holding `iova`: its IOVA and contents.
+    fn entry(&self, iova: u64) -> Option<(u64, Pte)> {
+        let (&start, pte) = self.ptes.range(..=iova).next_back()?;
+        (iova - start < pte.size).then_some((start, *pte))
+    }
+
+    fn overlaps(&self, r: IovaRange) -> bool {
+        self.entry(r.start()).is_some() || self.ptes.range(r.start()..=r.last()).next().is_some()
+    }
+
+    /// Map `len` bytes from `iova` to `gpa`, with 2 MiB pages where both are aligned.
+    pub fn map(&mut self, iova: u64, gpa: u64, len: u64, perm: Perm) -> Result<(), ViommuError> {
+        let unaligned = ViommuError::Unaligned { iova, gpa, len };
+        if len == 0 || (iova | gpa | len) % PAGE != 0 {
+            return Err(unaligned);
+        }
+        let range = IovaRange::from_size(iova, len).map_err(|_| unaligned.clone())?;
+        gpa.checked_add(len - 1).ok_or(unaligned)?;
+        if self.overlaps(range) {
+            return Err(ViommuError::Busy(range));
+        }
+        let mut off = 0;
+        while off < len {
+            let (i, g) = (iova + off, gpa + off);
+            let size = if i % HUGE_PAGE == 0 && g % HUGE_PAGE == 0 && len - off >= HUGE_PAGE {
+                HUGE_PAGE
+            } else {
+                PAGE
+            };
+            self.ptes.insert(i, Pte { gpa: g, perm, size });
+            off += size;
+        }
+        Ok(())
+    }
+
+    /// Unmap every page of `range` (which must not cut a large page).
+    pub fn unmap(&mut self, range: IovaRange) -> Result<u64, ViommuError> {
+        if let Some((start, _)) = self.entry(range.start()) {
+            if start < range.start() {
+                return Err(ViommuError::Unmap(range, "cuts a page"));
+            }
+        }
+        let pages: Vec<(u64, Pte)> = self
+            .ptes
+            .range(range.start()..=range.last())
+            .map(|(&i, p)| (i, *p))
+            .collect();
+        if let Some(&(i, p)) = pages.last() {
+            if i + (p.size - 1) > range.last() {
+                return Err(ViommuError::Unmap(range, "cuts a page"));
+            }
+        }
+        if pages.is_empty() {
+            return Err(ViommuError::Unmap(range, "nothing mapped"));
+        }
+        let mut bytes = 0;
+        for (i, p) in pages {
+            self.ptes.remove(&i);
+            bytes += p.size;
+        }
+        Ok(bytes)
+    }
+
+    /// Guest-physical address and permission of `iova`.
+    pub fn translate(&self, iova: u64) -> Option<(u64, Perm)> {
+        self.entry(iova)
+            .map(|(start, p)| (p.gpa + (iova - start), p.perm))
+    }
+
+    /// The UPDATE answering a miss at `iova`: the largest run of entries around it that are
+    /// contiguous in IOVA and guest-physical space with one permission, at most `limit` bytes
+    /// (but always the whole entry holding `iova`).
+    pub fn run(&self, iova: u64, limit: u64) -> Option<(IovaRange, u64, Perm)> {
+        let (start, pte) = self.entry(iova)?;
+        let (mut lo, mut hi) = (start, start + pte.size); // [lo, hi)
+        let mut gpa_lo = pte.gpa;
+        // Forward first (accesses mostly walk upwards), then backward with what is left.
+        while hi - lo < limit {
+            match self.ptes.get(&hi) {
+                Some(n)
+                    if n.perm == pte.perm
+                        && n.gpa == gpa_lo + (hi - lo)
+                        && hi - lo + n.size <= limit =>
+                {
+                    hi += n.size
+                }
+                _ => break,
+            }
+        }
+        while hi - lo < limit {
+            match self.ptes.range(..lo).next_back() {
+                Some((&p, n))
+                    if p + n.size == lo
+                        && n.perm == pte.perm
+                        && n.gpa + n.size == gpa_lo
+                        && hi - p <= limit =>
+                {
+                    lo = p;
+                    gpa_lo = n.gpa;
+                }
+                _ => break,
+            }
+        }
+        Some((IovaRange::from_size(lo, hi - lo).ok()?, gpa_lo, pte.perm))
+    }
+
+    /// Entries mapped.
+    pub fn len(&self) -> usize {
+        self.ptes.len()
+    }
+
+    /// Whether nothing is mapped.
+    pub fn is_empty(&self) -> bool {
+        self.ptes.is_empty()
+    }
+}
+
+/// Hands out IOVA ranges; freed ranges are reused, exact size first.
+#[derive(Debug)]
+pub struct IovaAllocator {
+    next: u64,
+    end: u64,
+    free: BTreeMap<u64, Vec<u64>>,
+}
+
+impl IovaAllocator {
+    /// IOVAs from `base` to `end` (exclusive).
+    pub fn new(base: u64, end: u64) -> Self {
+        IovaAllocator {
+            next: base,
+            end,
+            free: BTreeMap::new(),
+        }
+    }
+
+    /// `len` bytes (rounded up to 4 KiB; 2 MiB-aligned from 2 MiB on).
+    pub fn alloc(&mut self, len: u64) -> Result<u64, ViommuError> {
+        let len = len.max(1).div_ceil(PAGE) * PAGE;
+        if let Some(list) = self.free.get_mut(&len) {
+            if let Some(iova) = list.pop() {
+                return Ok(iova);
+            }
+        }
+        let align = if len >= HUGE_PAGE { HUGE_PAGE } else { PAGE };
+        let iova = self.next.div_ceil(align) * align;
+        let end = iova.checked_add(len).ok_or(ViommuError::NoSpace)?;
+        if end > self.end {
+            return Err(ViommuError::NoSpace);
+        }
+        self.next = end;
+        Ok(iova)
+    }
+
+    /// Give `len` bytes at `iova` back.
+    pub fn free(&mut self, iova: u64, len: u64) {
+        let len = len.max(1).div_ceil(PAGE) * PAGE;
+        self.free.entry(len).or_default().push(iova);
+    }
+}
+
+/// Counters of the IOMMU side.
+#[derive(Debug, Default)]
+pub struct ViommuStats {
+    /// Maps.
+    pub maps: AtomicU64,
+    /// Unmaps.
+    pub unmaps: AtomicU64,
+    /// Misses answered with an UPDATE.
+    pub faults_answered: AtomicU64,
+    /// Misses for unmapped IOVAs (left unanswered, as QEMU does).
+    pub faults_unmapped: AtomicU64,
+    /// INVALIDATEs forwarded.
+    pub invalidations: AtomicU64,
+    /// UPDATEs pushed at map time.
+    pub prepushed: AtomicU64,
+}
+
+struct Domain {
+    table: PageTable,
+    alloc: IovaAllocator,
+    /// Lazy mode: unmapped ranges waiting for the next flush (their IOVAs are not reusable).
+    queued: VecDeque<(u64, u64)>,
+}
+
+/// The vIOMMU: one domain, forwarding to attached device IOTLBs.
+pub struct Viommu {
+    domain: Mutex<Domain>,
+    /// Serialises fault answers with unmaps (see the module doc).
+    order: Mutex<()>,
+    devices: RwLock<Vec<Arc<dyn DeviceIotlb>>>,
+    config: ViommuConfig,
+    stats: ViommuStats,
+}
+
+impl std::fmt::Debug for Viommu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Viommu")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The first IOVA the allocator hands out (IOVAs differ from guest-physical addresses).
+pub const IOVA_BASE: u64 = 0x40_0000_0000;
+
+impl Viommu {
+    /// A vIOMMU with an empty domain.
+    pub fn new(config: ViommuConfig) -> Self {
+        Viommu {
+            domain: Mutex::new(Domain {
+                table: PageTable::default(),
+                alloc: IovaAllocator::new(IOVA_BASE, IOVA_BASE << 4),
+                queued: VecDeque::new(),
+            }),
+            order: Mutex::new(()),
+            devices: RwLock::new(Vec::new()),
+            config,
+            stats: ViommuStats::default(),
+        }
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &ViommuConfig {
+        &self.config
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> &ViommuStats {
+        &self.stats
+    }
+
+    /// Forward to `dev` from now on.
+    pub fn attach(&self, dev: Arc<dyn DeviceIotlb>) {
+        self.devices.write().push(dev);
+    }
+
+    /// Stop forwarding to every device.
+    pub fn detach_all(&self) {
+        self.devices.write().clear();
+    }
+
+    fn add(c: &AtomicU64) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Map `len` bytes of guest-physical memory at `gpa` at a fresh IOVA.
+    pub fn map(&self, gpa: u64, len: u64, perm: Perm) -> Result<u64, ViommuError> {
+        let iova = {
+            let mut d = self.domain.lock();
+            let iova = d.alloc.alloc(len)?;
+            let len = len.div_ceil(PAGE) * PAGE;
+            if let Err(e) = d.table.map(iova, gpa, len, perm) {
+                d.alloc.free(iova, len);
+                return Err(e);
+            }
+            iova
+        };
+        Self::add(&self.stats.maps);
+        if self.config.prepush {
+            self.push(iova, gpa, len.div_ceil(PAGE) * PAGE, perm)?;
+        }
+        Ok(iova)
+    }
+
+    /// Map at a given IOVA (rings the driver placed itself).
+    pub fn map_at(&self, iova: u64, gpa: u64, len: u64, perm: Perm) -> Result<(), ViommuError> {
+        self.domain.lock().table.map(iova, gpa, len, perm)?;
+        Self::add(&self.stats.maps);
+        if self.config.prepush {
+            self.push(iova, gpa, len, perm)?;
+        }
+        Ok(())
+    }
+
+    fn push(&self, iova: u64, gpa: u64, len: u64, perm: Perm) -> Result<(), ViommuError> {
+        let range =
+            IovaRange::from_size(iova, len).map_err(|e| ViommuError::Forward(e.to_string()))?;
+        let _order = self.order.lock();
+        for dev in self.devices.read().iter() {
+            dev.update(range, gpa, perm).map_err(ViommuError::Forward)?;
+        }
+        Self::add(&self.stats.prepushed);
+        Ok(())
+    }
+
+    /// Unmap `len` bytes at `iova` (mapped by [`Viommu::map`]) and forward it as configured.
+    pub fn unmap(&self, iova: u64, len: u64) -> Result<(), ViommuError> {
+        let len = len.div_ceil(PAGE) * PAGE;
+        let range = IovaRange::from_size(iova, len)
+            .map_err(|_| ViommuError::Unmap(IovaRange::byte(iova), "bad length"))?;
+        Self::add(&self.stats.unmaps);
+        match self.config.invalidation {
+            Invalidation::Strict => {
+                let _order = self.order.lock();
+                self.domain.lock().table.unmap(range)?;
+                self.forward_invalidate(range)?;
+                self.domain.lock().alloc.free(iova, len);
+                Ok(())
+            }
+            Invalidation::Lazy { batch } => {
+                let flush = {
+                    let mut d = self.domain.lock();
+                    d.table.unmap(range)?;
+                    d.queued.push_back((iova, len));
+                    d.queued.len() >= batch.max(1)
+                };
+                if flush {
+                    self.flush()?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Lazy mode: invalidate everything queued (one whole-space INVALIDATE) and make those
+    /// IOVAs reusable. Strict mode: nothing to do.
+    pub fn flush(&self) -> Result<(), ViommuError> {
+        let _order = self.order.lock();
+        let queued: Vec<(u64, u64)> = self.domain.lock().queued.drain(..).collect();
+        if queued.is_empty() {
+            return Ok(());
+        }
+        self.forward_invalidate(IovaRange::FULL)?;
+        let mut d = self.domain.lock();
+        for (iova, len) in queued {
+            d.alloc.free(iova, len);
+        }
+        Ok(())
+    }
+
+    fn forward_invalidate(&self, range: IovaRange) -> Result<(), ViommuError> {
+        for dev in self.devices.read().iter() {
+            dev.invalidate(range).map_err(ViommuError::Forward)?;
+        }
+        Self::add(&self.stats.invalidations);
+        Ok(())
+    }
+
+    /// Answer a MISS at `iova` on `dev`: send it the UPDATE for the run around `iova`, with
+    /// the mapping's permission whatever the access asked for (a device that asked RO for a
+    /// ring it later writes must be given what the mapping allows). Returns whether an
+    /// UPDATE was sent; an unmapped IOVA gets nothing, as with QEMU.
+    pub fn fault(
+        &self,
+        dev: &dyn DeviceIotlb,
+        iova: u64,
+        _access: Access,
+    ) -> Result<bool, ViommuError> {
+        let _order = self.order.lock();
+        let run = self
+            .domain
+            .lock()
+            .table
+            .run(iova, self.config.max_update.max(PAGE));
+        match run {
+            Some((range, gpa, perm)) => {
+                dev.update(range, gpa, perm).map_err(ViommuError::Forward)?;
+                Self::add(&self.stats.faults_answered);
+                Ok(true)
+            }
+            None => {
+                Self::add(&self.stats.faults_unmapped);
+                Ok(false)
+            }
+        }
+    }
+
+    /// Guest-physical address and permission of `iova`.
+    pub fn translate(&self, iova: u64) -> Option<(u64, Perm)> {
+        self.domain.lock().table.translate(iova)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(start: u64, len: u64) -> IovaRange {
+        IovaRange::from_size(start, len).unwrap()
+    }
+
+    #[test]
+    fn huge_and_small_pages() {
+        let mut t = PageTable::default();
+        t.map(
+            HUGE_PAGE,
+            4 * HUGE_PAGE,
+            HUGE_PAGE + 2 * PAGE,
+            Perm::ReadWrite,
+        )
+        .unwrap();
+        assert_eq!(t.len(), 3, "one 2 MiB page, two 4 KiB pages");
+        assert_eq!(
+            t.translate(HUGE_PAGE + 0x1234),
+            Some((4 * HUGE_PAGE + 0x1234, Perm::ReadWrite))
+        );
+        assert!(matches!(
+            t.map(HUGE_PAGE + HUGE_PAGE, 0, PAGE, Perm::ReadOnly),
+            Err(ViommuError::Busy(_))
+        ));
+        assert!(matches!(
+            t.unmap(r(HUGE_PAGE + PAGE, PAGE)),
+            Err(ViommuError::Unmap(_, "cuts a page"))
+        ));
+        assert_eq!(t.unmap(r(2 * HUGE_PAGE, 2 * PAGE)).unwrap(), 2 * PAGE);
+        assert!(t.map(3, 0, PAGE, Perm::ReadOnly).is_err());
+        assert!(t
+            .map(u64::MAX - PAGE + 1, 0, 2 * PAGE, Perm::ReadOnly)
+            .is_err());
+    }
+
+    #[test]
+    fn runs_are_contiguous_in_both_spaces_with_one_permission() {
+        let mut t = PageTable::default();
+        // 0x10000.. -> 0x90000.. (4 pages), then a gap in GPA, then another permission.
+        t.map(0x10000, 0x90000, 4 * PAGE, Perm::ReadWrite).unwrap();
+        t.map(0x14000, 0xf0000, PAGE, Perm::ReadWrite).unwrap();
+        t.map(0xf000, 0x8f000, PAGE, Perm::ReadOnly).unwrap();
+        assert_eq!(
+            t.run(0x11234, 1 << 20),
+            Some((r(0x10000, 4 * PAGE), 0x90000, Perm::ReadWrite))
+        );
+        // Limited: the faulting page first, then forward.
+        assert_eq!(
+            t.run(0x11234, 2 * PAGE),
+            Some((r(0x11000, 2 * PAGE), 0x91000, Perm::ReadWrite))
+        );
+        assert_eq!(
+            t.run(0x11234, PAGE),
+            Some((r(0x11000, PAGE), 0x91000, Perm::ReadWrite))
+        );
+        // Backward when forward is exhausted.
+        assert_eq!(
+            t.run(0x13000, 3 * PAGE),
+            Some((r(0x11000, 3 * PAGE), 0x91000, Perm::ReadWrite))
+        );
+        assert_eq!(t.run(0x20000, 1 << 20), None);
+    }
+
+    #[test]
+    fn allocator_reuses_freed_ranges() {
+        let mut a = IovaAllocator::new(0x1000_0000, 0x2000_0000);
+        let x = a.alloc(100).unwrap();
+        let y = a.alloc(PAGE * 3).unwrap();
+        assert_eq!(y, x + PAGE);
+        let big = a.alloc(HUGE_PAGE).unwrap();
+        assert_eq!(big % HUGE_PAGE, 0);
+        a.free(x, 100);
+        assert_eq!(a.alloc(PAGE).unwrap(), x);
+        let mut small = IovaAllocator::new(0, 2 * PAGE);
+        small.alloc(2 * PAGE).unwrap();
+        assert_eq!(small.alloc(PAGE), Err(ViommuError::NoSpace));
+    }
+
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<String>>);
+
+    impl DeviceIotlb for Recorder {
+        fn update(&self, range: IovaRange, gpa: u64, perm: Perm) -> Result<(), String> {
+            self.0.lock().push(format!("U {range} {gpa:#x} {perm:?}"));
+            Ok(())
+        }
+        fn invalidate(&self, range: IovaRange) -> Result<(), String> {
+            self.0.lock().push(format!("I {range}"));
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn strict_lazy_and_prepush_forwarding() {
+        let rec = Arc::new(Recorder::default());
+        let v = Viommu::new(ViommuConfig::default());
+        v.attach(rec.clone());
+        let iova = v.map(0x5000, PAGE, Perm::ReadOnly).unwrap();
+        assert!(
+            v.fault(&*rec, iova + 8, Access::Write).unwrap(),
+            "answered with RO anyway"
+        );
+        v.unmap(iova, PAGE).unwrap();
+        assert!(!v.fault(&*rec, iova, Access::Read).unwrap());
+        assert_eq!(
+            *rec.0.lock(),
+            vec![
+                format!("U {} 0x5000 ReadOnly", r(iova, PAGE)),
+                format!("I {}", r(iova, PAGE))
+            ]
+        );
+        // Strict: the IOVA is reusable at once; lazy: only after the flush.
+        assert_eq!(v.map(0x6000, PAGE, Perm::ReadWrite).unwrap(), iova);
+
+        let rec = Arc::new(Recorder::default());
+        let v = Viommu::new(ViommuConfig {
+            invalidation: Invalidation::Lazy { batch: 2 },
+            prepush: true,
+            ..ViommuConfig::default()
+        });
+        v.attach(rec.clone());
+        let a = v.map(0x5000, PAGE, Perm::ReadWrite).unwrap();
+        v.unmap(a, PAGE).unwrap();
+        let b = v.map(0x6000, PAGE, Perm::ReadWrite).unwrap();
+        assert_ne!(a, b, "not reused before the flush");
+        v.unmap(b, PAGE).unwrap(); // second unmap: flush
+        let log = rec.0.lock().clone();
+        assert_eq!(log.len(), 3, "{log:?}");
+        assert!(log[0].starts_with("U ") && log[1].starts_with("U "));
+        assert_eq!(log[2], format!("I {}", IovaRange::FULL));
+        assert_eq!(v.stats().prepushed.load(Ordering::Relaxed), 2);
+    }
+}

@@ -1,0 +1,635 @@
+//! `vhost-iotlb bench`: the end-to-end benchmark, the project's main job.
+//!
+//! Each workload is one vhost-user connection over a real Unix socket: our front-end and
+//! vIOMMU (crate `frontend`) drive a virtio-blk back-end, ours (crate `backend`, started
+//! here on a temporary sparse disk, one fresh server and disk per workload) or an external
+//! one (`--socket`). The guest-driver simulator keeps the queue full of 4 KiB random reads
+//! and writes and checks every byte it reads back. Workloads:
+//!
+//! - `off`: no IOMMU (the baseline every ratio is against);
+//! - `warm`: behind the IOMMU, buffers mapped once (the IOTLB warms up and stays warm);
+//! - `strict`: every request maps its header, data and status and unmaps them on completion,
+//!   each unmap an acknowledged INVALIDATE (Linux `iommu.strict=1`);
+//! - `lazy`: the same with unmaps batched and flushed 256 at a time (Linux's flush queue);
+//! - `thrash`: persistent buffers, a working set of 4x the IOTLB's capacity;
+//! - `prepush`: `strict` with UPDATEs pushed at map time, before any miss (none of the
+//!   existing stacks does this);
+//! - `strict-4k`: `strict` with MISSes answered one page at a time, as QEMU does.
+//!
+//! Figures: IOPS, MB/s, latency p50/p99, misses/s, miss round trip p50/p99 (MISS sent to
+//! queue running again, measured by our back-end), IOTLB hit rate, invalidations/s, and the
+//! ratio to `off`. A progress bar on a terminal, a table at the end, `--json FILE` and
+//! `--plot FILE.svg`. Any data-check failure makes the run fail.
+//!
+//! This module only orchestrates and reports; it does not reach into the back-end's state
+//! beyond its public counters.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use backend::{EngineConfig, Server, Stats};
+use clap::Args;
+use devices::{Blk, BlkConfig};
+use frontend::driver::{BlkDriver, DriverConfig, DriverReport, Mapping};
+use frontend::vhost_user::{FrontendConfig, GuestRam, VhostUserFrontend};
+use frontend::viommu::{Invalidation, Viommu, ViommuConfig};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+
+/// Options of the end-to-end benchmark.
+#[derive(Args, Debug, Clone)]
+pub struct E2eArgs {
+    /// Seconds per workload.
+    #[arg(long, default_value_t = 4.0)]
+    pub duration: f64,
+    /// Requests in flight.
+    #[arg(long, default_value_t = 16)]
+    pub depth: u16,
+    /// Request size in KiB (a multiple of 4).
+    #[arg(long, default_value_t = 4)]
+    pub block_kib: u32,
+    /// Percentage of writes.
+    #[arg(long, default_value_t = 50)]
+    pub write_percent: u8,
+    /// Device IOTLB entries of our back-end (the thrash working set is 4x this).
+    #[arg(long, default_value_t = iotlb::DEFAULT_CAPACITY)]
+    pub iotlb_capacity: usize,
+    /// Only these workloads (comma-separated; `off` always runs, for the ratios).
+    #[arg(long, value_delimiter = ',')]
+    pub workloads: Vec<String>,
+    /// Drive an external vhost-user-blk back-end at this socket instead of starting ours
+    /// (its disk is written to; back-end counters are then not available).
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Write an SVG chart of throughput and miss round trip per workload.
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<PathBuf>,
+}
+
+/// One workload's setting.
+#[derive(Debug, Clone)]
+struct Workload {
+    name: &'static str,
+    viommu: Option<ViommuConfig>,
+    mapping: Mapping,
+    buffers_per_slot: u32,
+}
+
+fn workloads(args: &E2eArgs) -> Vec<Workload> {
+    let strict = ViommuConfig::default();
+    let depth = u32::from(args.depth.max(1));
+    let thrash_buffers = (4 * args.iotlb_capacity as u32).div_ceil(depth);
+    let all = vec![
+        Workload {
+            name: "off",
+            viommu: None,
+            mapping: Mapping::Persistent,
+            buffers_per_slot: 1,
+        },
+        Workload {
+            name: "warm",
+            viommu: Some(strict),
+            mapping: Mapping::Persistent,
+            buffers_per_slot: 1,
+        },
+        Workload {
+            name: "strict",
+            viommu: Some(strict),
+            mapping: Mapping::PerRequest,
+            buffers_per_slot: 1,
+        },
+        Workload {
+            name: "lazy",
+            viommu: Some(ViommuConfig {
+                invalidation: Invalidation::Lazy { batch: 256 },
+                ..strict
+            }),
+            mapping: Mapping::PerRequest,
+            buffers_per_slot: 1,
+        },
+        Workload {
+            name: "thrash",
+            viommu: Some(strict),
+            mapping: Mapping::Persistent,
+            buffers_per_slot: thrash_buffers,
+        },
+        Workload {
+            name: "prepush",
+            viommu: Some(ViommuConfig {
+                prepush: true,
+                ..strict
+            }),
+            mapping: Mapping::PerRequest,
+            buffers_per_slot: 1,
+        },
+        Workload {
+            name: "strict-4k",
+            viommu: Some(ViommuConfig {
+                max_update: 4096,
+                ..strict
+            }),
+            mapping: Mapping::PerRequest,
+            buffers_per_slot: 1,
+        },
+    ];
+    all.into_iter()
+        .filter(|w| {
+            w.name == "off"
+                || args.workloads.is_empty()
+                || args.workloads.iter().any(|n| n == w.name)
+        })
+        .collect()
+}
+
+/// What one workload measured.
+#[derive(Debug, Clone)]
+struct Row {
+    name: &'static str,
+    requests: u64,
+    seconds: f64,
+    iops: f64,
+    mbps: f64,
+    lat_p50_us: f64,
+    lat_p99_us: f64,
+    misses_per_s: f64,
+    miss_rtt_p50_us: Option<f64>,
+    miss_rtt_p99_us: Option<f64>,
+    hit_rate: Option<f64>,
+    invalidations_per_s: f64,
+    ratio_to_off: f64,
+    /// Front-end side: MISS received to UPDATE acknowledged.
+    miss_service_p50_us: Option<f64>,
+    misses: u64,
+    verify_failures: u64,
+    poison_violations: u64,
+    poison_checks: u64,
+    errors: u64,
+}
+
+fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+/// Our back-end for one workload: a fresh sparse disk and a server on a fresh socket.
+struct OwnBackend {
+    server: Arc<Server<Blk>>,
+    thread: Option<std::thread::JoinHandle<Result<(), String>>>,
+    socket: PathBuf,
+}
+
+impl OwnBackend {
+    fn start(dir: &Path, name: &str, capacity: usize, disk_bytes: u64) -> Result<Self, String> {
+        let disk_path = dir.join(format!("{name}.img"));
+        let disk = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&disk_path)
+            .map_err(|e| format!("{}: {e}", disk_path.display()))?;
+        disk.set_len(disk_bytes)
+            .map_err(|e| format!("{}: {e}", disk_path.display()))?;
+        // The open file keeps the data; the name is not needed any more.
+        let _ = std::fs::remove_file(&disk_path);
+        let blk = Blk::new(
+            disk,
+            BlkConfig {
+                queue_size: 256,
+                ..BlkConfig::default()
+            },
+        )
+        .map_err(|e| e.to_string())?;
+        let server = Arc::new(Server::new(
+            blk,
+            EngineConfig {
+                iotlb_capacity: capacity,
+                miss_timeout: Duration::from_secs(1),
+            },
+        ));
+        let socket = dir.join(format!("{name}.sock"));
+        let (s, p) = (server.clone(), socket.clone());
+        let thread = std::thread::Builder::new()
+            .name("backend".into())
+            .spawn(move || s.serve(&p).map_err(|e| e.to_string()))
+            .map_err(|e| e.to_string())?;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !socket.exists() {
+            if Instant::now() > deadline {
+                return Err(format!("the back-end did not bind {}", socket.display()));
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        Ok(OwnBackend {
+            server,
+            thread: Some(thread),
+            socket,
+        })
+    }
+
+    /// Stop serving; returns the counters of the connection that ran and its miss round
+    /// trip (p50, p99) in µs.
+    fn stop(mut self) -> Result<(Stats, Option<(f64, f64)>), String> {
+        self.server.shutdown_handle().shutdown();
+        if let Some(t) = self.thread.take() {
+            t.join()
+                .map_err(|_| "the back-end panicked".to_string())??;
+        }
+        let h = self.server.miss_rtt();
+        let rtt = (h.count() > 0).then(|| (us(h.quantile(0.5)), us(h.quantile(0.99))));
+        Ok((self.server.stats(), rtt))
+    }
+}
+
+/// Run one workload against the back-end at `socket`.
+fn run_workload(
+    args: &E2eArgs,
+    w: &Workload,
+    socket: &Path,
+    fresh_disk: bool,
+) -> Result<(DriverReport, u64, Option<f64>), String> {
+    let block_pages = (args.block_kib / 4).max(1);
+    let mut cfg = DriverConfig {
+        queue: 0,
+        queue_size: 256
+            .min((args.depth.saturating_mul(3)).next_power_of_two())
+            .max(8),
+        inflight: args.depth,
+        block_pages,
+        mapping: w.mapping,
+        buffers_per_slot: w.buffers_per_slot,
+        write_percent: args.write_percent,
+        disk_blocks: 0,
+        verify: true,
+        fresh_disk,
+        seed: 0x5eed ^ w.name.len() as u64,
+    };
+    let ram = Arc::new(
+        GuestRam::new(BlkDriver::ram_needed(&cfg).div_ceil(2 << 20) * (2 << 20))
+            .map_err(|e| e.to_string())?,
+    );
+    let viommu = w.viommu.map(|c| Arc::new(Viommu::new(c)));
+    let fe = VhostUserFrontend::connect(socket, ram, FrontendConfig::default(), viommu)
+        .map_err(|e| format!("connecting to {}: {e}", socket.display()))?;
+    let sectors = fe
+        .config(0, 8)
+        .ok()
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_le_bytes)
+        .ok_or("cannot read the disk capacity (GET_CONFIG)")?;
+    cfg.disk_blocks = sectors * 512 / (u64::from(block_pages) * 4096);
+    let mut d = BlkDriver::new(&fe, cfg, 0).map_err(|e| e.to_string())?;
+    d.run(
+        Instant::now() + Duration::from_secs_f64(args.duration),
+        None,
+        Duration::from_secs(10),
+    )
+    .map_err(|e| format!("{}: {e}", w.name))?;
+    let misses = fe
+        .channel_stats()
+        .misses
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let service = &fe.channel_stats().service;
+    let service_p50 = (service.count() > 0).then(|| us(service.quantile(0.5)));
+    let report = d.finish().map_err(|e| format!("{}: {e}", w.name))?;
+    drop(fe);
+    Ok((report, misses, service_p50))
+}
+
+/// Run the benchmark, print the table, write `json` and the plot if asked.
+pub fn run(args: &E2eArgs, json_path: Option<&Path>) -> Result<(), String> {
+    if args.block_kib == 0 || args.block_kib % 4 != 0 || args.block_kib > 1024 {
+        return Err("--block-kib must be a multiple of 4 up to 1024".into());
+    }
+    if args.depth == 0 || args.depth > 85 {
+        return Err("--depth must be within 1..=85 (three descriptors each in a 256 ring)".into());
+    }
+    if !(args.duration > 0.0 && args.duration <= 3600.0) {
+        return Err("--duration must be within (0, 3600] seconds".into());
+    }
+    if !(backend::MIN_IOTLB_CAPACITY..=iotlb::MAX_CAPACITY).contains(&args.iotlb_capacity) {
+        return Err(format!(
+            "--iotlb-capacity must be within {}..={}",
+            backend::MIN_IOTLB_CAPACITY,
+            iotlb::MAX_CAPACITY
+        ));
+    }
+    let list = workloads(args);
+    if let Some(unknown) = args
+        .workloads
+        .iter()
+        .find(|n| !list.iter().any(|w| w.name == n.as_str()))
+    {
+        return Err(format!("unknown workload {unknown:?}"));
+    }
+    let dir = std::env::temp_dir().join(format!("vhost-iotlb-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let result = run_all(args, &list, &dir);
+    let _ = std::fs::remove_dir_all(&dir);
+    let rows = result?;
+
+    print_table(args, &rows);
+    if let Some(path) = json_path {
+        let text = serde_json::to_string_pretty(&to_json(&rows)).map_err(|e| e.to_string())?;
+        std::fs::write(path, text + "\n").map_err(|e| format!("{}: {e}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    }
+    if let Some(path) = &args.plot {
+        std::fs::write(path, plot(&rows)).map_err(|e| format!("{}: {e}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    }
+    let bad: Vec<&str> = rows
+        .iter()
+        .filter(|r| r.verify_failures + r.poison_violations + r.errors > 0)
+        .map(|r| r.name)
+        .collect();
+    if !bad.is_empty() {
+        return Err(format!("data check failed in: {}", bad.join(", ")));
+    }
+    Ok(())
+}
+
+fn run_all(args: &E2eArgs, list: &[Workload], dir: &Path) -> Result<Vec<Row>, String> {
+    let pb = ProgressBar::new((list.len() as f64 * args.duration * 10.0) as u64);
+    pb.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:40} {msg}")
+            .map_err(|e| e.to_string())?,
+    );
+    let mut rows: Vec<Row> = Vec::new();
+    let mut off_iops = None;
+    for (i, w) in list.iter().enumerate() {
+        pb.set_message(format!("{} ({}/{})", w.name, i + 1, list.len()));
+        let base = (i as f64 * args.duration * 10.0) as u64;
+        let ticker = {
+            let pb = pb.clone();
+            let secs = args.duration;
+            let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let s2 = stop.clone();
+            let t = std::thread::spawn(move || {
+                let start = Instant::now();
+                while !s2.load(std::sync::atomic::Ordering::Relaxed) {
+                    let done = (start.elapsed().as_secs_f64().min(secs) * 10.0) as u64;
+                    pb.set_position(base + done);
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            });
+            (stop, t)
+        };
+        let outcome = match &args.socket {
+            Some(sock) => run_workload(args, w, sock, false).map(|(r, m, s)| (r, None, None, m, s)),
+            None => {
+                // A sparse 1 GiB file: room for every slot's blocks.
+                let own = OwnBackend::start(dir, w.name, args.iotlb_capacity, 1 << 30)?;
+                let socket = own.socket.clone();
+                let r = run_workload(args, w, &socket, true);
+                let (stats, rtt) = own.stop()?;
+                r.map(|(r, m, s)| (r, Some(stats), rtt, m, s))
+            }
+        };
+        ticker.0.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = ticker.1.join();
+        let (report, stats, rtt, fe_misses, service_p50) = outcome?;
+        rows.push(row(
+            w,
+            &report,
+            stats.as_ref(),
+            rtt,
+            (fe_misses, service_p50),
+            &mut off_iops,
+            args,
+        ));
+    }
+    pb.finish_and_clear();
+    Ok(rows)
+}
+
+fn row(
+    w: &Workload,
+    r: &DriverReport,
+    stats: Option<&Stats>,
+    rtt: Option<(f64, f64)>,
+    (fe_misses, service_p50): (u64, Option<f64>),
+    off_iops: &mut Option<f64>,
+    args: &E2eArgs,
+) -> Row {
+    let secs = r.elapsed.as_secs_f64().max(1e-9);
+    let iops = r.requests as f64 / secs;
+    if w.name == "off" {
+        *off_iops = Some(iops);
+    }
+    let bytes = f64::from(args.block_kib) * 1024.0;
+    let misses = stats.map_or(fe_misses, |s| s.misses_sent);
+    let (rtt50, rtt99) = (rtt.map(|r| r.0), rtt.map(|r| r.1));
+    Row {
+        name: w.name,
+        requests: r.requests,
+        seconds: secs,
+        iops,
+        mbps: iops * bytes / 1e6,
+        lat_p50_us: us(r.latency.quantile(0.5)),
+        lat_p99_us: us(r.latency.quantile(0.99)),
+        misses_per_s: misses as f64 / secs,
+        miss_rtt_p50_us: rtt50,
+        miss_rtt_p99_us: rtt99,
+        hit_rate: stats.and_then(|s| {
+            let total = s.hits + s.misses;
+            (w.viommu.is_some() && total > 0).then(|| s.hits as f64 / total as f64)
+        }),
+        invalidations_per_s: stats.map_or(0.0, |s| s.invalidations as f64) / secs,
+        ratio_to_off: off_iops.map_or(1.0, |o| iops / o),
+        miss_service_p50_us: service_p50,
+        misses,
+        verify_failures: r.verify_failures,
+        poison_violations: r.poison_violations,
+        poison_checks: r.poison_checks,
+        errors: r.errors + r.bad_completions,
+    }
+}
+
+fn fmt_opt(v: Option<f64>, prec: usize) -> String {
+    v.map_or_else(|| "-".into(), |v| format!("{v:.prec$}"))
+}
+
+fn print_table(args: &E2eArgs, rows: &[Row]) {
+    println!(
+        "vhost-iotlb end-to-end: virtio-blk, {} KiB random I/O, {}% writes, depth {}, {} s per \
+         workload, IOTLB {} entries{}",
+        args.block_kib,
+        args.write_percent,
+        args.depth,
+        args.duration,
+        args.iotlb_capacity,
+        args.socket
+            .as_ref()
+            .map_or(String::new(), |s| format!(", back-end at {}", s.display()))
+    );
+    println!(
+        "{:<10} {:>9} {:>8} {:>8} {:>8} {:>9} {:>9} {:>9} {:>7} {:>9} {:>7}",
+        "workload",
+        "IOPS",
+        "MB/s",
+        "p50 us",
+        "p99 us",
+        "misses/s",
+        "rtt50 us",
+        "rtt99 us",
+        "hit",
+        "inval/s",
+        "vs off"
+    );
+    for r in rows {
+        println!(
+            "{:<10} {:>9.0} {:>8.1} {:>8.1} {:>8.1} {:>9.0} {:>9} {:>9} {:>7} {:>9.0} {:>6.0}%",
+            r.name,
+            r.iops,
+            r.mbps,
+            r.lat_p50_us,
+            r.lat_p99_us,
+            r.misses_per_s,
+            fmt_opt(r.miss_rtt_p50_us, 1),
+            fmt_opt(r.miss_rtt_p99_us, 1),
+            fmt_opt(r.hit_rate.map(|h| h * 100.0), 1),
+            r.invalidations_per_s,
+            r.ratio_to_off * 100.0
+        );
+    }
+    println!(
+        "rtt: MISS sent to the queue running again (back-end side). hit: IOTLB hit rate (%). \
+         Every read was checked against what was written; freed buffers were poisoned and \
+         checked ({} checks, {} violations).",
+        rows.iter().map(|r| r.poison_checks).sum::<u64>(),
+        rows.iter().map(|r| r.poison_violations).sum::<u64>()
+    );
+}
+
+fn to_json(rows: &[Row]) -> serde_json::Value {
+    let mut m = serde_json::Map::new();
+    for r in rows {
+        m.insert(
+            r.name.to_string(),
+            json!({
+                "requests": r.requests,
+                "seconds": r.seconds,
+                "iops": r.iops,
+                "mb_per_s": r.mbps,
+                "latency_us": {"p50": r.lat_p50_us, "p99": r.lat_p99_us},
+                "misses": r.misses,
+                "misses_per_s": r.misses_per_s,
+                "miss_rtt_us": {"p50": r.miss_rtt_p50_us, "p99": r.miss_rtt_p99_us},
+                "miss_service_us_p50": r.miss_service_p50_us,
+                "hit_rate": r.hit_rate,
+                "invalidations_per_s": r.invalidations_per_s,
+                "ratio_to_off": r.ratio_to_off,
+                "verify_failures": r.verify_failures,
+                "poison_checks": r.poison_checks,
+                "poison_violations": r.poison_violations,
+                "errors": r.errors,
+            }),
+        );
+    }
+    serde_json::Value::Object(m)
+}
+
+/// Two bar charts side by side: IOPS, and miss round trip p50/p99, per workload.
+fn plot(rows: &[Row]) -> String {
+    let (w, h) = (960.0, 420.0);
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
+    let panel = |s: &mut String, x0: f64, title: &str, series: &[(&str, Vec<f64>)], unit: &str| {
+        let (pw, ph, top) = (420.0, 300.0, 60.0);
+        let max = series
+            .iter()
+            .flat_map(|(_, v)| v.iter().copied())
+            .fold(0.0f64, f64::max)
+            .max(1e-9);
+        let _ = writeln!(
+            s,
+            r#"<text x="{}" y="30" font-size="15" text-anchor="middle">{title}</text>"#,
+            x0 + pw / 2.0
+        );
+        let _ = writeln!(
+            s,
+            r#"<line x1="{x0}" y1="{}" x2="{}" y2="{}" stroke="black"/>"#,
+            top + ph,
+            x0 + pw,
+            top + ph
+        );
+        let groups = rows.len().max(1) as f64;
+        let gw = pw / groups;
+        let colors = ["#4878a8", "#e08040"];
+        let bw = gw * 0.7 / series.len() as f64;
+        for (gi, r) in rows.iter().enumerate() {
+            let gx = x0 + gi as f64 * gw + gw * 0.15;
+            for (si, (_, vals)) in series.iter().enumerate() {
+                let v = vals.get(gi).copied().unwrap_or(0.0);
+                let bh = v / max * ph;
+                let x = gx + si as f64 * bw;
+                let _ = writeln!(
+                    s,
+                    r#"<rect x="{x:.1}" y="{:.1}" width="{bw:.1}" height="{bh:.1}" fill="{}"><title>{} {}: {v:.1} {unit}</title></rect>"#,
+                    top + ph - bh,
+                    colors[si % 2],
+                    r.name,
+                    series[si].0
+                );
+            }
+            let _ = writeln!(
+                s,
+                r#"<text x="{:.1}" y="{}" text-anchor="middle">{}</text>"#,
+                gx + gw * 0.35,
+                top + ph + 16.0,
+                r.name
+            );
+        }
+        let _ = writeln!(
+            s,
+            r#"<text x="{x0}" y="{}">max {max:.1} {unit}</text>"#,
+            top - 8.0
+        );
+        for (si, (name, _)) in series.iter().enumerate() {
+            let lx = x0 + pw - 120.0;
+            let ly = top - 8.0 - 14.0 * (series.len() - 1 - si) as f64;
+            let _ = writeln!(
+                s,
+                r#"<rect x="{lx}" y="{}" width="10" height="10" fill="{}"/><text x="{}" y="{ly}">{name}</text>"#,
+                ly - 9.0,
+                colors[si % 2],
+                lx + 14.0
+            );
+        }
+    };
+    panel(
+        &mut s,
+        40.0,
+        "Throughput (IOPS)",
+        &[("IOPS", rows.iter().map(|r| r.iops).collect())],
+        "IOPS",
+    );
+    panel(
+        &mut s,
+        520.0,
+        "Miss round trip (us)",
+        &[
+            (
+                "p50",
+                rows.iter()
+                    .map(|r| r.miss_rtt_p50_us.unwrap_or(0.0))
+                    .collect(),
+            ),
+            (
+                "p99",
+                rows.iter()
+                    .map(|r| r.miss_rtt_p99_us.unwrap_or(0.0))
+                    .collect(),
+            ),
+        ],
+        "us",
+    );
+    s.push_str("</svg>\n");
+    s
+}
