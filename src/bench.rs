@@ -63,6 +63,10 @@ pub struct E2eArgs {
     /// (its disk is written to; back-end counters are then not available).
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
+    /// Busy-poll window in microseconds of the threads that pass MISS, UPDATE and INVALIDATE
+    /// messages on both sides (0: block at once; each message then costs a thread wake-up).
+    #[arg(long, value_name = "US", default_value_t = 50)]
+    pub busy_poll_us: u64,
     /// Write an SVG chart of throughput and miss round trip per workload.
     #[arg(long, value_name = "FILE.svg")]
     pub plot: Option<PathBuf>,
@@ -180,7 +184,13 @@ struct OwnBackend {
 }
 
 impl OwnBackend {
-    fn start(dir: &Path, name: &str, capacity: usize, disk_bytes: u64) -> Result<Self, String> {
+    fn start(
+        dir: &Path,
+        name: &str,
+        capacity: usize,
+        busy_poll: Duration,
+        disk_bytes: u64,
+    ) -> Result<Self, String> {
         let disk_path = dir.join(format!("{name}.img"));
         let disk = std::fs::OpenOptions::new()
             .read(true)
@@ -206,6 +216,7 @@ impl OwnBackend {
             EngineConfig {
                 iotlb_capacity: capacity,
                 miss_timeout: Duration::from_secs(1),
+                busy_poll,
             },
         ));
         let socket = dir.join(format!("{name}.sock"));
@@ -242,13 +253,26 @@ impl OwnBackend {
     }
 }
 
-/// Run one workload against the back-end at `socket`.
+/// What a workload's measured phase saw from the front-end's side.
+struct Measured {
+    report: DriverReport,
+    /// MISS messages received.
+    misses: u64,
+    /// INVALIDATEs forwarded.
+    invalidations: u64,
+    /// MISS received to UPDATE acknowledged, p50 in µs.
+    service_p50: Option<f64>,
+}
+
+/// Run one workload against the back-end at `socket`: a warm-up, then the measured phase
+/// (`at_measure` runs between the two, to reset back-end side histograms).
 fn run_workload(
     args: &E2eArgs,
     w: &Workload,
     socket: &Path,
     fresh_disk: bool,
-) -> Result<(DriverReport, u64, Option<f64>), String> {
+    at_measure: impl FnOnce(),
+) -> Result<Measured, String> {
     let block_pages = (args.block_kib / 4).max(1);
     let mut cfg = DriverConfig {
         queue: 0,
@@ -270,7 +294,11 @@ fn run_workload(
             .map_err(|e| e.to_string())?,
     );
     let viommu = w.viommu.map(|c| Arc::new(Viommu::new(c)));
-    let fe = VhostUserFrontend::connect(socket, ram, FrontendConfig::default(), viommu)
+    let fe_cfg = FrontendConfig {
+        busy_poll: Duration::from_micros(args.busy_poll_us),
+        ..FrontendConfig::default()
+    };
+    let fe = VhostUserFrontend::connect(socket, ram, fe_cfg, viommu)
         .map_err(|e| format!("connecting to {}: {e}", socket.display()))?;
     let sectors = fe
         .config(0, 8)
@@ -280,21 +308,35 @@ fn run_workload(
         .ok_or("cannot read the disk capacity (GET_CONFIG)")?;
     cfg.disk_blocks = sectors * 512 / (u64::from(block_pages) * 4096);
     let mut d = BlkDriver::new(&fe, cfg, 0).map_err(|e| e.to_string())?;
+    let stall = Duration::from_secs(10);
+    // Warm-up: fault the guest RAM and the disk file in, start the threads, fill caches.
+    let warmup = Duration::from_secs_f64((args.duration / 4.0).min(0.5));
+    d.run(Instant::now() + warmup, None, stall)
+        .map_err(|e| format!("{}: {e}", w.name))?;
+    let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    let inval = |fe: &VhostUserFrontend| fe.viommu().map_or(0, |v| load(&v.stats().invalidations));
+    let (misses0, inval0) = (load(&fe.channel_stats().misses), inval(&fe));
+    fe.channel_stats().service.reset();
+    d.reset_report();
+    at_measure();
     d.run(
         Instant::now() + Duration::from_secs_f64(args.duration),
         None,
-        Duration::from_secs(10),
+        stall,
     )
     .map_err(|e| format!("{}: {e}", w.name))?;
-    let misses = fe
-        .channel_stats()
-        .misses
-        .load(std::sync::atomic::Ordering::Relaxed);
+    let misses = load(&fe.channel_stats().misses) - misses0;
+    let invalidations = inval(&fe) - inval0;
     let service = &fe.channel_stats().service;
     let service_p50 = (service.count() > 0).then(|| us(service.quantile(0.5)));
     let report = d.finish().map_err(|e| format!("{}: {e}", w.name))?;
     drop(fe);
-    Ok((report, misses, service_p50))
+    Ok(Measured {
+        report,
+        misses,
+        invalidations,
+        service_p50,
+    })
 }
 
 /// Run the benchmark, print the table, write `json` and the plot if asked.
@@ -377,28 +419,27 @@ fn run_all(args: &E2eArgs, list: &[Workload], dir: &Path) -> Result<Vec<Row>, St
             (stop, t)
         };
         let outcome = match &args.socket {
-            Some(sock) => run_workload(args, w, sock, false).map(|(r, m, s)| (r, None, None, m, s)),
+            Some(sock) => run_workload(args, w, sock, false, || {}).map(|m| (m, None, None)),
             None => {
                 // A sparse 1 GiB file: room for every slot's blocks.
-                let own = OwnBackend::start(dir, w.name, args.iotlb_capacity, 1 << 30)?;
+                let own = OwnBackend::start(
+                    dir,
+                    w.name,
+                    args.iotlb_capacity,
+                    Duration::from_micros(args.busy_poll_us),
+                    1 << 30,
+                )?;
                 let socket = own.socket.clone();
-                let r = run_workload(args, w, &socket, true);
+                let server = own.server.clone();
+                let r = run_workload(args, w, &socket, true, || server.miss_rtt().reset());
                 let (stats, rtt) = own.stop()?;
-                r.map(|(r, m, s)| (r, Some(stats), rtt, m, s))
+                r.map(|m| (m, Some(stats), rtt))
             }
         };
         ticker.0.store(true, std::sync::atomic::Ordering::Relaxed);
         let _ = ticker.1.join();
-        let (report, stats, rtt, fe_misses, service_p50) = outcome?;
-        rows.push(row(
-            w,
-            &report,
-            stats.as_ref(),
-            rtt,
-            (fe_misses, service_p50),
-            &mut off_iops,
-            args,
-        ));
+        let (measured, stats, rtt) = outcome?;
+        rows.push(row(w, &measured, stats.as_ref(), rtt, &mut off_iops, args));
     }
     pb.finish_and_clear();
     Ok(rows)
@@ -406,20 +447,20 @@ fn run_all(args: &E2eArgs, list: &[Workload], dir: &Path) -> Result<Vec<Row>, St
 
 fn row(
     w: &Workload,
-    r: &DriverReport,
+    m: &Measured,
     stats: Option<&Stats>,
     rtt: Option<(f64, f64)>,
-    (fe_misses, service_p50): (u64, Option<f64>),
     off_iops: &mut Option<f64>,
     args: &E2eArgs,
 ) -> Row {
+    let r = &m.report;
     let secs = r.elapsed.as_secs_f64().max(1e-9);
     let iops = r.requests as f64 / secs;
     if w.name == "off" {
         *off_iops = Some(iops);
     }
     let bytes = f64::from(args.block_kib) * 1024.0;
-    let misses = stats.map_or(fe_misses, |s| s.misses_sent);
+    let misses = m.misses;
     let (rtt50, rtt99) = (rtt.map(|r| r.0), rtt.map(|r| r.1));
     Row {
         name: w.name,
@@ -436,9 +477,9 @@ fn row(
             let total = s.hits + s.misses;
             (w.viommu.is_some() && total > 0).then(|| s.hits as f64 / total as f64)
         }),
-        invalidations_per_s: stats.map_or(0.0, |s| s.invalidations as f64) / secs,
+        invalidations_per_s: m.invalidations as f64 / secs,
         ratio_to_off: off_iops.map_or(1.0, |o| iops / o),
-        miss_service_p50_us: service_p50,
+        miss_service_p50_us: m.service_p50,
         misses,
         verify_failures: r.verify_failures,
         poison_violations: r.poison_violations,

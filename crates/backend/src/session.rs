@@ -52,6 +52,10 @@ pub struct EngineConfig {
     /// How long a MISS may stay unanswered before it is sent again (and, the second time,
     /// before the request fails).
     pub miss_timeout: Duration,
+    /// Busy-poll window: how long the connection thread polls for the next message, and a
+    /// queue parked on a miss polls for its answer, before blocking. Zero blocks at once
+    /// (no CPU spent waiting; each message then costs a thread wake-up).
+    pub busy_poll: Duration,
 }
 
 impl Default for EngineConfig {
@@ -59,6 +63,7 @@ impl Default for EngineConfig {
         EngineConfig {
             iotlb_capacity: iotlb::DEFAULT_CAPACITY,
             miss_timeout: Duration::from_secs(1),
+            busy_poll: Duration::ZERO,
         }
     }
 }
@@ -72,6 +77,7 @@ pub(crate) struct Shared<D: Device> {
     pub epochs: Epochs,
     pub stats: EngineCounters,
     pub miss_timeout: Duration,
+    pub busy_poll: Duration,
     pub iotlb_capacity: usize,
 }
 
@@ -149,9 +155,14 @@ impl<D: Device> Session<D> {
                     ..EngineCounters::default()
                 },
                 miss_timeout: config.miss_timeout,
+                busy_poll: config.busy_poll,
                 iotlb_capacity: capacity,
             }),
-            conn: Connection::new(sock),
+            conn: {
+                let c = Connection::new(sock);
+                c.set_busy_poll(config.busy_poll);
+                c
+            },
             vrings: (0..queues).map(|_| Vring::new()).collect(),
             features: 0,
             protocol: 0,

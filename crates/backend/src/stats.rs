@@ -18,6 +18,8 @@ pub struct EngineCounters {
     pub access_failures: AtomicU64,
     /// MISS messages sent.
     pub misses_sent: AtomicU64,
+    /// Of which sent ahead for chains not reached yet.
+    pub prefetched: AtomicU64,
     /// Requests served.
     pub requests: AtomicU64,
     /// Malformed chains.
@@ -56,6 +58,8 @@ pub struct Stats {
     pub access_failures: u64,
     /// MISS messages sent.
     pub misses_sent: u64,
+    /// Of which sent ahead for chains not reached yet.
+    pub prefetched: u64,
     /// Requests served.
     pub requests: u64,
     /// Malformed chains.
@@ -77,6 +81,7 @@ impl Stats {
         self.timeouts += get(&e.timeouts);
         self.access_failures += get(&e.access_failures);
         self.misses_sent += get(&e.misses_sent);
+        self.prefetched += get(&e.prefetched);
         self.requests += get(&e.requests);
         self.invalid_chains += get(&e.invalid_chains);
         self.quiesce_us += get(&e.quiesce_us);
@@ -87,7 +92,8 @@ impl fmt::Display for Stats {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "stats: requests={} hits={} misses={} coalesced={} misses_sent={} evictions={} \
+            "stats: requests={} hits={} misses={} coalesced={} misses_sent={} prefetched={} \
+             evictions={} \
              updates={} invalidations={} timeouts={} access_failures={} invalid_chains={} \
              quiesce_us={}",
             self.requests,
@@ -95,6 +101,7 @@ impl fmt::Display for Stats {
             self.misses,
             self.coalesced,
             self.misses_sent,
+            self.prefetched,
             self.evictions,
             self.updates,
             self.invalidations,

@@ -190,6 +190,13 @@ enum Popped {
     Empty,
 }
 
+/// Available chains looked at for misses to send ahead.
+const PREFETCH_CHAINS: u16 = 32;
+/// Most MISSes sent ahead at once.
+const PREFETCH_MISSES: usize = 96;
+/// IOTLB pages (MISSes are per 4 KiB page).
+const PAGE: u64 = 4096;
+
 /// Completions between two driver notifications under sustained load.
 const NOTIFY_EVERY: u32 = 32;
 
@@ -235,6 +242,9 @@ impl<D: Device> WorkerState<D> {
             let timeout = parked.filter(|_| enabled && !broken).map(|p| {
                 (p.since + self.shared.miss_timeout).saturating_duration_since(Instant::now())
             });
+            if timeout.is_some() {
+                self.spin_for_wake();
+            }
             self.sleep(timeout);
             if self.stop.load(Ordering::SeqCst) {
                 break;
@@ -330,6 +340,36 @@ impl<D: Device> WorkerState<D> {
         }
     }
 
+    /// Parked on a miss: poll for the wake-up (or a kick) for up to the busy-poll window
+    /// before [`Self::sleep`] blocks, so that an answer coming within it costs no thread
+    /// wake-up.
+    fn spin_for_wake(&self) {
+        let window = self.shared.busy_poll;
+        if window.is_zero() {
+            return;
+        }
+        let start = Instant::now();
+        let zero = Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        loop {
+            let mut fds = [
+                PollFd::new(&self.cfg.kick, PollFlags::IN),
+                PollFd::new(&*self.wake, PollFlags::IN),
+            ];
+            match poll(&mut fds, Some(&zero)) {
+                Ok(n) if n > 0 => return,
+                Err(e) if e != rustix::io::Errno::INTR => return,
+                _ => {}
+            }
+            if start.elapsed() >= window || self.stop.load(Ordering::Relaxed) {
+                return;
+            }
+            std::thread::yield_now();
+        }
+    }
+
     fn wait_for_stop(&self) {
         while !self.stop.load(Ordering::SeqCst) {
             self.sleep(None);
@@ -403,6 +443,9 @@ impl<D: Device> WorkerState<D> {
                     Some(p) => {
                         if let Some(sent) = p.sent {
                             w.rtt = Some((sent, iova, access));
+                            // A new miss: ask at once for every other page the next chains
+                            // will miss on, rather than one round trip each.
+                            self.prefetch(w, tr, iova);
                         }
                         break Drained::Parked(p);
                     }
@@ -506,6 +549,119 @@ impl<D: Device> WorkerState<D> {
                     sent: Some(now),
                     ..parked
                 })
+            }
+        }
+    }
+
+    /// Find the pages the next [`PREFETCH_CHAINS`] available chains (the one that just
+    /// missed first) will miss on, without consuming anything, and send their MISSes now:
+    /// the front-end answers a burst in one round trip where walking chain by chain would
+    /// cost one round trip per missing page. At most [`PREFETCH_MISSES`] pages; the page of
+    /// `first` (already sent) is skipped. The pages are registered *ahead* (no waiter: their
+    /// UPDATEs wake nobody, the queue still waits for `first` only), so when the queue reaches
+    /// one it joins the outstanding MISS instead of sending a second; one that is never
+    /// answered times out like any other once the queue reaches it.
+    fn prefetch(&self, w: &mut Work<D::Handler>, tr: &mut dyn Translator, first: u64) {
+        if !self.cfg.iommu {
+            return;
+        }
+        let page = |a: u64| a & !(PAGE - 1);
+        let mut wanted: Vec<(u64, Access)> = Vec::new();
+        self.section(|gm| {
+            let mut seg = Vec::new();
+            let mut bufs: Vec<(u64, u32, bool)> = Vec::new();
+            for ahead in 0..PREFETCH_CHAINS {
+                let Ok(Some(head)) = w.queue.peek_head(tr, gm, ahead) else {
+                    break;
+                };
+                bufs.clear();
+                let visited = w.queue.visit_buffers(tr, gm, head, |addr, len, write| {
+                    bufs.push((addr, len, write));
+                    bufs.len() < 64
+                });
+                for &(addr, len, write) in &bufs {
+                    let access = if write { Access::Write } else { Access::Read };
+                    let Some(last) = u64::from(len)
+                        .checked_sub(1)
+                        .and_then(|l| addr.checked_add(l))
+                    else {
+                        continue;
+                    };
+                    let mut cur = addr;
+                    while wanted.len() < PREFETCH_MISSES {
+                        seg.clear();
+                        let Err(Fault::Miss { iova, access }) =
+                            tr.translate(cur, last - cur + 1, access, &mut seg)
+                        else {
+                            break;
+                        };
+                        if page(iova) != page(first)
+                            && !wanted
+                                .iter()
+                                .any(|&(i, a)| page(i) == page(iova) && a == access)
+                        {
+                            wanted.push((iova, access));
+                        }
+                        match (iova | (PAGE - 1)).checked_add(1) {
+                            Some(next) if next <= last => cur = next,
+                            _ => break,
+                        }
+                    }
+                }
+                if visited.is_err() || wanted.len() >= PREFETCH_MISSES {
+                    break;
+                }
+            }
+        });
+        let now = Instant::now();
+        let found = wanted.len();
+        wanted.retain(|&(iova, access)| self.shared.iotlb.register_ahead(iova, access, now));
+        tracing::trace!(
+            queue = self.cfg.index,
+            found,
+            new = wanted.len(),
+            "vhost-user: misses ahead"
+        );
+        let msgs: Vec<BackendRequest> = wanted
+            .iter()
+            .map(|&(iova, access)| {
+                BackendRequest::IotlbMsg(IotlbMsg::Miss {
+                    iova,
+                    perm: access.as_perm(),
+                })
+            })
+            .collect();
+        if msgs.is_empty() {
+            return;
+        }
+        // One write for all of them, never blocking. A batch that did not go out is
+        // forgotten, so the queue sends each MISS itself when it reaches the page.
+        let chan = self.shared.backend_chan.read().clone();
+        let sent = match chan {
+            Some(chan) => match chan.try_send_backend_requests(&msgs) {
+                Ok(sent) => {
+                    if !sent {
+                        tracing::debug!(
+                            queue = self.cfg.index,
+                            "vhost-user: back-end channel full; MISSes not sent ahead"
+                        );
+                    }
+                    sent
+                }
+                Err(e) => {
+                    tracing::warn!(queue = self.cfg.index, error = %e, "vhost-user: back-end channel send failed");
+                    false
+                }
+            },
+            None => false,
+        };
+        if sent {
+            let n = msgs.len() as u64;
+            EngineCounters::add(&self.shared.stats.misses_sent, n);
+            EngineCounters::add(&self.shared.stats.prefetched, n);
+        } else {
+            for &(iova, access) in &wanted {
+                self.shared.iotlb.unregister_ahead(iova, access);
             }
         }
     }
@@ -686,7 +842,9 @@ impl<D: Device> WorkerState<D> {
             .iotlb
             .expired_misses(now - self.shared.miss_timeout)
             .into_iter()
-            .find(|m| m.waiters.contains(&index));
+            .find(|m| {
+                m.waiters.contains(&index) && m.access == p.access && m.page == p.iova & !(PAGE - 1)
+            });
         let Some(m) = mine else {
             // Resolved, cancelled, or resent by another queue not long ago: a queue re-walks
             // its chain; a request in progress waits once more, from now.

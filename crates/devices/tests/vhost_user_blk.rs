@@ -28,6 +28,11 @@ fn disk() -> std::fs::File {
 }
 
 fn server(queues: u16, miss_timeout: Duration) -> Arc<Server<Blk>> {
+    // `RUST_LOG=backend=trace` shows the back-end's side of a failing test.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
     let blk = Blk::new(
         disk(),
         BlkConfig {
@@ -42,6 +47,7 @@ fn server(queues: u16, miss_timeout: Duration) -> Arc<Server<Blk>> {
         EngineConfig {
             iotlb_capacity: 256,
             miss_timeout,
+            ..EngineConfig::default()
         },
     ))
 }

@@ -40,6 +40,7 @@ fn server(queues: u16, miss_timeout: Duration) -> Arc<Server<Blk>> {
         EngineConfig {
             iotlb_capacity: 256,
             miss_timeout,
+            ..EngineConfig::default()
         },
     ))
 }

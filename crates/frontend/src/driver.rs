@@ -646,6 +646,7 @@ impl<'a> BlkDriver<'a> {
                 .map_err(Self::mem_err)?,
         );
         let mut n = 0;
+        let mut teardown = Vec::new();
         while self.last_used != used_idx {
             let at = self.used + 4 + 8 * u64::from(self.last_used % self.cfg.queue_size);
             let id: u32 = self
@@ -654,13 +655,31 @@ impl<'a> BlkDriver<'a> {
                 .read_obj(GuestAddress(at))
                 .map_err(Self::mem_err)?;
             self.last_used = self.last_used.wrapping_add(1);
-            self.complete(u32::from_le(id))?;
+            self.complete(u32::from_le(id), &mut teardown)?;
             n += 1;
+        }
+        // Unmap the batch's buffers together, as a guest's completion handler does: their
+        // INVALIDATEs go out pipelined, and the pages are freed once all are acknowledged.
+        if let (Some(v), false) = (&self.viommu, teardown.is_empty()) {
+            let before = v.stats().invalidations.load(Ordering::Relaxed);
+            let mut ranges = Vec::with_capacity(3 * teardown.len());
+            for (maps, _) in &teardown {
+                let [h, st, d] = *maps;
+                ranges.extend([(h, PAGE), (st, PAGE), (d, self.bytes)]);
+            }
+            v.unmap_all(&ranges)?;
+            for (_, page) in teardown {
+                self.put_page(page, before);
+            }
         }
         Ok(n)
     }
 
-    fn complete(&mut self, id: u32) -> Result<(), DriverError> {
+    fn complete(
+        &mut self,
+        id: u32,
+        teardown: &mut Vec<([u64; 3], u64)>,
+    ) -> Result<(), DriverError> {
         let s = (id / 3) as usize;
         let busy = if id % 3 == 0 {
             self.slots.get_mut(s).and_then(|slot| slot.busy.take())
@@ -713,17 +732,7 @@ impl<'a> BlkDriver<'a> {
             }
         }
         if self.viommu.is_some() && self.cfg.mapping == Mapping::PerRequest {
-            let before = self
-                .viommu
-                .as_ref()
-                .map_or(0, |v| v.stats().invalidations.load(Ordering::Relaxed));
-            if let Some(v) = &self.viommu {
-                let [h, st, d] = r.maps;
-                v.unmap(h, PAGE)?;
-                v.unmap(st, PAGE)?;
-                v.unmap(d, self.bytes)?;
-            }
-            self.put_page(r.data_gpa, before);
+            teardown.push((r.maps, r.data_gpa));
         }
         self.report.latency.record(r.submitted.elapsed());
         self.report.requests += 1;
@@ -789,6 +798,11 @@ impl<'a> BlkDriver<'a> {
     /// Bytes per request.
     pub fn request_bytes(&self) -> u64 {
         self.bytes
+    }
+
+    /// Start counting afresh (after a warm-up).
+    pub fn reset_report(&mut self) {
+        self.report = DriverReport::default();
     }
 
     /// What was done so far.

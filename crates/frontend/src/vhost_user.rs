@@ -155,6 +155,9 @@ pub struct FrontendConfig {
     /// Device feature bits to ack when offered (beyond `VERSION_1`, `PROTOCOL_FEATURES` and,
     /// with an IOMMU, `ACCESS_PLATFORM`).
     pub device_features: u64,
+    /// Busy-poll window of the back-end channel thread (for the next MISS) and of replies
+    /// (see [`Connection::set_busy_poll`]). Zero blocks at once.
+    pub busy_poll: std::time::Duration,
 }
 
 impl Default for FrontendConfig {
@@ -162,6 +165,7 @@ impl Default for FrontendConfig {
         FrontendConfig {
             queues: 1,
             device_features: 0,
+            busy_poll: std::time::Duration::ZERO,
         }
     }
 }
@@ -239,6 +243,30 @@ impl DeviceIotlb for VhostUserIotlb {
     fn invalidate(&self, range: IovaRange) -> Result<(), String> {
         self.send(IotlbMsg::Invalidate { range })
     }
+
+    fn update_all(&self, updates: &[(IovaRange, u64, Perm)]) -> Result<(), String> {
+        let mut reqs = Vec::with_capacity(updates.len());
+        for &(range, gpa, perm) in updates {
+            let uaddr = self
+                .va_base
+                .checked_add(gpa)
+                .ok_or("guest-physical address out of the front-end's space")?;
+            reqs.push(FrontendRequest::IotlbMsg(IotlbMsg::Update {
+                range,
+                uaddr,
+                perm,
+            }));
+        }
+        self.conn.request_all(&reqs).map_err(|e| e.to_string())
+    }
+
+    fn invalidate_all(&self, ranges: &[IovaRange]) -> Result<(), String> {
+        let reqs: Vec<FrontendRequest> = ranges
+            .iter()
+            .map(|&range| FrontendRequest::IotlbMsg(IotlbMsg::Invalidate { range }))
+            .collect();
+        self.conn.request_all(&reqs).map_err(|e| e.to_string())
+    }
 }
 
 /// A connected vhost-user front-end.
@@ -284,6 +312,7 @@ impl VhostUserFrontend {
         viommu: Option<Arc<Viommu>>,
     ) -> Result<Self, FrontendError> {
         let conn = Arc::new(Connection::new(sock));
+        conn.set_busy_poll(config.busy_poll);
         let offered = u64_reply(conn.request(&FrontendRequest::GetFeatures)?, "GET_FEATURES")?;
         let mut need = device::VERSION_1 | device::PROTOCOL_FEATURES;
         if viommu.is_some() {
@@ -354,6 +383,7 @@ impl VhostUserFrontend {
             conn.request(&FrontendRequest::SetBackendReqFd(OwnedFd::from(theirs)))?;
             let shutdown = ours.try_clone().map_err(io("dup back-end channel"))?;
             let chan = Connection::backend_channel(ours);
+            chan.set_busy_poll(config.busy_poll);
             let (v, dev, stats) = (v.clone(), iotlb.clone(), channel_stats.clone());
             let thread = std::thread::Builder::new()
                 .name("vu-backend-chan".into())
@@ -522,79 +552,120 @@ fn u64_reply(r: Option<Reply>, what: &'static str) -> Result<u64, FrontendError>
     }
 }
 
-/// The back-end channel thread: answer MISSes until the channel closes.
+/// Most back-end messages taken in one go.
+const CHANNEL_BATCH: usize = 64;
+
+/// Whether `sock` has something to read now.
+fn readable(sock: &UnixStream) -> bool {
+    let mut fds = [rustix::event::PollFd::new(
+        sock,
+        rustix::event::PollFlags::IN,
+    )];
+    let zero = rustix::event::Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    matches!(rustix::event::poll(&mut fds, Some(&zero)), Ok(n) if n > 0)
+}
+
+/// The back-end channel thread: answer MISSes until the channel closes. Messages that are
+/// already waiting are taken together (up to [`CHANNEL_BATCH`]), and their MISSes answered
+/// with UPDATEs pipelined on the main socket: one round trip for a burst (a back-end that
+/// reports every missing page of a request at once) instead of one per page.
 fn serve_channel(chan: &Connection, viommu: &Viommu, dev: &dyn DeviceIotlb, stats: &ChannelStats) {
     let add = |c: &AtomicU64| c.fetch_add(1, Ordering::Relaxed);
+    let mut batch: Vec<(wire::vhost_user::Header, BackendRequest, Instant)> = Vec::new();
     loop {
-        let raw = match chan.recv() {
-            Ok(m) => m,
-            Err(e) if e.is_fatal() => {
-                tracing::debug!(error = %e, "vhost-user front-end: back-end channel closed");
-                return;
-            }
-            Err(e) => {
-                add(&stats.other);
-                tracing::warn!(error = %e, "vhost-user front-end: bad back-end message");
-                let _ = chan.reject(&e);
-                continue;
-            }
-        };
-        let header = raw.header;
-        let req = match BackendRequest::decode(&header, &raw.payload, raw.fds) {
-            Ok(r) => r,
-            Err(e) => {
-                add(&stats.other);
-                tracing::warn!(error = %e, "vhost-user front-end: bad back-end request");
-                let _ = chan.refuse(&header);
-                continue;
-            }
-        };
-        let ok = match req {
-            BackendRequest::IotlbMsg(IotlbMsg::Miss { iova, perm }) => {
-                add(&stats.misses);
-                let t0 = Instant::now();
-                let access = if perm.allows(Access::Write) {
-                    Access::Write
-                } else {
-                    Access::Read
-                };
-                match viommu.fault(dev, iova, access) {
-                    Ok(true) => {
-                        stats.service.record(t0.elapsed());
-                        true
-                    }
-                    Ok(false) => {
-                        add(&stats.unmapped);
-                        tracing::debug!(
-                            iova = %format_args!("{iova:#x}"),
-                            "vhost-user front-end: MISS for an unmapped IOVA, not answered"
-                        );
-                        true
-                    }
-                    Err(e) => {
-                        add(&stats.failed);
-                        tracing::warn!(error = %e, "vhost-user front-end: cannot answer a MISS");
-                        false
-                    }
+        batch.clear();
+        while batch.len() < CHANNEL_BATCH && (batch.is_empty() || readable(chan.socket())) {
+            let raw = match chan.recv() {
+                Ok(m) => m,
+                Err(e) if e.is_fatal() => {
+                    tracing::debug!(error = %e, "vhost-user front-end: back-end channel closed");
+                    return;
+                }
+                Err(e) => {
+                    add(&stats.other);
+                    tracing::warn!(error = %e, "vhost-user front-end: bad back-end message");
+                    let _ = chan.reject(&e);
+                    continue;
+                }
+            };
+            let header = raw.header;
+            match BackendRequest::decode(&header, &raw.payload, raw.fds) {
+                Ok(r) => batch.push((header, r, Instant::now())),
+                Err(e) => {
+                    add(&stats.other);
+                    tracing::warn!(error = %e, "vhost-user front-end: bad back-end request");
+                    let _ = chan.refuse(&header);
                 }
             }
-            BackendRequest::IotlbMsg(IotlbMsg::AccessFail { iova, perm }) => {
-                add(&stats.access_fails);
-                tracing::info!(
-                    iova = %format_args!("{iova:#x}"),
-                    ?perm,
-                    "vhost-user front-end: the device reported a denied access"
-                );
-                true
-            }
-            other => {
-                add(&stats.other);
-                tracing::debug!(?other, "vhost-user front-end: back-end request ignored");
-                false
+        }
+        let misses: Vec<(u64, Access)> = batch
+            .iter()
+            .filter_map(|(_, r, _)| match r {
+                BackendRequest::IotlbMsg(IotlbMsg::Miss { iova, perm }) => {
+                    let access = if perm.allows(Access::Write) {
+                        Access::Write
+                    } else {
+                        Access::Read
+                    };
+                    Some((*iova, access))
+                }
+                _ => None,
+            })
+            .collect();
+        let misses_ok = if misses.is_empty() {
+            true
+        } else {
+            match viommu.fault_all(dev, &misses) {
+                Ok(n) => {
+                    let unmapped = misses.len() - n;
+                    if unmapped > 0 {
+                        stats.unmapped.fetch_add(unmapped as u64, Ordering::Relaxed);
+                        tracing::debug!(
+                            unmapped,
+                            "vhost-user front-end: MISS for an unmapped IOVA, not answered"
+                        );
+                    }
+                    true
+                }
+                Err(e) => {
+                    stats
+                        .failed
+                        .fetch_add(misses.len() as u64, Ordering::Relaxed);
+                    tracing::warn!(error = %e, "vhost-user front-end: cannot answer MISSes");
+                    false
+                }
             }
         };
-        if header.needs_reply() {
-            let _ = chan.send_reply(&header, &Reply::U64(u64::from(!ok)));
+        for (header, req, received) in &batch {
+            let ok = match req {
+                BackendRequest::IotlbMsg(IotlbMsg::Miss { .. }) => {
+                    add(&stats.misses);
+                    if misses_ok {
+                        stats.service.record(received.elapsed());
+                    }
+                    misses_ok
+                }
+                BackendRequest::IotlbMsg(IotlbMsg::AccessFail { iova, perm }) => {
+                    add(&stats.access_fails);
+                    tracing::info!(
+                        iova = %format_args!("{iova:#x}"),
+                        ?perm,
+                        "vhost-user front-end: the device reported a denied access"
+                    );
+                    true
+                }
+                other => {
+                    add(&stats.other);
+                    tracing::debug!(?other, "vhost-user front-end: back-end request ignored");
+                    false
+                }
+            };
+            if header.needs_reply() {
+                let _ = chan.send_reply(header, &Reply::U64(u64::from(!ok)));
+            }
         }
     }
 }

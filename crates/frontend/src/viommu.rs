@@ -63,6 +63,19 @@ pub trait DeviceIotlb: Send + Sync {
     fn update(&self, range: IovaRange, gpa: u64, perm: Perm) -> Result<(), String>;
     /// Drop every translation of `range`; returns once the device acknowledged.
     fn invalidate(&self, range: IovaRange) -> Result<(), String>;
+
+    /// Several UPDATEs; a transport that can pipeline them overrides this.
+    fn update_all(&self, updates: &[(IovaRange, u64, Perm)]) -> Result<(), String> {
+        updates
+            .iter()
+            .try_for_each(|&(r, gpa, perm)| self.update(r, gpa, perm))
+    }
+
+    /// Several INVALIDATEs, all acknowledged when this returns; a transport that can
+    /// pipeline them overrides this.
+    fn invalidate_all(&self, ranges: &[IovaRange]) -> Result<(), String> {
+        ranges.iter().try_for_each(|&r| self.invalidate(r))
+    }
 }
 
 /// When unmaps reach the devices.
@@ -427,6 +440,60 @@ impl Viommu {
         }
     }
 
+    /// Unmap several ranges at once (a driver completing a batch of requests). Strict mode
+    /// forwards their INVALIDATEs together (pipelined by transports that can), and reuses
+    /// the IOVAs only after all were acknowledged. On an error nothing more is unmapped.
+    pub fn unmap_all(&self, ranges: &[(u64, u64)]) -> Result<(), ViommuError> {
+        let Invalidation::Strict = self.config.invalidation else {
+            return ranges
+                .iter()
+                .try_for_each(|&(iova, len)| self.unmap(iova, len));
+        };
+        let mut rs = Vec::with_capacity(ranges.len());
+        for &(iova, len) in ranges {
+            let len = len.div_ceil(PAGE) * PAGE;
+            let r = IovaRange::from_size(iova, len)
+                .map_err(|_| ViommuError::Unmap(IovaRange::byte(iova), "bad length"))?;
+            rs.push((r, iova, len));
+        }
+        let _order = self.order.lock();
+        {
+            let mut d = self.domain.lock();
+            for (i, &(r, _, _)) in rs.iter().enumerate() {
+                if let Err(e) = d.table.unmap(r) {
+                    // Forward what was unmapped before failing.
+                    drop(d);
+                    let done: Vec<IovaRange> = rs[..i].iter().map(|x| x.0).collect();
+                    self.forward_invalidate_all(&done)?;
+                    return Err(e);
+                }
+            }
+        }
+        let all: Vec<IovaRange> = rs.iter().map(|x| x.0).collect();
+        self.stats
+            .unmaps
+            .fetch_add(rs.len() as u64, Ordering::Relaxed);
+        self.forward_invalidate_all(&all)?;
+        let mut d = self.domain.lock();
+        for (_, iova, len) in rs {
+            d.alloc.free(iova, len);
+        }
+        Ok(())
+    }
+
+    fn forward_invalidate_all(&self, ranges: &[IovaRange]) -> Result<(), ViommuError> {
+        if ranges.is_empty() {
+            return Ok(());
+        }
+        for dev in self.devices.read().iter() {
+            dev.invalidate_all(ranges).map_err(ViommuError::Forward)?;
+        }
+        self.stats
+            .invalidations
+            .fetch_add(ranges.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
     /// Lazy mode: invalidate everything queued (one whole-space INVALIDATE) and make those
     /// IOVAs reusable. Strict mode: nothing to do.
     pub fn flush(&self) -> Result<(), ViommuError> {
@@ -478,6 +545,40 @@ impl Viommu {
                 Ok(false)
             }
         }
+    }
+
+    /// Answer several MISSes on `dev` at once: one UPDATE per distinct run (pipelined by
+    /// transports that can). Returns how many were answered (the others are unmapped).
+    pub fn fault_all(
+        &self,
+        dev: &dyn DeviceIotlb,
+        misses: &[(u64, Access)],
+    ) -> Result<usize, ViommuError> {
+        let _order = self.order.lock();
+        let mut updates: Vec<(IovaRange, u64, Perm)> = Vec::with_capacity(misses.len());
+        let mut answered = 0;
+        {
+            let d = self.domain.lock();
+            for &(iova, _) in misses {
+                match d.table.run(iova, self.config.max_update.max(PAGE)) {
+                    Some(u) => {
+                        answered += 1;
+                        // Misses on the same run are answered once.
+                        if !updates.iter().any(|x| x.0 == u.0) {
+                            updates.push(u);
+                        }
+                    }
+                    None => Self::add(&self.stats.faults_unmapped),
+                }
+            }
+        }
+        if !updates.is_empty() {
+            dev.update_all(&updates).map_err(ViommuError::Forward)?;
+        }
+        self.stats
+            .faults_answered
+            .fetch_add(answered as u64, Ordering::Relaxed);
+        Ok(answered)
     }
 
     /// Guest-physical address and permission of `iova`.

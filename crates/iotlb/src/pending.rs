@@ -16,6 +16,13 @@
 //! A waiter (a queue) waits for one miss at a time: registering again replaces its previous
 //! registration, so a stale byte can neither hide a wake-up nor fail a later request.
 //!
+//! A MISS may also be sent **ahead**, for a page a queue will need soon but does not wait
+//! for yet ([`PendingMisses::register_ahead`]): the entry has no waiter, so it neither wakes
+//! nor fails anybody, but it keeps a second MISS for that page from going out while the first
+//! is outstanding. A queue that reaches the page joins the entry as its waiter. An entry
+//! that nobody joined is dropped when an UPDATE covers it or when its time is up
+//! ([`PendingMisses::expire_unwaited`]); a waiter that leaves never takes it with it.
+//!
 //! The table only keeps books. It never sends, never sleeps and never reads the clock: the
 //! caller passes `now`, which keeps timeouts testable.
 
@@ -173,6 +180,45 @@ impl<W: Clone + PartialEq> PendingMisses<W> {
         }
     }
 
+    /// Send a MISS for `iova` ahead of need, with no waiter. Returns false (send nothing) if
+    /// a MISS for that page and access is already outstanding.
+    pub fn register_ahead(&mut self, iova: u64, access: Access, now: Instant) -> bool {
+        let key = (page_of(iova), access);
+        if self.entries.contains_key(&key) {
+            return false;
+        }
+        self.entries.insert(
+            key,
+            Entry {
+                miss_iova: iova,
+                sent_at: now,
+                sends: 1,
+                waiters: Vec::new(),
+            },
+        );
+        self.sent += 1;
+        true
+    }
+
+    /// A MISS registered ahead could not be sent after all: forget it unless a waiter joined
+    /// it meanwhile (that waiter's timeout sends it again).
+    pub fn unregister_ahead(&mut self, iova: u64, access: Access) {
+        let key = (page_of(iova), access);
+        if self.entries.get(&key).is_some_and(|e| e.waiters.is_empty()) {
+            self.entries.remove(&key);
+        }
+    }
+
+    /// Drop the entries sent ahead that nobody joined and whose MISS went out before
+    /// `deadline` (unanswered: the queue that reaches the page sends its own). Returns how
+    /// many.
+    pub fn expire_unwaited(&mut self, deadline: Instant) -> usize {
+        let before = self.entries.len();
+        self.entries
+            .retain(|_, e| !(e.waiters.is_empty() && e.sent_at < deadline));
+        before - self.entries.len()
+    }
+
     /// An UPDATE of `range` arrived at `now`: remove and return every waiter whose missing
     /// byte it covers (inclusive end), and the MISS messages to send again right away (see
     /// [`Resolution::resend`]). Entries left without waiters are dropped.
@@ -218,11 +264,13 @@ impl<W: Clone + PartialEq> PendingMisses<W> {
             }
             let before = e.waiters.len();
             e.waiters.retain(|(w, _)| w != waiter);
-            dropped += before - e.waiters.len();
+            let gone = before - e.waiters.len();
+            dropped += gone;
             // A MISS is outstanding for the entry; if it was for the cancelled waiter's byte,
             // a resend after the timeout asks for a remaining waiter's byte instead.
             e.retarget();
-            !e.waiters.is_empty()
+            // An entry sent ahead (never had a waiter) stays until answered or expired.
+            gone == 0 || !e.waiters.is_empty()
         });
         dropped
     }
@@ -449,5 +497,69 @@ mod tests {
         assert_eq!(p.remove(0x2000, Access::Read), Vec::<u8>::new());
         p.clear();
         assert!(p.is_empty());
+    }
+
+    #[test]
+    fn misses_sent_ahead_are_joined_not_sent_twice_and_survive_other_registrations() {
+        let t0 = Instant::now();
+        let mut p = PendingMisses::new();
+        // Queue 1 waits on 0x1000 and sends 0x5000 and 0x9000 ahead.
+        assert!(matches!(
+            p.register(0x1000, Access::Read, 1u16, t0),
+            Registration::Send { .. }
+        ));
+        assert!(p.register_ahead(0x5010, Access::Write, t0));
+        assert!(p.register_ahead(0x9000, Access::Read, t0));
+        assert!(!p.register_ahead(0x5ff0, Access::Write, t0), "already out");
+        assert!(!p.register_ahead(0x1000, Access::Read, t0), "already out");
+        assert_eq!(p.len(), 3);
+        // The UPDATE for 0x1000 wakes queue 1, which walks on and reaches 0x5020: it joins
+        // the MISS sent ahead (no second MISS), and that did not drop 0x9000.
+        assert_eq!(p.resolve(r(0x1000, 0x1fff), t0).woken, vec![1]);
+        assert_eq!(
+            p.register(0x5020, Access::Write, 1, t0),
+            Registration::Coalesced
+        );
+        assert_eq!(p.len(), 2);
+        // Its UPDATE wakes it.
+        assert_eq!(p.resolve(r(0x5000, 0x5fff), t0).woken, vec![1]);
+        // A waiter leaving (queue reset) leaves the entry sent ahead alone; an UPDATE that
+        // covers it drops it and wakes nobody.
+        assert_eq!(p.cancel(&1), 0);
+        assert_eq!(p.len(), 1);
+        assert!(p.resolve(r(0x9000, 0x9fff), t0).woken.is_empty());
+        assert!(p.is_empty());
+        assert_eq!(p.sent(), 3);
+    }
+
+    #[test]
+    fn misses_sent_ahead_that_nobody_joined_expire_and_can_be_taken_back() {
+        let t0 = Instant::now();
+        let t1 = t0 + Duration::from_millis(10);
+        let mut p = PendingMisses::new();
+        assert!(p.register_ahead(0x1000, Access::Read, t0));
+        assert!(p.register_ahead(0x2000, Access::Read, t0));
+        assert!(p.register_ahead(0x3000, Access::Read, t1));
+        assert_eq!(
+            p.register(0x2000, Access::Read, 7u8, t1),
+            Registration::Coalesced
+        );
+        // Only the entry nobody joined and sent before the deadline goes.
+        assert_eq!(p.expire_unwaited(t1), 1);
+        assert_eq!(p.len(), 2);
+        let expired = p.expired(t1);
+        assert_eq!(expired.len(), 1);
+        assert_eq!(
+            (expired[0].page, expired[0].waiters.clone()),
+            (0x2000, vec![7])
+        );
+        // Not sent after all: forgotten, but never under a waiter.
+        p.unregister_ahead(0x3000, Access::Read);
+        p.unregister_ahead(0x2000, Access::Read);
+        assert_eq!(p.len(), 1);
+        assert!(
+            p.register_ahead(0x3000, Access::Read, t1),
+            "may be sent again"
+        );
     }
 }

@@ -173,14 +173,34 @@ impl<W: Clone + PartialEq> SharedIotlb<W> {
         }
     }
 
+    /// Send a MISS for `iova` ahead of need (see [`PendingMisses::register_ahead`]). True if
+    /// the caller must send it: not mapped now and no MISS outstanding for its page.
+    pub fn register_ahead(&self, iova: u64, access: Access, now: Instant) -> bool {
+        let mut pending = self.inner.pending.lock();
+        if self.inner.tlb.read().lookup(iova).is_some() {
+            return false;
+        }
+        pending.register_ahead(iova, access, now)
+    }
+
+    /// A MISS registered ahead was not sent after all (see
+    /// [`PendingMisses::unregister_ahead`]).
+    pub fn unregister_ahead(&self, iova: u64, access: Access) {
+        self.inner.pending.lock().unregister_ahead(iova, access);
+    }
+
     /// Drop every pending miss of `waiter` (queue stop or reset). Returns how many.
     pub fn cancel_waiter(&self, waiter: &W) -> usize {
         self.inner.pending.lock().cancel(waiter)
     }
 
     /// Pending misses whose MISS was last sent before `deadline`.
+    ///
+    /// Misses sent ahead that nobody joined are dropped here, not listed.
     pub fn expired_misses(&self, deadline: Instant) -> Vec<PendingMiss<W>> {
-        self.inner.pending.lock().expired(deadline)
+        let mut pending = self.inner.pending.lock();
+        pending.expire_unwaited(deadline);
+        pending.expired(deadline)
     }
 
     /// Record that the MISS for `page`/`access` was sent again at `now`.

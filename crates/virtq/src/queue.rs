@@ -409,10 +409,52 @@ impl Queue {
         mem: &M,
         head: u16,
     ) -> Result<Option<(u64, u32)>, PopError> {
+        let mut last = None;
+        self.visit_buffers(tr, mem, head, |addr, len, write| {
+            if write && len > 0 {
+                last = Some((addr, len));
+            }
+            true
+        })?;
+        Ok(last)
+    }
+
+    /// The head of the avail entry `ahead` places after the next one to pop, if the driver
+    /// has published it (`ahead == 0`: the next chain). Nothing is consumed.
+    pub fn peek_head<T: Translator + ?Sized, M: GuestMemoryBackend>(
+        &mut self,
+        tr: &mut T,
+        mem: &M,
+        ahead: u16,
+    ) -> Result<Option<u16>, PopError> {
+        self.ready()?;
+        let avail_idx = self.avail_idx(tr, mem)?;
+        if (avail_idx - self.next_avail).0 <= ahead {
+            return Ok(None);
+        }
+        let slot = u64::from((self.next_avail.0.wrapping_add(ahead)) % self.size);
+        let head = self
+            .avail
+            .load_u16(mem, 4 + 2 * slot, Ordering::Relaxed)
+            .map_err(|e| self.ring_error(e))?;
+        Ok((head < self.size).then_some(head))
+    }
+
+    /// Call `f(addr, len, device_writable)` for each buffer of the chain at `head`, in order,
+    /// without translating any buffer (an indirect table is translated: a miss on it is
+    /// returned); `f` returns false to stop. A malformed chain simply ends the walk (the
+    /// buffers before it were visited); loops end after `size` descriptors. For looking at a
+    /// chain without consuming it: finding a status byte, or the pages a request will need.
+    pub fn visit_buffers<T: Translator + ?Sized, M: GuestMemoryBackend>(
+        &mut self,
+        tr: &mut T,
+        mem: &M,
+        head: u16,
+        mut f: impl FnMut(u64, u32, bool) -> bool,
+    ) -> Result<(), PopError> {
         self.ready()?;
         Self::ensure(&mut self.desc, tr, mem).map_err(|e| self.ring_error(e))?;
         let size = self.size;
-        let mut last = None;
         let mut index = head;
         let mut table: Option<(u64, u64)> = None; // (entries, current) inside an indirect table
         for _ in 0..u32::from(size) {
@@ -422,15 +464,15 @@ impl Queue {
                 Some((entries, i)) if i < entries => {
                     self.indirect.read(mem, i * DESC_SIZE, &mut raw)
                 }
-                _ => return Ok(last),
+                _ => return Ok(()),
             };
             if read.is_err() {
-                return Ok(last);
+                return Ok(());
             }
             let d = Descriptor::from_bytes(&raw);
             if d.is_indirect() {
                 if table.is_some() || d.len == 0 || u64::from(d.len) % DESC_SIZE != 0 {
-                    return Ok(last);
+                    return Ok(());
                 }
                 self.indirect.set(d.addr, u64::from(d.len));
                 if let Err(e) = self.indirect.ensure(tr, mem) {
@@ -439,24 +481,21 @@ impl Queue {
                             fault: Fault::Miss { iova, access },
                             ..
                         } => Err(PopError::Miss { iova, access }),
-                        _ => Ok(last),
+                        _ => Ok(()),
                     };
                 }
                 table = Some((u64::from(d.len) / DESC_SIZE, 0));
                 continue;
             }
-            if d.is_write() && d.len > 0 {
-                last = Some((d.addr, d.len));
-            }
-            if !d.has_next() {
-                return Ok(last);
+            if !f(d.addr, d.len, d.is_write()) || !d.has_next() {
+                return Ok(());
             }
             match &mut table {
                 Some((_, i)) => *i = u64::from(d.next),
                 None => index = d.next,
             }
         }
-        Ok(last)
+        Ok(())
     }
 
     /// Take the used index from the ring once after the queue (re)starts.

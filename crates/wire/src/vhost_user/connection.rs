@@ -23,6 +23,8 @@ use std::io::{IoSlice, IoSliceMut};
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use rustix::io::Errno;
@@ -88,6 +90,8 @@ pub struct Connection {
     send_lock: Mutex<()>,
     recv_lock: Mutex<()>,
     call_lock: Mutex<()>,
+    /// Busy-poll window before a receive blocks, in nanoseconds (0: block at once).
+    busy_poll_ns: AtomicU64,
 }
 
 /// What a receive loop ended with.
@@ -124,6 +128,46 @@ impl Connection {
             send_lock: Mutex::new(()),
             recv_lock: Mutex::new(()),
             call_lock: Mutex::new(()),
+            busy_poll_ns: AtomicU64::new(0),
+        }
+    }
+
+    /// Before a receive blocks, poll the socket for up to `window` (yielding the CPU between
+    /// looks). A thread that blocks costs a wake-up when the next message comes, several
+    /// tens of microseconds on a virtual machine; one that polls sees it at once, at the
+    /// price of CPU while it waits. Zero (the default) blocks at once.
+    pub fn set_busy_poll(&self, window: Duration) {
+        let ns = u64::try_from(window.as_nanos()).unwrap_or(u64::MAX);
+        self.busy_poll_ns.store(ns, Ordering::Relaxed);
+    }
+
+    /// Poll until a message starts arriving or the busy-poll window is over (at once if it
+    /// is zero); the caller then reads, blocking if need be.
+    fn spin_until_readable(&self) {
+        let ns = self.busy_poll_ns.load(Ordering::Relaxed);
+        if ns == 0 {
+            return;
+        }
+        let start = Instant::now();
+        let window = Duration::from_nanos(ns);
+        let zero = rustix::event::Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        loop {
+            let mut fds = [rustix::event::PollFd::new(
+                &self.sock,
+                rustix::event::PollFlags::IN,
+            )];
+            match rustix::event::poll(&mut fds, Some(&zero)) {
+                Ok(n) if n > 0 => return,
+                Err(e) if e != Errno::INTR => return,
+                _ => {}
+            }
+            if start.elapsed() >= window {
+                return;
+            }
+            std::thread::yield_now();
         }
     }
 
@@ -194,6 +238,7 @@ impl Connection {
     /// call reads the next message.
     pub fn recv(&self) -> Result<RawMessage, WireError> {
         let _guard = self.recv_lock.lock();
+        self.spin_until_readable();
         let mut fds = Vec::new();
         let mut truncated = false;
         let mut hbuf = [0u8; HEADER_SIZE];
@@ -421,6 +466,49 @@ impl Connection {
         self.try_send(&header, &payload, &[])
     }
 
+    /// Several back-end requests that need no reply, in one write unless that would block
+    /// (see [`Connection::try_send`]); `Ok(false)` when none was sent.
+    pub fn try_send_backend_requests(&self, reqs: &[BackendRequest]) -> Result<bool, WireError> {
+        let mut bytes = Vec::with_capacity(reqs.len() * (HEADER_SIZE + 32));
+        for r in reqs {
+            let payload = r.encode_payload()?;
+            let header = Header::new(r.req().code(), payload.len() as u32, false);
+            bytes.extend_from_slice(header.as_bytes());
+            bytes.extend_from_slice(&payload);
+        }
+        self.send_raw(&bytes, true)
+    }
+
+    /// Whole messages already framed, in one write (no descriptors).
+    fn send_raw(&self, bytes: &[u8], nonblocking: bool) -> Result<bool, WireError> {
+        let _guard = if nonblocking {
+            match self
+                .send_lock
+                .try_lock_for(std::time::Duration::from_millis(1))
+            {
+                Some(g) => g,
+                None => return Ok(false),
+            }
+        } else {
+            self.send_lock.lock()
+        };
+        let mut sent = 0;
+        while sent < bytes.len() {
+            let flags = if nonblocking && sent == 0 {
+                SendFlags::NOSIGNAL | SendFlags::DONTWAIT
+            } else {
+                SendFlags::NOSIGNAL
+            };
+            match rustix::net::send(&self.sock, &bytes[sent..], flags) {
+                Ok(n) => sent += n,
+                Err(Errno::INTR) => continue,
+                Err(Errno::AGAIN) if nonblocking && sent == 0 => return Ok(false),
+                Err(e) => return Err(WireError::Io(e.into())),
+            }
+        }
+        Ok(true)
+    }
+
     /// Answer the request whose header is `to`.
     pub fn send_reply(&self, to: &Header, reply: &Reply) -> Result<(), WireError> {
         reply.validate()?;
@@ -501,6 +589,81 @@ impl Connection {
                 }
             }
         }
+    }
+
+    /// Most requests [`Connection::request_all`] keeps in flight: their replies must fit the
+    /// socket buffers, or both sides could block sending.
+    pub const MAX_PIPELINED: usize = 128;
+
+    /// Front-end requests that have no answer of their own (UPDATE, INVALIDATE, ...), sent
+    /// with NEED_REPLY and pipelined: up to [`Connection::MAX_PIPELINED`] are sent before
+    /// their acknowledgements are read, so that a batch costs one round trip instead of one
+    /// each. Every reply is read even after a failure (the stream stays in step); the first
+    /// failure is returned. A request that has an answer of its own is refused with
+    /// [`WireError::UnexpectedReply`] before anything is sent.
+    pub fn request_all(&self, reqs: &[FrontendRequest]) -> Result<(), WireError> {
+        for r in reqs {
+            if super::request::reply_kind(r.req()).is_some() {
+                return Err(WireError::UnexpectedReply {
+                    expected: r.req().code(),
+                    got: r.req().code(),
+                    flags: 0,
+                });
+            }
+        }
+        let _guard = self.call_lock.lock();
+        let mut first_err = None;
+        for chunk in reqs.chunks(Self::MAX_PIPELINED) {
+            let mut sent = Vec::with_capacity(chunk.len());
+            if chunk.iter().all(|r| r.fds().is_empty()) {
+                // One write for the whole chunk.
+                let mut bytes = Vec::with_capacity(chunk.len() * (HEADER_SIZE + 40));
+                let mut headers = Vec::with_capacity(chunk.len());
+                for r in chunk {
+                    let payload = r.encode_payload()?;
+                    let h = Header::new(r.req().code(), payload.len() as u32, true);
+                    bytes.extend_from_slice(h.as_bytes());
+                    bytes.extend_from_slice(&payload);
+                    headers.push(h);
+                }
+                self.send_raw(&bytes, false)?;
+                sent = headers;
+            } else {
+                for r in chunk {
+                    let payload = r.encode_payload()?;
+                    let h = Header::new(r.req().code(), payload.len() as u32, true);
+                    match self.send(&h, &payload, &r.fds()) {
+                        Ok(()) => sent.push(h),
+                        Err(e) => {
+                            first_err.get_or_insert(e);
+                            break;
+                        }
+                    }
+                }
+            }
+            for h in &sent {
+                let status = self.recv_reply(h, ReplyKind::U64);
+                let err = match status {
+                    Ok(Reply::U64(0)) => continue,
+                    Ok(Reply::U64(status)) => WireError::PeerFailed {
+                        request: h.request,
+                        status,
+                    },
+                    Ok(_) => WireError::UnexpectedReply {
+                        expected: h.request,
+                        got: h.request,
+                        flags: 0,
+                    },
+                    // The stream is out of step or gone: nothing more can be read.
+                    Err(e) => return Err(first_err.unwrap_or(e)),
+                };
+                first_err.get_or_insert(err);
+            }
+            if let Some(e) = first_err {
+                return Err(e);
+            }
+        }
+        Ok(())
     }
 
     /// Send a request and receive its reply of kind `kind`, with no other call in between
