@@ -12,6 +12,9 @@
 //!   becomes two entries; one outside every region is refused), so that a hit costs one
 //!   IOTLB lookup. Waiters whose missing byte it covers are woken.
 //! - INVALIDATE: applied, then acknowledged once no worker can still use what it removed.
+//!   Acknowledgements of a pipelined burst are held while more of it is readable and then
+//!   sent together after one quiescence; any other request first flushes them (replies stay
+//!   in request order).
 //!
 //! Reset hygiene: GET_VRING_BASE stops that queue and drops its pending misses; every
 //! SET_FEATURES with ACCESS_PLATFORM empties the IOTLB (QEMU re-sends it after a guest reset
@@ -28,8 +31,8 @@ use iotlb::{Iotlb, IovaRange, SharedIotlb};
 use parking_lot::{Mutex, RwLock};
 use wire::features::{check_acked, check_iommu_offer, device as dev_f, protocol};
 use wire::vhost_user::{
-    reply_kind, Config, Connection, DecodeLimits, FrontendRequest, RawMessage, Reply, VringAddr,
-    VringFile, VringState,
+    reply_kind, Config, Connection, DecodeLimits, FrontendRequest, Header, RawMessage, Reply,
+    VringAddr, VringFile, VringState,
 };
 use wire::{IotlbMsg, WireError};
 
@@ -38,6 +41,9 @@ use crate::memory::{MemTable, MAX_REGIONS};
 use crate::quiesce::Epochs;
 use crate::stats::EngineCounters;
 use crate::worker::{Worker, WorkerConfig};
+
+/// Most IOTLB acknowledgements held back to be sent together (see `Session::deferred`).
+const MAX_DEFERRED_ACKS: usize = 128;
 
 /// Smallest IOTLB the engine works with: a chain is limited to half the IOTLB's entries, and
 /// a block request needs a few.
@@ -112,6 +118,10 @@ pub(crate) struct Session<D: Device> {
     features: u64,
     protocol: u64,
     status: u8,
+    /// IOTLB messages applied but not acknowledged yet, in order (see [`Session::deferred`]).
+    deferred: Vec<(Header, bool)>,
+    /// The IOTLB generation the deferred acknowledgements wait for, if any.
+    deferred_gen: Option<u64>,
 }
 
 /// Why a session ended.
@@ -167,6 +177,8 @@ impl<D: Device> Session<D> {
             features: 0,
             protocol: 0,
             status: 0,
+            deferred: Vec::new(),
+            deferred_gen: None,
         }
     }
 
@@ -214,13 +226,20 @@ impl<D: Device> Session<D> {
                 Err(e) if e.is_fatal() => break SessionEnd::Error(e),
                 Err(e) => {
                     tracing::warn!(error = %e, "vhost-user: refused a message");
-                    if let Err(e) = self.conn.reject(&e) {
+                    if let Err(e) = self.flush_deferred().and_then(|()| self.conn.reject(&e)) {
                         break SessionEnd::Error(e);
                     }
                     continue;
                 }
             };
-            if let Err(e) = self.handle(msg) {
+            let mut res = self.handle(msg);
+            if res.is_ok()
+                && !self.deferred.is_empty()
+                && (self.deferred.len() >= MAX_DEFERRED_ACKS || !self.conn.readable_now())
+            {
+                res = self.flush_deferred();
+            }
+            if let Err(e) = res {
                 if e.is_fatal() {
                     break SessionEnd::Error(e);
                 }
@@ -241,10 +260,17 @@ impl<D: Device> Session<D> {
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!(request = header.request, error = %e, "vhost-user: refused a request");
+                self.flush_deferred()?;
                 return self.conn.refuse(&header);
             }
         };
         tracing::debug!(request = ?req.req(), "vhost-user: request");
+        let req = match req {
+            FrontendRequest::IotlbMsg(m) => return self.deferred(header, m),
+            other => other,
+        };
+        // Replies go out in request order.
+        self.flush_deferred()?;
         let code = req.req();
         match self.apply(req) {
             Ok(Some(reply)) => self.conn.send_reply(&header, &reply),
@@ -257,6 +283,45 @@ impl<D: Device> Session<D> {
                 self.conn.refuse(&header)
             }
         }
+    }
+
+    /// Apply an IOTLB message now and queue its acknowledgement.
+    ///
+    /// A front-end that pipelines a burst (a batch of unmaps, the UPDATEs answering a burst
+    /// of misses) gets one quiescence and one write for all of it: acknowledgements are held
+    /// while more messages are already readable, up to [`MAX_DEFERRED_ACKS`], then sent
+    /// together once no worker can use what any of them removed. A front-end that waits for
+    /// each acknowledgement loses nothing: with nothing more to read, the ack goes at once.
+    fn deferred(&mut self, header: Header, m: IotlbMsg) -> Result<(), WireError> {
+        let ok = match self.iotlb_msg(m) {
+            Ok(wait) => {
+                if let Some(g) = wait {
+                    self.deferred_gen = Some(self.deferred_gen.map_or(g, |d| d.max(g)));
+                }
+                true
+            }
+            Err(why) => {
+                tracing::warn!(error = %why, "vhost-user: IOTLB message refused");
+                false
+            }
+        };
+        self.deferred.push((header, ok));
+        Ok(())
+    }
+
+    /// Quiesce for, then send, the acknowledgements held by [`Session::deferred`].
+    fn flush_deferred(&mut self) -> Result<(), WireError> {
+        if let Some(g) = self.deferred_gen.take() {
+            self.quiesce(g);
+        }
+        if self.deferred.is_empty() {
+            return Ok(());
+        }
+        let acks = std::mem::take(&mut self.deferred);
+        let res = self.conn.ack_all(&acks);
+        self.deferred = acks;
+        self.deferred.clear();
+        res
     }
 
     /// Apply one request; `Ok(Some)` is its reply when it has one of its own.
@@ -371,7 +436,9 @@ impl<D: Device> Session<D> {
                 None
             }
             R::IotlbMsg(m) => {
-                self.iotlb_msg(m)?;
+                if let Some(g) = self.iotlb_msg(m)? {
+                    self.quiesce(g);
+                }
                 None
             }
             R::GetConfig(c) => {
@@ -422,7 +489,10 @@ impl<D: Device> Session<D> {
         EngineCounters::add(&self.shared.stats.quiesce_us, waited.as_micros() as u64);
     }
 
-    fn iotlb_msg(&mut self, m: IotlbMsg) -> Result<(), String> {
+    /// Apply an UPDATE or INVALIDATE. `Ok(Some(generation))`: it took translations away
+    /// (an INVALIDATE, or an UPDATE over cached bytes), and must not be acknowledged before
+    /// the workers have quiesced for that generation.
+    fn iotlb_msg(&mut self, m: IotlbMsg) -> Result<Option<u64>, String> {
         match m {
             IotlbMsg::Update { range, uaddr, perm } => {
                 let size = range.size().ok_or("an UPDATE of the whole space")?;
@@ -458,17 +528,11 @@ impl<D: Device> Session<D> {
                     }
                     iova = iova.wrapping_add(len);
                 }
-                if replaces {
-                    // An UPDATE over cached bytes replaces their translation: as for an
-                    // INVALIDATE, nobody may use the old one once we acknowledge.
-                    self.quiesce(self.shared.iotlb.generation());
-                }
-                Ok(())
+                // An UPDATE over cached bytes replaces their translation: as for an
+                // INVALIDATE, nobody may use the old one once we acknowledge.
+                Ok(replaces.then(|| self.shared.iotlb.generation()))
             }
-            IotlbMsg::Invalidate { range } => {
-                self.invalidate(range);
-                Ok(())
-            }
+            IotlbMsg::Invalidate { range } => Ok(Some(self.shared.iotlb.invalidate(range))),
             other => Err(format!(
                 "unexpected IOTLB message from the front-end: {other:?}"
             )),

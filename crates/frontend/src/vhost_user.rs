@@ -555,19 +555,6 @@ fn u64_reply(r: Option<Reply>, what: &'static str) -> Result<u64, FrontendError>
 /// Most back-end messages taken in one go.
 const CHANNEL_BATCH: usize = 64;
 
-/// Whether `sock` has something to read now.
-fn readable(sock: &UnixStream) -> bool {
-    let mut fds = [rustix::event::PollFd::new(
-        sock,
-        rustix::event::PollFlags::IN,
-    )];
-    let zero = rustix::event::Timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    matches!(rustix::event::poll(&mut fds, Some(&zero)), Ok(n) if n > 0)
-}
-
 /// The back-end channel thread: answer MISSes until the channel closes. Messages that are
 /// already waiting are taken together (up to [`CHANNEL_BATCH`]), and their MISSes answered
 /// with UPDATEs pipelined on the main socket: one round trip for a burst (a back-end that
@@ -577,7 +564,7 @@ fn serve_channel(chan: &Connection, viommu: &Viommu, dev: &dyn DeviceIotlb, stat
     let mut batch: Vec<(wire::vhost_user::Header, BackendRequest, Instant)> = Vec::new();
     loop {
         batch.clear();
-        while batch.len() < CHANNEL_BATCH && (batch.is_empty() || readable(chan.socket())) {
+        while batch.len() < CHANNEL_BATCH && (batch.is_empty() || chan.readable_now()) {
             let raw = match chan.recv() {
                 Ok(m) => m,
                 Err(e) if e.is_fatal() => {

@@ -605,3 +605,48 @@ fn try_send_never_blocks_and_keeps_the_stream_framed() {
     reader.socket().set_nonblocking(true).unwrap();
     assert!(reader.recv().is_err(), "a message reported unsent arrived");
 }
+
+/// Messages sent back to back are read ahead together; descriptors still go with the message
+/// they were sent with, wherever it falls in the burst.
+#[test]
+fn descriptors_keep_their_message_in_a_burst_read_in_one_go() {
+    let (conn, b) = pair();
+    let msg = |request: u32, payload: &[u8]| {
+        let mut m = Header::new(request, payload.len() as u32, false)
+            .as_bytes()
+            .to_vec();
+        m.extend_from_slice(payload);
+        m
+    };
+    // No descriptor, one, none, two, none: each message its own sendmsg, all of them in
+    // the socket before the first receive.
+    let kick = 0u64.to_le_bytes();
+    send_raw(&b, &msg(1, &[]), &[]);
+    send_raw(&b, &msg(12, &kick), &[memfd_with(b"first")]);
+    send_raw(&b, &msg(3, &[]), &[]);
+    send_raw(
+        &b,
+        &msg(13, &kick),
+        &[memfd_with(b"second"), memfd_with(b"third")],
+    );
+    // The last three in one sendmsg without descriptors: a pipelined batch.
+    let mut batch = msg(1, &[]);
+    batch.extend(msg(1, &[]));
+    batch.extend(msg(3, &[]));
+    send_raw(&b, &batch, &[]);
+    let got: Vec<RawMessage> = (0..7).map(|_| conn.recv().unwrap()).collect();
+    let shape: Vec<(u32, usize)> = got
+        .iter()
+        .map(|m| (m.header.request, m.fds.len()))
+        .collect();
+    assert_eq!(
+        shape,
+        vec![(1, 0), (12, 1), (3, 0), (13, 2), (1, 0), (1, 0), (3, 0)]
+    );
+    assert_eq!(read_fd(&got[1].fds[0], 5), b"first");
+    assert_eq!(read_fd(&got[3].fds[0], 6), b"second");
+    assert_eq!(read_fd(&got[3].fds[1], 5), b"third");
+    assert!(!conn.readable_now());
+    send_raw(&b, &msg(1, &[]), &[]);
+    assert!(conn.readable_now());
+}

@@ -1,11 +1,13 @@
 //! vhost-user framing over a `SOCK_STREAM` Unix socket, with file descriptors as SCM_RIGHTS.
 //!
-//! Receiving: the 12-byte header, then exactly `size` payload bytes, each read in a loop that
-//! survives short reads and EINTR; descriptors are collected from every part of the message
-//! (received close-on-exec). The payload cap is checked before anything is allocated; an
-//! oversized payload is read into a fixed scratch buffer and dropped, so the stream stays in
-//! step and the connection lives. Descriptors over the cap (or cut off by the kernel) are
-//! closed and the message is refused, also without losing step.
+//! Receiving: reads take whatever the socket holds (up to 16 KiB), so a pipelined burst costs
+//! one system call, and messages are cut from that buffer: the 12-byte header, then exactly
+//! `size` payload bytes, surviving short reads and EINTR. Descriptors (received
+//! close-on-exec) belong to the message holding the last byte of the read that brought them
+//! (see `ReadAhead` for why). The payload cap is checked before anything is allocated; an
+//! oversized payload is read past and dropped, so the stream stays in step and the
+//! connection lives. Descriptors over the cap (or cut off by the kernel) are closed and the
+//! message is refused, also without losing step.
 //!
 //! Sending: header, payload and descriptors go in one `sendmsg`; a short write is finished
 //! without resending the descriptors; EINTR is retried; SIGPIPE is never raised.
@@ -88,17 +90,77 @@ pub struct Connection {
     limits: Limits,
     channel: Channel,
     send_lock: Mutex<()>,
-    recv_lock: Mutex<()>,
+    /// Held while receiving; what was read ahead of the next message.
+    recv_lock: Mutex<ReadAhead>,
     call_lock: Mutex<()>,
     /// Busy-poll window before a receive blocks, in nanoseconds (0: block at once).
     busy_poll_ns: AtomicU64,
 }
 
-/// What a receive loop ended with.
-enum Fill {
-    Full,
-    /// End of stream after this many bytes.
-    Eof(usize),
+/// Bytes read ahead of the next message, and the descriptors that came with them.
+///
+/// One `recvmsg` takes whatever the socket holds (up to [`READ_AHEAD`] bytes), so a burst
+/// of pipelined messages costs one system call instead of two per message. Descriptors need
+/// care: Linux ends a stream read right after the first chunk that carries descriptors, so
+/// the descriptors a read brings belong to the chunk at its end. Every sender we know (QEMU,
+/// libvhost-user, DPDK, ours) sends a message that carries descriptors with one `sendmsg`, so
+/// the rule is: **descriptors belong to the message that contains the last byte of the read
+/// that brought them**. A peer that attaches descriptors elsewhere only mislabels its own
+/// messages; the per-message cap still holds.
+#[derive(Debug, Default)]
+struct ReadAhead {
+    buf: Vec<u8>,
+    /// Unparsed bytes are `buf[start..end]`.
+    start: usize,
+    end: usize,
+    /// Stream offset of `buf[start]`.
+    offset: u64,
+    /// Descriptors received, each batch with the stream offset just past the read that
+    /// brought it, and whether that read lost some (over the cap, or cut by the kernel).
+    fds: std::collections::VecDeque<(u64, Vec<OwnedFd>, bool)>,
+}
+
+/// How much one receive asks the socket for.
+const READ_AHEAD: usize = 16 * 1024;
+
+impl ReadAhead {
+    fn len(&self) -> usize {
+        self.end - self.start
+    }
+
+    fn bytes(&self) -> &[u8] {
+        &self.buf[self.start..self.end]
+    }
+
+    fn consume(&mut self, n: usize) {
+        debug_assert!(n <= self.len());
+        self.start += n;
+        self.offset += n as u64;
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+    }
+
+    /// The descriptors of the message occupying stream bytes up to `msg_end`, and whether
+    /// any were lost.
+    fn take_fds(&mut self, msg_end: u64, max: usize) -> (Vec<OwnedFd>, bool) {
+        let mut fds = Vec::new();
+        let mut lost = false;
+        while self.fds.front().is_some_and(|(end, _, _)| *end <= msg_end) {
+            if let Some((_, batch, cut)) = self.fds.pop_front() {
+                lost |= cut;
+                for fd in batch {
+                    if fds.len() < max + 1 {
+                        fds.push(fd);
+                    } else {
+                        lost = true; // closed here
+                    }
+                }
+            }
+        }
+        (fds, lost)
+    }
 }
 
 impl Connection {
@@ -126,7 +188,7 @@ impl Connection {
             },
             channel,
             send_lock: Mutex::new(()),
-            recv_lock: Mutex::new(()),
+            recv_lock: Mutex::new(ReadAhead::default()),
             call_lock: Mutex::new(()),
             busy_poll_ns: AtomicU64::new(0),
         }
@@ -150,23 +212,7 @@ impl Connection {
         }
         let start = Instant::now();
         let window = Duration::from_nanos(ns);
-        let zero = rustix::event::Timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        loop {
-            let mut fds = [rustix::event::PollFd::new(
-                &self.sock,
-                rustix::event::PollFlags::IN,
-            )];
-            match rustix::event::poll(&mut fds, Some(&zero)) {
-                Ok(n) if n > 0 => return,
-                Err(e) if e != Errno::INTR => return,
-                _ => {}
-            }
-            if start.elapsed() >= window {
-                return;
-            }
+        while !self.socket_readable() && start.elapsed() < window {
             std::thread::yield_now();
         }
     }
@@ -186,28 +232,40 @@ impl Connection {
         self.limits
     }
 
-    /// Fill `buf` from the socket, collecting descriptors into `fds`. Returns whether the
-    /// kernel truncated the control data (descriptors lost, and closed by the kernel).
-    fn fill(
+    /// One read from the socket into `ra`, with room for at least `want` unparsed bytes;
+    /// `msg_end` is where the message being read ends in the stream, once its header is
+    /// known. Returns the number of bytes read (0 at the end of the stream).
+    fn read_more(
         &self,
-        buf: &mut [u8],
-        fds: &mut Vec<OwnedFd>,
-        truncated: &mut bool,
-    ) -> Result<Fill, WireError> {
+        ra: &mut ReadAhead,
+        want: usize,
+        msg_end: Option<u64>,
+    ) -> Result<usize, WireError> {
+        if ra.start > 0 {
+            ra.buf.copy_within(ra.start..ra.end, 0);
+            ra.end -= ra.start;
+            ra.start = 0;
+        }
+        let room = want.max(READ_AHEAD);
+        if ra.buf.len() < room {
+            ra.buf.resize(room, 0);
+        }
         // One more slot than allowed, so that a surplus is seen rather than cut silently.
         let mut space = vec![
             MaybeUninit::<u8>::uninit();
             rustix::cmsg_space!(ScmRights(self.limits.max_fds + 1))
         ];
-        let mut done = 0;
-        while done < buf.len() {
+        loop {
             let mut control = RecvAncillaryBuffer::new(&mut space);
-            let mut iov = [IoSliceMut::new(&mut buf[done..])];
+            let end = ra.end;
+            let mut iov = [IoSliceMut::new(&mut ra.buf[end..])];
             let r = match recvmsg(&self.sock, &mut iov, &mut control, RecvFlags::CMSG_CLOEXEC) {
                 Ok(r) => r,
                 Err(Errno::INTR) => continue,
                 Err(e) => return Err(WireError::Io(e.into())),
             };
+            let mut fds = Vec::new();
+            let mut lost = r.flags.contains(ReturnFlags::CTRUNC);
             for msg in control.drain() {
                 if let RecvAncillaryMessage::ScmRights(received) = msg {
                     for fd in received {
@@ -216,20 +274,35 @@ impl Connection {
                         if fds.len() <= self.limits.max_fds {
                             fds.push(fd);
                         } else {
-                            *truncated = true;
+                            lost = true;
                         }
                     }
                 }
             }
-            if r.flags.contains(ReturnFlags::CTRUNC) {
-                *truncated = true;
+            ra.end += r.bytes;
+            if !fds.is_empty() || lost {
+                let read_end = ra.offset + ra.len() as u64;
+                // Batches that all belong to the message being read are kept as one, under
+                // the cap: a peer sending descriptors with every byte of a message holds at
+                // most the cap plus one read's worth.
+                let current = |e: u64| msg_end.is_some_and(|m| e <= m);
+                match ra.fds.back_mut() {
+                    Some(back) if current(back.0) && current(read_end) => {
+                        back.0 = read_end;
+                        back.2 |= lost;
+                        for fd in fds {
+                            if back.1.len() <= self.limits.max_fds {
+                                back.1.push(fd);
+                            } else {
+                                back.2 = true; // closed here
+                            }
+                        }
+                    }
+                    _ => ra.fds.push_back((read_end, fds, lost)),
+                }
             }
-            if r.bytes == 0 {
-                return Ok(Fill::Eof(done));
-            }
-            done += r.bytes;
+            return Ok(r.bytes);
         }
-        Ok(Fill::Full)
     }
 
     /// Receive one message.
@@ -237,42 +310,69 @@ impl Connection {
     /// Errors for which [`WireError::is_fatal`] is false leave the stream in step: the next
     /// call reads the next message.
     pub fn recv(&self) -> Result<RawMessage, WireError> {
-        let _guard = self.recv_lock.lock();
-        self.spin_until_readable();
-        let mut fds = Vec::new();
-        let mut truncated = false;
-        let mut hbuf = [0u8; HEADER_SIZE];
-        match self.fill(&mut hbuf, &mut fds, &mut truncated)? {
-            Fill::Full => {}
-            Fill::Eof(0) => return Err(WireError::Disconnected),
-            Fill::Eof(got) => {
-                return Err(WireError::Truncated {
-                    expected: HEADER_SIZE,
-                    got,
-                })
+        let mut guard = self.recv_lock.lock();
+        let ra = &mut *guard;
+        if ra.len() == 0 {
+            self.spin_until_readable();
+        }
+        while ra.len() < HEADER_SIZE {
+            if self.read_more(ra, HEADER_SIZE, None)? == 0 {
+                return Err(match ra.len() {
+                    0 => WireError::Disconnected,
+                    got => WireError::Truncated {
+                        expected: HEADER_SIZE,
+                        got,
+                    },
+                });
             }
         }
-        let header = Header::read_from_bytes(&hbuf).map_err(|_| WireError::Truncated {
-            expected: HEADER_SIZE,
-            got: hbuf.len(),
+        let header = Header::read_from_bytes(&ra.bytes()[..HEADER_SIZE]).map_err(|_| {
+            WireError::Truncated {
+                expected: HEADER_SIZE,
+                got: HEADER_SIZE,
+            }
         })?;
         let size = header.size as usize;
+        let msg_end = ra.offset + (HEADER_SIZE + size) as u64;
 
         if size > self.limits.max_payload {
-            self.discard(size, &mut fds, &mut truncated)?;
+            // Read past it without keeping it, so the stream stays in step.
+            ra.consume(HEADER_SIZE);
+            let mut left = size;
+            loop {
+                let n = left.min(ra.len());
+                ra.consume(n);
+                left -= n;
+                drop(ra.take_fds(msg_end, self.limits.max_fds)); // closes them
+                if left == 0 {
+                    break;
+                }
+                if self.read_more(ra, 0, Some(msg_end))? == 0 {
+                    return Err(WireError::Truncated {
+                        expected: HEADER_SIZE + size,
+                        got: HEADER_SIZE + size - left,
+                    });
+                }
+            }
             return Err(WireError::PayloadTooLarge {
                 size: header.size,
                 max: self.limits.max_payload,
                 header,
             });
         }
-        let mut payload = vec![0u8; size];
-        if let Fill::Eof(got) = self.fill(&mut payload, &mut fds, &mut truncated)? {
-            return Err(WireError::Truncated {
-                expected: HEADER_SIZE + size,
-                got: HEADER_SIZE + got,
-            });
+        let total = HEADER_SIZE + size;
+        while ra.len() < total {
+            if self.read_more(ra, total, Some(msg_end))? == 0 {
+                return Err(WireError::Truncated {
+                    expected: total,
+                    got: ra.len(),
+                });
+            }
         }
+        let payload = ra.bytes()[HEADER_SIZE..total].to_vec();
+        ra.consume(total);
+        let (fds, truncated) = ra.take_fds(msg_end, self.limits.max_fds);
+        drop(guard);
 
         if truncated || fds.len() > self.limits.max_fds {
             let got = fds.len();
@@ -309,29 +409,6 @@ impl Connection {
             payload,
             fds,
         })
-    }
-
-    /// Read and drop `size` payload bytes through a small buffer.
-    fn discard(
-        &self,
-        size: usize,
-        fds: &mut Vec<OwnedFd>,
-        truncated: &mut bool,
-    ) -> Result<(), WireError> {
-        let mut scratch = [0u8; 4096];
-        let mut left = size;
-        while left > 0 {
-            let n = left.min(scratch.len());
-            if let Fill::Eof(got) = self.fill(&mut scratch[..n], fds, truncated)? {
-                return Err(WireError::Truncated {
-                    expected: HEADER_SIZE + size,
-                    got: HEADER_SIZE + size - left + got,
-                });
-            }
-            left -= n;
-            fds.clear(); // nothing of this message is kept
-        }
-        Ok(())
     }
 
     /// Send one message: `header` (its size must equal `payload.len()`), `payload`, `fds`.
@@ -524,6 +601,50 @@ impl Connection {
             self.send_reply(to, &Reply::U64(u64::from(!ok)))?;
         }
         Ok(())
+    }
+
+    /// Acknowledge several handled requests (see [`Connection::ack`]) with one write, in
+    /// order. Requests that did not ask for a status get nothing, as with `ack`.
+    pub fn ack_all(&self, acks: &[(Header, bool)]) -> Result<(), WireError> {
+        let mut bytes = Vec::with_capacity(acks.len() * (HEADER_SIZE + 8));
+        for (to, ok) in acks {
+            if to.needs_reply() && !to.is_reply() && self.answer(to).is_none() {
+                let payload = Reply::U64(u64::from(!ok)).encode();
+                bytes.extend_from_slice(to.reply(payload.len() as u32).as_bytes());
+                bytes.extend_from_slice(&payload);
+            }
+        }
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        self.send_raw(&bytes, false).map(|_| ())
+    }
+
+    /// Whether a message (or the end of the stream) can be read right now without waiting:
+    /// bytes already read ahead, or bytes in the socket.
+    pub fn readable_now(&self) -> bool {
+        if self.recv_lock.try_lock().is_some_and(|ra| ra.len() > 0) {
+            return true;
+        }
+        self.socket_readable()
+    }
+
+    fn socket_readable(&self) -> bool {
+        let mut fds = [rustix::event::PollFd::new(
+            &self.sock,
+            rustix::event::PollFlags::IN,
+        )];
+        let zero = rustix::event::Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        loop {
+            match rustix::event::poll(&mut fds, Some(&zero)) {
+                Ok(n) => return n > 0,
+                Err(Errno::INTR) => continue,
+                Err(_) => return false,
+            }
+        }
     }
 
     /// How a request of this channel is always answered, if it is.
