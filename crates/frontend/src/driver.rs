@@ -451,13 +451,6 @@ impl<'a> BlkDriver<'a> {
             .map_err(Self::mem_err)
     }
 
-    fn map(&self, gpa: u64, len: u64, perm: Perm) -> Result<u64, DriverError> {
-        match &self.viommu {
-            Some(v) => Ok(v.map(gpa, len, perm)?),
-            None => Ok(gpa),
-        }
-    }
-
     /// Take a page for a per-request buffer, checking its poison.
     fn take_page(&mut self) -> Result<u64, DriverError> {
         self.release_deferred();
@@ -578,10 +571,16 @@ impl<'a> BlkDriver<'a> {
             Perm::WriteOnly
         };
         let (hdr, status, data, maps) = if per_request {
-            let h = self.map(meta, PAGE, Perm::ReadOnly)?;
-            let st = self.map(meta, PAGE, Perm::WriteOnly)?;
-            let d = self.map(data_gpa, self.bytes, data_perm)?;
-            (h, st, d, [h, st, d])
+            let v = self
+                .viommu
+                .as_ref()
+                .ok_or_else(|| DriverError::Config("per-request mapping needs a vIOMMU".into()))?;
+            let m = v.map_all(&[
+                (meta, PAGE, Perm::ReadOnly),
+                (meta, PAGE, Perm::WriteOnly),
+                (data_gpa, self.bytes, data_perm),
+            ])?;
+            (m[0], m[1], m[2], [m[0], m[1], m[2]])
         } else {
             let slot = &self.slots[s];
             let dev = slot

@@ -390,6 +390,44 @@ impl Viommu {
         Ok(iova)
     }
 
+    /// Map several buffers (`(gpa, len, perm)` each) at fresh IOVAs, returned in order. With
+    /// pre-push, their UPDATEs go to each device as one batch (one round trip). If one fails,
+    /// those mapped before it stay mapped (the caller unmaps them).
+    pub fn map_all(&self, bufs: &[(u64, u64, Perm)]) -> Result<Vec<u64>, ViommuError> {
+        let mut iovas = Vec::with_capacity(bufs.len());
+        {
+            let mut d = self.domain.lock();
+            for &(gpa, len, perm) in bufs {
+                let iova = d.alloc.alloc(len)?;
+                let len = len.div_ceil(PAGE) * PAGE;
+                if let Err(e) = d.table.map(iova, gpa, len, perm) {
+                    d.alloc.free(iova, len);
+                    return Err(e);
+                }
+                iovas.push(iova);
+            }
+        }
+        self.stats
+            .maps
+            .fetch_add(bufs.len() as u64, Ordering::Relaxed);
+        if self.config.prepush {
+            let mut updates = Vec::with_capacity(bufs.len());
+            for (&iova, &(gpa, len, perm)) in iovas.iter().zip(bufs) {
+                let range = IovaRange::from_size(iova, len.div_ceil(PAGE) * PAGE)
+                    .map_err(|e| ViommuError::Forward(e.to_string()))?;
+                updates.push((range, gpa, perm));
+            }
+            let _order = self.order.lock();
+            for dev in self.devices.read().iter() {
+                dev.update_all(&updates).map_err(ViommuError::Forward)?;
+            }
+            self.stats
+                .prepushed
+                .fetch_add(bufs.len() as u64, Ordering::Relaxed);
+        }
+        Ok(iovas)
+    }
+
     /// Map at a given IOVA (rings the driver placed itself).
     pub fn map_at(&self, iova: u64, gpa: u64, len: u64, perm: Perm) -> Result<(), ViommuError> {
         self.domain.lock().table.map(iova, gpa, len, perm)?;
