@@ -16,6 +16,10 @@
 //!   existing stacks does this);
 //! - `strict-4k`: `strict` with MISSes answered one page at a time, as QEMU does.
 //!
+//! Every workload runs `--rounds` times (default 5), interleaved with the others, and the
+//! round with the median IOPS is reported: a moment of interference on a shared machine
+//! then spoils one sample instead of a ratio.
+//!
 //! Figures: IOPS, MB/s, latency p50/p99, misses/s, miss round trip p50/p99 (MISS sent to
 //! queue running again, measured by our back-end), IOTLB hit rate, invalidations/s, and the
 //! ratio to `off`. A progress bar on a terminal, a table at the end, `--json FILE` and
@@ -65,11 +69,16 @@ pub struct E2eArgs {
     pub socket: Option<PathBuf>,
     /// Busy-poll window in microseconds of the threads that pass MISS, UPDATE and INVALIDATE
     /// messages on both sides (0: block at once; each message then costs a thread wake-up).
-    #[arg(long, value_name = "US", default_value_t = 50)]
+    #[arg(long, value_name = "US", default_value_t = 200)]
     pub busy_poll_us: u64,
     /// Write an SVG chart of throughput and miss round trip per workload.
     #[arg(long, value_name = "FILE.svg")]
     pub plot: Option<PathBuf>,
+    /// Rounds: every workload runs this many times, interleaved (off, warm, ..., off, warm,
+    /// ...), `--duration` split between them; the round with the median IOPS is reported.
+    /// A machine that slows down for a moment then skews one sample, not a ratio.
+    #[arg(long, default_value_t = 5)]
+    pub rounds: u32,
 }
 
 /// One workload's setting.
@@ -163,6 +172,8 @@ struct Row {
     hit_rate: Option<f64>,
     invalidations_per_s: f64,
     ratio_to_off: f64,
+    /// IOPS of every round, in order.
+    iops_rounds: Vec<f64>,
     /// Front-end side: MISS received to UPDATE acknowledged.
     miss_service_p50_us: Option<f64>,
     misses: u64,
@@ -345,6 +356,9 @@ pub fn run(args: &E2eArgs, json_path: Option<&Path>) -> Result<(), String> {
     if args.depth == 0 || args.depth > 85 {
         return Err("--depth must be within 1..=85 (three descriptors each in a 256 ring)".into());
     }
+    if !(1..=20).contains(&args.rounds) {
+        return Err("--rounds must be within 1..=20".into());
+    }
     if !(args.duration > 0.0 && args.duration <= 3600.0) {
         return Err("--duration must be within (0, 3600] seconds".into());
     }
@@ -391,56 +405,94 @@ pub fn run(args: &E2eArgs, json_path: Option<&Path>) -> Result<(), String> {
 }
 
 fn run_all(args: &E2eArgs, list: &[Workload], dir: &Path) -> Result<Vec<Row>, String> {
-    let pb = ProgressBar::new((list.len() as f64 * args.duration * 10.0) as u64);
+    let rounds = args.rounds.max(1);
+    // Each round measures a share of `--duration`.
+    let per = E2eArgs {
+        duration: args.duration / f64::from(rounds),
+        ..args.clone()
+    };
+    let steps = (rounds as usize * list.len()) as f64;
+    let pb = ProgressBar::new((steps * per.duration * 10.0) as u64);
     pb.set_style(
         ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:40} {msg}")
             .map_err(|e| e.to_string())?,
     );
-    let mut rows: Vec<Row> = Vec::new();
-    let mut off_iops = None;
-    for (i, w) in list.iter().enumerate() {
-        pb.set_message(format!("{} ({}/{})", w.name, i + 1, list.len()));
-        let base = (i as f64 * args.duration * 10.0) as u64;
-        let ticker = {
-            let pb = pb.clone();
-            let secs = args.duration;
-            let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-            let s2 = stop.clone();
-            let t = std::thread::spawn(move || {
-                let start = Instant::now();
-                while !s2.load(std::sync::atomic::Ordering::Relaxed) {
-                    let done = (start.elapsed().as_secs_f64().min(secs) * 10.0) as u64;
-                    pb.set_position(base + done);
-                    std::thread::sleep(Duration::from_millis(100));
+    let mut samples: Vec<Vec<Row>> = vec![Vec::new(); list.len()];
+    let mut step = 0usize;
+    for round in 0..rounds {
+        for (i, w) in list.iter().enumerate() {
+            pb.set_message(format!("{} (round {}/{rounds})", w.name, round + 1));
+            let base = (step as f64 * per.duration * 10.0) as u64;
+            step += 1;
+            let ticker = {
+                let pb = pb.clone();
+                let secs = per.duration;
+                let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let s2 = stop.clone();
+                let t = std::thread::spawn(move || {
+                    let start = Instant::now();
+                    while !s2.load(std::sync::atomic::Ordering::Relaxed) {
+                        let done = (start.elapsed().as_secs_f64().min(secs) * 10.0) as u64;
+                        pb.set_position(base + done);
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                });
+                (stop, t)
+            };
+            let outcome = match &per.socket {
+                Some(sock) => run_workload(&per, w, sock, false, || {}).map(|m| (m, None, None)),
+                None => {
+                    // 1 GiB (sparse, in memory): room for every slot's blocks.
+                    let own = OwnBackend::start(
+                        dir,
+                        w.name,
+                        per.iotlb_capacity,
+                        Duration::from_micros(per.busy_poll_us),
+                        1 << 30,
+                    )?;
+                    let socket = own.socket.clone();
+                    let server = own.server.clone();
+                    let r = run_workload(&per, w, &socket, true, || server.miss_rtt().reset());
+                    let (stats, rtt) = own.stop()?;
+                    r.map(|m| (m, Some(stats), rtt))
                 }
-            });
-            (stop, t)
-        };
-        let outcome = match &args.socket {
-            Some(sock) => run_workload(args, w, sock, false, || {}).map(|m| (m, None, None)),
-            None => {
-                // A sparse 1 GiB file: room for every slot's blocks.
-                let own = OwnBackend::start(
-                    dir,
-                    w.name,
-                    args.iotlb_capacity,
-                    Duration::from_micros(args.busy_poll_us),
-                    1 << 30,
-                )?;
-                let socket = own.socket.clone();
-                let server = own.server.clone();
-                let r = run_workload(args, w, &socket, true, || server.miss_rtt().reset());
-                let (stats, rtt) = own.stop()?;
-                r.map(|m| (m, Some(stats), rtt))
-            }
-        };
-        ticker.0.store(true, std::sync::atomic::Ordering::Relaxed);
-        let _ = ticker.1.join();
-        let (measured, stats, rtt) = outcome?;
-        rows.push(row(w, &measured, stats.as_ref(), rtt, &mut off_iops, args));
+            };
+            ticker.0.store(true, std::sync::atomic::Ordering::Relaxed);
+            let _ = ticker.1.join();
+            let (measured, stats, rtt) = outcome?;
+            samples[i].push(row(w, &measured, stats.as_ref(), rtt, args));
+        }
     }
     pb.finish_and_clear();
+    let mut rows: Vec<Row> = samples.into_iter().filter_map(median_round).collect();
+    let off = rows.iter().find(|r| r.name == "off").map(|r| r.iops);
+    for r in &mut rows {
+        r.ratio_to_off = off.map_or(1.0, |o| r.iops / o);
+    }
     Ok(rows)
+}
+
+/// The round with the median IOPS, carrying every round's IOPS and the data-check counts
+/// of all rounds (a failure in any round is a failure).
+fn median_round(mut rounds: Vec<Row>) -> Option<Row> {
+    let iops_rounds: Vec<f64> = rounds.iter().map(|r| r.iops).collect();
+    let (checks, verify, poison, errors) = rounds.iter().fold((0, 0, 0, 0), |a, r| {
+        (
+            a.0 + r.poison_checks,
+            a.1 + r.verify_failures,
+            a.2 + r.poison_violations,
+            a.3 + r.errors,
+        )
+    });
+    rounds.sort_by(|a, b| a.iops.total_cmp(&b.iops));
+    let mid = rounds.len() / 2;
+    let mut r = rounds.into_iter().nth(mid)?;
+    r.iops_rounds = iops_rounds;
+    r.poison_checks = checks;
+    r.verify_failures = verify;
+    r.poison_violations = poison;
+    r.errors = errors;
+    Some(r)
 }
 
 fn row(
@@ -448,15 +500,11 @@ fn row(
     m: &Measured,
     stats: Option<&Stats>,
     rtt: Option<(f64, f64)>,
-    off_iops: &mut Option<f64>,
     args: &E2eArgs,
 ) -> Row {
     let r = &m.report;
     let secs = r.elapsed.as_secs_f64().max(1e-9);
     let iops = r.requests as f64 / secs;
-    if w.name == "off" {
-        *off_iops = Some(iops);
-    }
     let bytes = f64::from(args.block_kib) * 1024.0;
     let misses = m.misses;
     let (rtt50, rtt99) = (rtt.map(|r| r.0), rtt.map(|r| r.1));
@@ -476,7 +524,8 @@ fn row(
             (w.viommu.is_some() && total > 0).then(|| s.hits as f64 / total as f64)
         }),
         invalidations_per_s: m.invalidations as f64 / secs,
-        ratio_to_off: off_iops.map_or(1.0, |o| iops / o),
+        ratio_to_off: 1.0, // set once `off` is known
+        iops_rounds: vec![iops],
         miss_service_p50_us: m.service_p50,
         misses,
         verify_failures: r.verify_failures,
@@ -493,11 +542,12 @@ fn fmt_opt(v: Option<f64>, prec: usize) -> String {
 fn print_table(args: &E2eArgs, rows: &[Row]) {
     println!(
         "vhost-iotlb end-to-end: virtio-blk, {} KiB random I/O, {}% writes, depth {}, {} s per \
-         workload, IOTLB {} entries{}",
+         workload in {} interleaved rounds (median round shown), IOTLB {} entries{}",
         args.block_kib,
         args.write_percent,
         args.depth,
         args.duration,
+        args.rounds,
         args.iotlb_capacity,
         args.socket
             .as_ref()
@@ -560,6 +610,7 @@ fn to_json(rows: &[Row]) -> serde_json::Value {
                 "hit_rate": r.hit_rate,
                 "invalidations_per_s": r.invalidations_per_s,
                 "ratio_to_off": r.ratio_to_off,
+                "iops_rounds": r.iops_rounds,
                 "verify_failures": r.verify_failures,
                 "poison_checks": r.poison_checks,
                 "poison_violations": r.poison_violations,
