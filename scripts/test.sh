@@ -3,7 +3,8 @@
 # non-interactive), then formatting, lints, all tests, the benches in test mode, a fuzzing
 # smoke run of every cargo-fuzz target (nightly toolchain and cargo-fuzz installed when
 # missing), the end-to-end run against QEMU in three IOMMU modes (QEMU and the guest
-# installed/built when missing), and one run of the main job (`vhost-iotlb bench`) and of `bench --iotlb`, whose JSON output is checked
+# installed/built when missing), the kernel's /dev/vhost-net driven by our vIOMMU in the
+# same guest, and one run of the main job (`vhost-iotlb bench`) and of `bench --iotlb`, whose JSON output is checked
 # for its keys.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -40,6 +41,9 @@ step "fuzzing smoke run (scripts/fuzz-smoke.sh: each cargo-fuzz target for ${FUZ
 
 step "end to end: QEMU + Linux guest + vhost-iotlb blk (intel-iommu, virtio-iommu, none)"
 ./scripts/e2e.sh
+
+step "kernel vhost-net behind our vIOMMU, in the guest (scripts/kernel-net.sh)"
+./scripts/kernel-net.sh
 
 step "main job: cargo run --release -- bench (end to end), then bench --iotlb"
 out="$(mktemp -d)"

@@ -4,6 +4,8 @@
 //! - `bench`: the main job, the end-to-end benchmark (front-end + vIOMMU + back-end over a
 //!   real socket); `bench --iotlb` runs the IOTLB micro-benchmark instead.
 //! - `blk`: serve a file or block device as a vhost-user-blk back-end with a device IOTLB.
+//! - `kernel-net`: drive the kernel's `/dev/vhost-net` behind our vIOMMU (in a throwaway
+//!   guest: it creates a tap device).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -13,6 +15,7 @@ use clap::{Args, Parser, Subcommand};
 mod bench;
 mod bench_iotlb;
 mod blk;
+mod kernel_net;
 
 #[derive(Parser)]
 #[command(
@@ -31,6 +34,9 @@ enum Command {
     Bench(BenchArgs),
     /// Serve a disk image as a vhost-user-blk back-end (IOMMU-capable).
     Blk(blk::BlkArgs),
+    /// Drive the kernel's /dev/vhost-net device IOTLB from our vIOMMU and check frames
+    /// through a tap (needs root, vhost_net and tun; meant for a throwaway VM).
+    KernelNet(kernel_net::KernelNetArgs),
 }
 
 #[derive(Args)]
@@ -79,6 +85,7 @@ fn main() -> ExitCode {
             BenchKind::EndToEnd => bench::run(&args.e2e, args.json.as_deref()),
         },
         Command::Blk(args) => blk::run(&args),
+        Command::KernelNet(args) => kernel_net::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

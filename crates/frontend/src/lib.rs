@@ -10,5 +10,6 @@
 //! This crate plays the guest and the VMM; it never reaches into the back-end's state.
 
 pub mod driver;
+pub mod kernel;
 pub mod vhost_user;
 pub mod viommu;
