@@ -109,6 +109,8 @@ pub struct VhostKernel {
     /// Our virtual address of guest-physical 0 (UPDATEs carry user addresses).
     va_base: u64,
     stats: KernelStats,
+    /// Bumped by every INVALIDATE written (a [`MissFilter`] forgets its answers then).
+    inval_gen: AtomicU64,
 }
 
 /// An ioctl opcode from the UAPI constants (which are `_IOC` values, below 2^32).
@@ -134,6 +136,7 @@ impl VhostKernel {
             fmt: Mutex::new(MsgFormat::default()),
             va_base,
             stats: KernelStats::default(),
+            inval_gen: AtomicU64::new(0),
         };
         // SAFETY: VHOST_SET_OWNER takes no argument.
         unsafe { ioctl(&dev.fd, NoArg::<{ op(uapi::VHOST_SET_OWNER) }>::new()) }
@@ -355,11 +358,15 @@ impl VhostKernel {
                 Err(errno) => return Err(KernelError::Write { msg, errno }),
             }
         }
-        let c = match msg {
-            IotlbMsg::Invalidate { .. } => &self.stats.invalidations,
-            _ => &self.stats.updates,
-        };
-        c.fetch_add(1, Ordering::Relaxed);
+        match msg {
+            IotlbMsg::Invalidate { .. } => {
+                self.inval_gen.fetch_add(1, Ordering::SeqCst);
+                self.stats.invalidations.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {
+                self.stats.updates.fetch_add(1, Ordering::Relaxed);
+            }
+        }
         Ok(())
     }
 
@@ -416,32 +423,37 @@ impl DeviceIotlb for VhostKernel {
 }
 
 /// The kernel repeats a MISS on every retry; answer each `(page, access)` once until an
-/// invalidation may have taken the answer away.
+/// INVALIDATE may have taken the answer away. Also keeps the log of every MISS read.
 #[derive(Debug, Default)]
 pub struct MissFilter {
     answered: HashSet<(u64, Access)>,
+    /// The device's invalidation count `answered` is valid for.
+    gen: u64,
+    /// Every MISS read, duplicates included, in order.
+    pub log: Vec<(u64, Access)>,
 }
 
 impl MissFilter {
-    /// Whether a MISS for `iova`/`access` still needs an answer (and remember it will
-    /// have one).
-    pub fn first(&mut self, iova: u64, access: Access) -> bool {
+    /// Whether a MISS for `iova`/`access` on `dev` still needs an answer (and remember it
+    /// will have one).
+    pub fn first(&mut self, dev: &VhostKernel, iova: u64, access: Access) -> bool {
+        self.log.push((iova, access));
+        let gen = dev.inval_gen.load(Ordering::SeqCst);
+        if gen != self.gen {
+            self.answered.clear();
+            self.gen = gen;
+        }
         self.answered.insert((iova & !0xfff, access))
-    }
-
-    /// Forget everything answered (after any INVALIDATE or remap).
-    pub fn reset(&mut self) {
-        self.answered.clear();
     }
 }
 
-/// Read every pending message from `dev` and answer its MISSes from `viommu` (duplicates
-/// dropped through `filter`). Returns the number of MISSes answered and the IOVAs of those
-/// the vIOMMU has no mapping for.
-pub fn serve_misses(
+/// Read every pending message from `dev` and answer each new MISS with `answer(iova,
+/// access)` (true: answered; false: nothing mapped there). Returns the number answered and
+/// the IOVAs left unanswered.
+pub fn serve_misses_with(
     dev: &VhostKernel,
-    viommu: &Viommu,
     filter: &mut MissFilter,
+    mut answer: impl FnMut(u64, Access) -> Result<bool, ViommuError>,
 ) -> Result<(u64, Vec<u64>), KernelError> {
     let mut answered = 0;
     let mut unmapped = Vec::new();
@@ -453,19 +465,15 @@ pub fn serve_misses(
                 } else {
                     Access::Read
                 };
-                if !filter.first(iova, access) {
+                if !filter.first(dev, iova, access) {
                     dev.stats.duplicates.fetch_add(1, Ordering::Relaxed);
                     continue;
                 }
-                match viommu.fault(dev, iova, access) {
+                match answer(iova, access) {
                     Ok(true) => answered += 1,
                     Ok(false) => unmapped.push(iova),
-                    Err(ViommuError::Forward(e)) => {
-                        tracing::warn!(iova = %format_args!("{iova:#x}"), error = %e, "kernel vhost: UPDATE refused");
-                        unmapped.push(iova);
-                    }
                     Err(e) => {
-                        tracing::warn!(iova = %format_args!("{iova:#x}"), error = %e, "kernel vhost: fault");
+                        tracing::warn!(iova = %format_args!("{iova:#x}"), error = %e, "kernel vhost: MISS not answered");
                         unmapped.push(iova);
                     }
                 }
@@ -476,6 +484,16 @@ pub fn serve_misses(
         }
     }
     Ok((answered, unmapped))
+}
+
+/// [`serve_misses_with`], answering from `viommu`'s page tables (the mapping's permission,
+/// the largest run the vIOMMU allows).
+pub fn serve_misses(
+    dev: &VhostKernel,
+    viommu: &Viommu,
+    filter: &mut MissFilter,
+) -> Result<(u64, Vec<u64>), KernelError> {
+    serve_misses_with(dev, filter, |iova, access| viommu.fault(dev, iova, access))
 }
 
 /// Feature bits a vhost-net client behind an IOMMU acks.

@@ -412,6 +412,12 @@ impl VhostUserFrontend {
         Ok(fe)
     }
 
+    /// The back-end's device IOTLB as the vIOMMU sees it (UPDATE and INVALIDATE over this
+    /// connection), e.g. to answer a fault by hand.
+    pub fn device_iotlb(&self) -> Arc<dyn DeviceIotlb> {
+        self.iotlb.clone()
+    }
+
     /// The guest memory.
     pub fn ram(&self) -> &Arc<GuestRam> {
         &self.ram
