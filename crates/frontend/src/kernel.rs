@@ -161,6 +161,11 @@ impl VhostKernel {
         &self.stats
     }
 
+    /// INVALIDATEs written so far through [`VhostKernel::write_msg`].
+    pub fn invalidations(&self) -> u64 {
+        self.inval_gen.load(Ordering::SeqCst)
+    }
+
     /// The message format in use.
     pub fn format(&self) -> MsgFormat {
         *self.fmt.lock()
@@ -370,6 +375,28 @@ impl VhostKernel {
         Ok(())
     }
 
+    /// Write `bytes` as they are, for probing how the kernel treats malformed messages:
+    /// returns what `write()` returned. Nothing is validated or counted.
+    pub fn write_raw(&self, bytes: &[u8]) -> Result<usize, Errno> {
+        loop {
+            match rustix::io::write(&self.fd, bytes) {
+                Err(Errno::INTR) => continue,
+                r => return r,
+            }
+        }
+    }
+
+    /// Read into `buf` as it is (`EAGAIN` when empty), for probing; nothing is decoded or
+    /// counted.
+    pub fn read_raw(&self, buf: &mut [u8]) -> Result<usize, Errno> {
+        loop {
+            match rustix::io::read(&self.fd, &mut *buf) {
+                Err(Errno::INTR) => continue,
+                r => return r,
+            }
+        }
+    }
+
     /// Read one message if there is one (the fd is non-blocking): `Ok(None)` when empty.
     pub fn read_msg(&self) -> Result<Option<IotlbMsg>, KernelError> {
         let mut buf = [0u8; VHOST_MSG_SIZE];
@@ -434,16 +461,21 @@ pub struct MissFilter {
 }
 
 impl MissFilter {
-    /// Whether a MISS for `iova`/`access` on `dev` still needs an answer (and remember it
-    /// will have one).
-    pub fn first(&mut self, dev: &VhostKernel, iova: u64, access: Access) -> bool {
+    /// Whether a MISS for `iova`/`access` still needs an answer (and remember it will have
+    /// one); `gen` is the device's [`VhostKernel::invalidations`] count now.
+    pub fn first(&mut self, gen: u64, iova: u64, access: Access) -> bool {
         self.log.push((iova, access));
-        let gen = dev.inval_gen.load(Ordering::SeqCst);
         if gen != self.gen {
             self.answered.clear();
             self.gen = gen;
         }
         self.answered.insert((iova & !0xfff, access))
+    }
+
+    /// Forget every answer (after INVALIDATEs written behind the device's back, e.g. with
+    /// [`VhostKernel::write_raw`]).
+    pub fn forget(&mut self) {
+        self.answered.clear();
     }
 }
 
@@ -465,7 +497,7 @@ pub fn serve_misses_with(
                 } else {
                     Access::Read
                 };
-                if !filter.first(dev, iova, access) {
+                if !filter.first(dev.invalidations(), iova, access) {
                     dev.stats.duplicates.fetch_add(1, Ordering::Relaxed);
                     continue;
                 }
@@ -499,3 +531,42 @@ pub fn serve_misses(
 /// Feature bits a vhost-net client behind an IOMMU acks.
 pub const NET_FEATURES: u64 =
     features::device::ACCESS_PLATFORM | features::device::VERSION_1 | (1 << 15); // MRG_RXBUF
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_miss_is_answered_once_per_page_and_access_until_an_invalidation() {
+        let mut f = MissFilter::default();
+        assert!(f.first(0, 0x1234, Access::Read));
+        // The kernel's retry, another byte of the page: dropped.
+        assert!(!f.first(0, 0x1234, Access::Read));
+        assert!(!f.first(0, 0x1ff0, Access::Read));
+        // Other access or other page: new.
+        assert!(f.first(0, 0x1234, Access::Write));
+        assert!(f.first(0, 0x2000, Access::Read));
+        // After an INVALIDATE the same MISS needs an answer again.
+        assert!(f.first(1, 0x1234, Access::Read));
+        assert!(!f.first(1, 0x1234, Access::Read));
+        f.forget();
+        assert!(f.first(1, 0x1234, Access::Read));
+        assert_eq!(f.log.len(), 8);
+    }
+
+    #[test]
+    fn opening_a_missing_node_says_which() {
+        let e = VhostKernel::open(Path::new("/nonexistent/vhost-net"), 0).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                KernelError::Open {
+                    errno: Errno::NOENT,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("/nonexistent/vhost-net"));
+    }
+}
