@@ -1311,7 +1311,7 @@ fn kernel_behaviour(args: &KernelNetArgs, net: &mut Net, pages: &mut Pages) -> R
         net.unmap(iova, PAGE)?;
         Ok(repeats)
     })())
-    .map(|r| println!("case msg-format: ok (72 bytes, v2, exact IOVA {}, size 0, uaddr 0, RO, zero tail; a 40-byte read returns 0 and takes nothing; {r} identical repeats, then EAGAIN)", "not page-aligned"))?;
+    .map(|r| println!("case msg-format: ok (72 bytes, v2, exact IOVA not page-aligned, size 0, uaddr 0, RO, zero tail; a 40-byte read returns 0 and takes nothing; {r} identical repeats, then EAGAIN)"))?;
 
     // write-rules: what write() returns.
     case(
