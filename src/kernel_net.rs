@@ -1542,6 +1542,38 @@ fn kernel_behaviour(args: &KernelNetArgs, net: &mut Net, pages: &mut Pages) -> R
     )?;
     println!("case set-features: ok (SET_FEATURES again emptied the kernel's IOTLB)");
 
+    // invalidate-all: the vIOMMU's whole-space INVALIDATE reaches the kernel (it ignores
+    // size 0, so the transport sends it as two halves).
+    case(
+        "invalidate-all",
+        (|| {
+            let gpa = pages.next()?;
+            let (lo, hi) = (0x7_7000_0000u64, 0xffff_ffff_ffff_0000u64);
+            let f = frame(SRC_TX, 0xf0, 70);
+            for iova in [lo, hi] {
+                net.viommu
+                    .map_at(iova, gpa, PAGE, Perm::ReadOnly)
+                    .map_err(|e| e.to_string())?;
+                ok72(
+                    "UPDATE",
+                    dev.write_raw(&raw_msg(false, UPDATE, iova, PAGE, net.ram.va(gpa), RO)),
+                )?;
+                if send_check(net, gpa, iova, &f, &f)? != 0 {
+                    return Err(format!("a MISS on the pushed page {iova:#x}"));
+                }
+            }
+            DeviceIotlb::invalidate(&*dev, IovaRange::FULL)?;
+            for iova in [lo, hi] {
+                if send_check(net, gpa, iova, &f, &f)? == 0 {
+                    return Err(format!("{iova:#x} survived the whole-space INVALIDATE"));
+                }
+                net.viommu.unmap(iova, PAGE).map_err(|e| e.to_string())?;
+            }
+            Ok(())
+        })(),
+    )?;
+    println!("case invalidate-all: ok (a whole-space INVALIDATE emptied both halves)");
+
     case("no-mem-table", no_mem_table(args))?;
     println!("case no-mem-table: ok (SET_BACKEND without a memory table: EFAULT, no MISS)");
     Ok(())
