@@ -218,6 +218,7 @@ impl<D: Device> Session<D> {
         }
         let end = loop {
             if stop.load(Ordering::SeqCst) {
+                let _ = self.flush_deferred();
                 break SessionEnd::Disconnected;
             }
             let msg = match self.conn.recv() {

@@ -519,6 +519,7 @@ impl<D: Device> WorkerState<D> {
     /// the meantime (retry at once).
     fn miss(&self, iova: u64, access: Access) -> Option<Parked> {
         let now = Instant::now();
+        self.expire_stale_ahead(now);
         let parked = Parked {
             iova,
             access,
@@ -614,6 +615,7 @@ impl<D: Device> WorkerState<D> {
             }
         });
         let now = Instant::now();
+        self.expire_stale_ahead(now);
         let found = wanted.len();
         wanted.retain(|&(iova, access)| self.shared.iotlb.register_ahead(iova, access, now));
         tracing::trace!(
@@ -663,6 +665,14 @@ impl<D: Device> WorkerState<D> {
             for &(iova, access) in &wanted {
                 self.shared.iotlb.unregister_ahead(iova, access);
             }
+        }
+    }
+
+    /// Forget the MISSes sent ahead that nobody joined within the miss timeout: never
+    /// answered (an unmapped page, a front-end that dropped them), they must not be joined.
+    fn expire_stale_ahead(&self, now: Instant) {
+        if let Some(deadline) = now.checked_sub(self.shared.miss_timeout) {
+            self.shared.iotlb.expire_unwaited(deadline);
         }
     }
 

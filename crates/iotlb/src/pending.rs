@@ -156,11 +156,17 @@ impl<W: Clone + PartialEq> PendingMisses<W> {
         }
         match self.entries.get_mut(&key) {
             Some(e) => {
+                // Joining a MISS sent ahead: it still asks for the byte sent ahead, so keep
+                // that as the outstanding byte (an UPDATE that answers it without covering
+                // this waiter then asks again at once, see `resolve`).
+                let ahead = e.waiters.is_empty();
                 match e.waiters.iter_mut().find(|(w, _)| *w == waiter) {
                     Some(mine) => mine.1 = iova,
                     None => e.waiters.push((waiter, iova)),
                 }
-                e.retarget();
+                if !ahead {
+                    e.retarget();
+                }
                 self.coalesced += 1;
                 Registration::Coalesced
             }
@@ -561,5 +567,22 @@ mod tests {
             p.register_ahead(0x3000, Access::Read, t1),
             "may be sent again"
         );
+    }
+
+    #[test]
+    fn a_waiter_joining_a_miss_sent_ahead_is_asked_for_again_after_a_partial_update() {
+        let t0 = Instant::now();
+        let mut p = PendingMisses::new();
+        assert!(p.register_ahead(0x5000, Access::Read, t0));
+        assert_eq!(
+            p.register(0x5f00, Access::Read, 1u8, t0),
+            Registration::Coalesced
+        );
+        // The answer to the MISS sent ahead covers its byte but not the waiter's.
+        let res = p.resolve(r(0x5000, 0x57ff), t0);
+        assert!(res.woken.is_empty());
+        assert_eq!(res.resend, vec![(0x5f00, Access::Read)]);
+        assert_eq!(p.resolve(r(0x5800, 0x5fff), t0).woken, vec![1]);
+        assert!(p.is_empty());
     }
 }

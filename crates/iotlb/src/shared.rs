@@ -183,6 +183,13 @@ impl<W: Clone + PartialEq> SharedIotlb<W> {
         pending.register_ahead(iova, access, now)
     }
 
+    /// Drop the misses sent ahead that nobody joined and that went out before `deadline`
+    /// (see [`PendingMisses::expire_unwaited`]): call it before registering, so that a stale
+    /// one (never answered) is neither joined nor keeps the page from being asked again.
+    pub fn expire_unwaited(&self, deadline: Instant) -> usize {
+        self.inner.pending.lock().expire_unwaited(deadline)
+    }
+
     /// A MISS registered ahead was not sent after all (see
     /// [`PendingMisses::unregister_ahead`]).
     pub fn unregister_ahead(&self, iova: u64, access: Access) {

@@ -102,9 +102,10 @@ pub struct Connection {
 /// One `recvmsg` takes whatever the socket holds (up to [`READ_AHEAD`] bytes), so a burst
 /// of pipelined messages costs one system call instead of two per message. Descriptors need
 /// care: Linux ends a stream read right after the first chunk that carries descriptors, so
-/// the descriptors a read brings belong to the chunk at its end. Every sender we know (QEMU,
-/// libvhost-user, DPDK, ours) sends a message that carries descriptors with one `sendmsg`, so
-/// the rule is: **descriptors belong to the message that contains the last byte of the read
+/// the descriptors a read brings belong to the chunk at its end. Every sender we know attaches
+/// descriptors to the `sendmsg` that starts the message (QEMU and ours send header, payload
+/// and descriptors together; libvhost-user sends the header with the descriptors, then the
+/// payload), so the rule is: **descriptors belong to the message that contains the last byte of the read
 /// that brought them**. A peer that attaches descriptors elsewhere only mislabels its own
 /// messages; the per-message cap still holds.
 #[derive(Debug, Default)]
@@ -283,8 +284,8 @@ impl Connection {
             if !fds.is_empty() || lost {
                 let read_end = ra.offset + ra.len() as u64;
                 // Batches that all belong to the message being read are kept as one, under
-                // the cap: a peer sending descriptors with every byte of a message holds at
-                // most the cap plus one read's worth.
+                // the cap: a peer sending descriptors with every payload byte holds at most
+                // the cap plus one read's worth (with every header byte, 12 reads' worth).
                 let current = |e: u64| msg_end.is_some_and(|m| e <= m);
                 match ra.fds.back_mut() {
                     Some(back) if current(back.0) && current(read_end) => {
@@ -333,7 +334,7 @@ impl Connection {
             }
         })?;
         let size = header.size as usize;
-        let msg_end = ra.offset + (HEADER_SIZE + size) as u64;
+        let msg_end = ra.offset + HEADER_SIZE as u64 + u64::from(header.size);
 
         if size > self.limits.max_payload {
             // Read past it without keeping it, so the stream stays in step.
@@ -620,8 +621,9 @@ impl Connection {
         self.send_raw(&bytes, false).map(|_| ())
     }
 
-    /// Whether a message (or the end of the stream) can be read right now without waiting:
-    /// bytes already read ahead, or bytes in the socket.
+    /// Whether bytes of a message (or the end of the stream) can be read right now: bytes
+    /// already read ahead, or bytes in the socket. The message may still be partial (a
+    /// peer writing it in pieces); every peer we know writes whole messages.
     pub fn readable_now(&self) -> bool {
         if self.recv_lock.try_lock().is_some_and(|ra| ra.len() > 0) {
             return true;
