@@ -85,6 +85,9 @@ pub(crate) struct Shared<D: Device> {
     pub miss_timeout: Duration,
     pub busy_poll: Duration,
     pub iotlb_capacity: usize,
+    /// Each running worker's wake-up eventfd, by queue index (a worker wakes another whose
+    /// miss it failed to send).
+    pub wakers: RwLock<Vec<Option<Arc<OwnedFd>>>>,
 }
 
 /// The connection thread's view of one vring.
@@ -167,6 +170,7 @@ impl<D: Device> Session<D> {
                 miss_timeout: config.miss_timeout,
                 busy_poll: config.busy_poll,
                 iotlb_capacity: capacity,
+                wakers: RwLock::new(vec![None; queues]),
             }),
             conn: {
                 let c = Connection::new(sock);

@@ -100,7 +100,8 @@ impl Worker {
             epoch: epoch.clone(),
             base: base.clone(),
         };
-        let name = format!("vq{}", state.cfg.index);
+        let index = state.cfg.index;
+        let name = format!("vq{index}");
         let thread = match std::thread::Builder::new()
             .name(name)
             .spawn(move || state.run())
@@ -111,6 +112,9 @@ impl Worker {
                 return Err(e);
             }
         };
+        if let Some(slot) = epochs.wakers.write().get_mut(usize::from(index)) {
+            *slot = Some(wake.clone());
+        }
         Ok(Worker {
             thread: Some(thread),
             stop,
@@ -127,6 +131,11 @@ impl Worker {
 
     /// Stop it and return where the queue resumes (for GET_VRING_BASE).
     pub(crate) fn stop<D: Device>(mut self, shared: &Shared<D>) -> u16 {
+        for slot in shared.wakers.write().iter_mut() {
+            if slot.as_ref().is_some_and(|w| Arc::ptr_eq(w, &self.wake)) {
+                *slot = None;
+            }
+        }
         self.stop.store(true, Ordering::SeqCst);
         signal(&self.wake);
         if let Some(t) = self.thread.take() {
@@ -662,8 +671,15 @@ impl<D: Device> WorkerState<D> {
             EngineCounters::add(&self.shared.stats.misses_sent, n);
             EngineCounters::add(&self.shared.stats.prefetched, n);
         } else {
+            // A queue that joined one of them meanwhile waits for a MISS that never went
+            // out: wake it to walk again and send its own.
+            let wakers = self.shared.wakers.read();
             for &(iova, access) in &wanted {
-                self.shared.iotlb.unregister_ahead(iova, access);
+                for q in self.shared.iotlb.unregister_ahead(iova, access) {
+                    if let Some(Some(w)) = wakers.get(usize::from(q)) {
+                        signal(w);
+                    }
+                }
             }
         }
     }

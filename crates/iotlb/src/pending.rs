@@ -206,13 +206,18 @@ impl<W: Clone + PartialEq> PendingMisses<W> {
         true
     }
 
-    /// A MISS registered ahead could not be sent after all: forget it unless a waiter joined
-    /// it meanwhile (that waiter's timeout sends it again).
-    pub fn unregister_ahead(&mut self, iova: u64, access: Access) {
+    /// A MISS registered ahead could not be sent after all: forget it, and return the
+    /// waiters that joined it meanwhile (nothing was sent for them: wake them, and they
+    /// register and send their own).
+    pub fn unregister_ahead(&mut self, iova: u64, access: Access) -> Vec<W> {
         let key = (page_of(iova), access);
-        if self.entries.get(&key).is_some_and(|e| e.waiters.is_empty()) {
-            self.entries.remove(&key);
+        if self.entries.get(&key).is_none_or(|e| e.sends != 1) {
+            return Vec::new(); // answered, or sent again since: not ours to drop
         }
+        self.entries
+            .remove(&key)
+            .map(|e| e.waiters.into_iter().map(|(w, _)| w).collect())
+            .unwrap_or_default()
     }
 
     /// Drop the entries sent ahead that nobody joined and whose MISS went out before
@@ -559,10 +564,11 @@ mod tests {
             (expired[0].page, expired[0].waiters.clone()),
             (0x2000, vec![7])
         );
-        // Not sent after all: forgotten, but never under a waiter.
-        p.unregister_ahead(0x3000, Access::Read);
-        p.unregister_ahead(0x2000, Access::Read);
-        assert_eq!(p.len(), 1);
+        // Not sent after all: forgotten, and whoever joined meanwhile is handed back to be
+        // woken (nothing went out for it).
+        assert!(p.unregister_ahead(0x3000, Access::Read).is_empty());
+        assert_eq!(p.unregister_ahead(0x2000, Access::Read), vec![7]);
+        assert!(p.is_empty());
         assert!(
             p.register_ahead(0x3000, Access::Read, t1),
             "may be sent again"

@@ -190,10 +190,10 @@ impl<W: Clone + PartialEq> SharedIotlb<W> {
         self.inner.pending.lock().expire_unwaited(deadline)
     }
 
-    /// A MISS registered ahead was not sent after all (see
-    /// [`PendingMisses::unregister_ahead`]).
-    pub fn unregister_ahead(&self, iova: u64, access: Access) {
-        self.inner.pending.lock().unregister_ahead(iova, access);
+    /// A MISS registered ahead was not sent after all; returns the waiters that joined it
+    /// (see [`PendingMisses::unregister_ahead`]).
+    pub fn unregister_ahead(&self, iova: u64, access: Access) -> Vec<W> {
+        self.inner.pending.lock().unregister_ahead(iova, access)
     }
 
     /// Drop every pending miss of `waiter` (queue stop or reset). Returns how many.
