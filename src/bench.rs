@@ -235,7 +235,16 @@ impl OwnBackend {
             .spawn(move || s.serve(&p).map_err(|e| e.to_string()))
             .map_err(|e| e.to_string())?;
         let deadline = Instant::now() + Duration::from_secs(5);
-        while !socket.exists() {
+        while !server.is_listening() {
+            if thread.is_finished() {
+                return Err(match thread.join() {
+                    Ok(Err(e)) => format!("our back-end: {e}"),
+                    _ => format!(
+                        "our back-end stopped before listening on {}",
+                        socket.display()
+                    ),
+                });
+            }
             if Instant::now() > deadline {
                 return Err(format!("the back-end did not bind {}", socket.display()));
             }

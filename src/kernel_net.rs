@@ -1129,24 +1129,21 @@ fn both_transports(net: &mut Net) -> Result<(), String> {
         let (s, p) = (server.clone(), sock.clone());
         std::thread::spawn(move || s.serve(&p))
     };
-    // The same vIOMMU: the front-end attaches its device IOTLB next to the kernel's. The
-    // socket file appears at bind(), a moment before listen(): retry a refused connect.
     let deadline = Instant::now() + Duration::from_secs(5);
-    let fe = loop {
-        match VhostUserFrontend::connect(
-            &sock,
-            net.ram.clone(),
-            FrontendConfig::default(),
-            Some(net.viommu.clone()),
-        ) {
-            Ok(fe) => break fe,
-            Err(e) if Instant::now() < deadline => {
-                tracing::debug!(error = %e, "kernel-net: back-end not up yet");
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            Err(e) => return Err(format!("connecting to our vhost-user back-end: {e}")),
+    while !server.is_listening() {
+        if serving.is_finished() || Instant::now() > deadline {
+            return Err("the vhost-user back-end did not come up".into());
         }
-    };
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // The same vIOMMU: the front-end attaches its device IOTLB next to the kernel's.
+    let fe = VhostUserFrontend::connect(
+        &sock,
+        net.ram.clone(),
+        FrontendConfig::default(),
+        Some(net.viommu.clone()),
+    )
+    .map_err(|e| format!("connecting to our vhost-user back-end: {e}"))?;
     let vu = fe.device_iotlb();
     let gpa = RAM - 4 * PAGE;
     let f = frame(SRC_TX, 0xb0b, 400);

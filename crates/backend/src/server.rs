@@ -61,6 +61,9 @@ pub struct Server<D: Device> {
     current: Arc<Mutex<Option<UnixStream>>>,
     totals: Mutex<Stats>,
     miss_rtt: Arc<Histogram>,
+    /// Set once [`Server::serve`] listens (the socket file appears a moment earlier, at
+    /// bind time, when a connect is still refused).
+    listening: AtomicBool,
 }
 
 impl<D: Device> Server<D> {
@@ -73,6 +76,7 @@ impl<D: Device> Server<D> {
             current: Arc::new(Mutex::new(None)),
             totals: Mutex::new(Stats::default()),
             miss_rtt: Arc::new(Histogram::new()),
+            listening: AtomicBool::new(false),
         }
     }
 
@@ -110,9 +114,17 @@ impl<D: Device> Server<D> {
             source,
         })?;
         tracing::info!(socket = %path.display(), "vhost-user: listening");
+        self.listening.store(true, Ordering::SeqCst);
         let result = self.accept_loop(&listener);
+        self.listening.store(false, Ordering::SeqCst);
         let _ = std::fs::remove_file(path);
         result
+    }
+
+    /// Whether [`Server::serve`] is accepting connections (a front-end started in the same
+    /// process waits for this rather than for the socket file).
+    pub fn is_listening(&self) -> bool {
+        self.listening.load(Ordering::SeqCst)
     }
 
     fn accept_loop(&self, listener: &UnixListener) -> Result<(), ServeError> {
