@@ -639,6 +639,25 @@ impl Net {
         self.viommu.unmap(iova, len).map_err(|e| e.to_string())
     }
 
+    /// Map `len` bytes of `gpa` read-only at the chosen `iova` in the vIOMMU.
+    fn map_ro_at(&self, iova: u64, gpa: u64, len: u64) -> Result<(), String> {
+        self.viommu
+            .map_at(iova, gpa, len, Perm::ReadOnly)
+            .map_err(|e| e.to_string())
+    }
+
+    /// Write a read-only UPDATE of `iova..+len` -> `gpa` straight to the kernel (behind the
+    /// vIOMMU's back), checking that it took the whole message.
+    fn push_raw(&self, what: &str, iova: u64, gpa: u64, len: u64) -> Result<(), String> {
+        match self
+            .dev
+            .write_raw(&raw_msg(false, UPDATE, iova, len, self.ram.va(gpa), RO))
+        {
+            Ok(72) => Ok(()),
+            other => Err(format!("{what}: write returned {other:?}, not 72")),
+        }
+    }
+
     fn misses(&self) -> usize {
         self.filter.log.len()
     }
@@ -830,11 +849,8 @@ pub fn run(args: &KernelNetArgs) -> Result<(), String> {
     case(
         "cross-page",
         (|| {
-            let v = &net.viommu;
-            v.map_at(CROSS_IOVA, p1, PAGE, Perm::ReadOnly)
-                .map_err(|e| e.to_string())?;
-            v.map_at(CROSS_IOVA + PAGE, p2, PAGE, Perm::ReadOnly)
-                .map_err(|e| e.to_string())?;
+            net.map_ro_at(CROSS_IOVA, p1, PAGE)?;
+            net.map_ro_at(CROSS_IOVA + PAGE, p2, PAGE)?;
             let f = frame(SRC_TX, 9999, 1200);
             let mut buf = vec![0u8; VNET_HDR];
             buf.extend_from_slice(&f);
@@ -999,7 +1015,7 @@ pub fn run(args: &KernelNetArgs) -> Result<(), String> {
             // The allocator hands a freed IOVA out again at once; if it did not, remap by
             // hand.
             net.unmap(y, PAGE)?;
-            net.viommu.map_at(x, b, PAGE, Perm::ReadOnly).map_err(|e| e.to_string())?;
+            net.map_ro_at(x, b, PAGE)?;
         }
         net.post(TX, &[(x, len)], false)?;
         net.wait(TX, Duration::from_secs(5))?;
@@ -1316,9 +1332,7 @@ fn kernel_behaviour(args: &KernelNetArgs, net: &mut Net, pages: &mut Pages) -> R
         (|| {
             let gpa = pages.next()?;
             let iova = 0x7_2000_0000;
-            net.viommu
-                .map_at(iova, gpa, PAGE, Perm::ReadOnly)
-                .map_err(|e| e.to_string())?;
+            net.map_ro_at(iova, gpa, PAGE)?;
             let uaddr = net.ram.va(gpa);
             // 40 bytes (header and payload, no padding) are enough; 72 is reported.
             ok72(
@@ -1390,15 +1404,9 @@ fn kernel_behaviour(args: &KernelNetArgs, net: &mut Net, pages: &mut Pages) -> R
             let fa = frame(SRC_TX, 0xa0, 150);
             let fb = frame(SRC_TX, 0xb0, 150);
             net.put_frame(b, &fb)?;
-            ok72(
-                "UPDATE to A",
-                dev.write_raw(&raw_msg(false, UPDATE, iova, PAGE, net.ram.va(a), RO)),
-            )?;
+            net.push_raw("UPDATE to A", iova, a, PAGE)?;
             send_check(net, a, iova, &fa, &fa)?;
-            ok72(
-                "UPDATE to B over it",
-                dev.write_raw(&raw_msg(false, UPDATE, iova, PAGE, net.ram.va(b), RO)),
-            )?;
+            net.push_raw("UPDATE to B over it", iova, b, PAGE)?;
             // Page A now holds fa again; the kernel still reads A.
             let len = net.put_frame(a, &fa)?;
             net.tap.drain();
@@ -1410,10 +1418,7 @@ fn kernel_behaviour(args: &KernelNetArgs, net: &mut Net, pages: &mut Pages) -> R
                 "INVALIDATE",
                 dev.write_raw(&raw_msg(false, INVALIDATE, iova, PAGE, 0, 0)),
             )?;
-            ok72(
-                "UPDATE to B",
-                dev.write_raw(&raw_msg(false, UPDATE, iova, PAGE, net.ram.va(b), RO)),
-            )?;
+            net.push_raw("UPDATE to B", iova, b, PAGE)?;
             net.tap.drain();
             net.post(TX, &[(iova, len)], false)?;
             net.wait(TX, Duration::from_secs(5))?;
@@ -1433,13 +1438,8 @@ fn kernel_behaviour(args: &KernelNetArgs, net: &mut Net, pages: &mut Pages) -> R
         (|| {
             let c = pages.next()?; // with the page after it (Pages leaves it unused)
             let iova = 0x7_4000_0000;
-            net.viommu
-                .map_at(iova, c, 2 * PAGE, Perm::ReadOnly)
-                .map_err(|e| e.to_string())?;
-            ok72(
-                "two-page UPDATE",
-                dev.write_raw(&raw_msg(false, UPDATE, iova, 2 * PAGE, net.ram.va(c), RO)),
-            )?;
+            net.map_ro_at(iova, c, 2 * PAGE)?;
+            net.push_raw("two-page UPDATE", iova, c, 2 * PAGE)?;
             let f = frame(SRC_TX, 0xc0, 200);
             if send_check(net, c + PAGE, iova + PAGE, &f, &f)? != 0 {
                 return Err("a MISS on a page the UPDATE covered".into());
@@ -1469,25 +1469,11 @@ fn kernel_behaviour(args: &KernelNetArgs, net: &mut Net, pages: &mut Pages) -> R
             let base = 0x7_5000_0000u64;
             let n = 2048 + 64;
             for i in 0..n {
-                ok72(
-                    "UPDATE",
-                    dev.write_raw(&raw_msg(
-                        false,
-                        UPDATE,
-                        base + i * PAGE,
-                        PAGE,
-                        net.ram.va(gpa),
-                        RO,
-                    )),
-                )?;
+                net.push_raw("UPDATE", base + i * PAGE, gpa, PAGE)?;
             }
-            net.viommu
-                .map_at(base, gpa, PAGE, Perm::ReadOnly)
-                .map_err(|e| e.to_string())?;
+            net.map_ro_at(base, gpa, PAGE)?;
             let last = base + (n - 1) * PAGE;
-            net.viommu
-                .map_at(last, gpa, PAGE, Perm::ReadOnly)
-                .map_err(|e| e.to_string())?;
+            net.map_ro_at(last, gpa, PAGE)?;
             let f = frame(SRC_TX, 0xd0, 90);
             net.filter.forget();
             let m_last = send_check(net, gpa, last, &f, &f)?;
@@ -1516,13 +1502,8 @@ fn kernel_behaviour(args: &KernelNetArgs, net: &mut Net, pages: &mut Pages) -> R
         (|| {
             let gpa = pages.next()?;
             let iova = 0x7_6000_0000;
-            net.viommu
-                .map_at(iova, gpa, PAGE, Perm::ReadOnly)
-                .map_err(|e| e.to_string())?;
-            ok72(
-                "UPDATE",
-                dev.write_raw(&raw_msg(false, UPDATE, iova, PAGE, net.ram.va(gpa), RO)),
-            )?;
+            net.map_ro_at(iova, gpa, PAGE)?;
+            net.push_raw("UPDATE", iova, gpa, PAGE)?;
             let f = frame(SRC_TX, 0xe0, 80);
             if send_check(net, gpa, iova, &f, &f)? != 0 {
                 return Err("a MISS on a pushed page".into());
@@ -1548,13 +1529,8 @@ fn kernel_behaviour(args: &KernelNetArgs, net: &mut Net, pages: &mut Pages) -> R
             let (lo, hi) = (0x7_7000_0000u64, 0xffff_ffff_ffff_0000u64);
             let f = frame(SRC_TX, 0xf0, 70);
             for iova in [lo, hi] {
-                net.viommu
-                    .map_at(iova, gpa, PAGE, Perm::ReadOnly)
-                    .map_err(|e| e.to_string())?;
-                ok72(
-                    "UPDATE",
-                    dev.write_raw(&raw_msg(false, UPDATE, iova, PAGE, net.ram.va(gpa), RO)),
-                )?;
+                net.map_ro_at(iova, gpa, PAGE)?;
+                net.push_raw("UPDATE", iova, gpa, PAGE)?;
                 if send_check(net, gpa, iova, &f, &f)? != 0 {
                     return Err(format!("a MISS on the pushed page {iova:#x}"));
                 }

@@ -156,6 +156,8 @@ impl<D: Device> Session<D> {
         }
         let iotlb =
             SharedIotlb::new(Iotlb::with_capacity(capacity).unwrap_or_else(|_| Iotlb::new()));
+        // A MISS sent ahead that nobody joined within the miss timeout was lost.
+        iotlb.set_ahead_ttl(config.miss_timeout);
         Session {
             shared: Arc::new(Shared {
                 dev,
@@ -322,9 +324,7 @@ impl<D: Device> Session<D> {
         if self.deferred.is_empty() {
             return Ok(());
         }
-        let acks = std::mem::take(&mut self.deferred);
-        let res = self.conn.ack_all(&acks);
-        self.deferred = acks;
+        let res = self.conn.ack_all(&self.deferred);
         self.deferred.clear();
         res
     }

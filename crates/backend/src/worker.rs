@@ -528,7 +528,6 @@ impl<D: Device> WorkerState<D> {
     /// the meantime (retry at once).
     fn miss(&self, iova: u64, access: Access) -> Option<Parked> {
         let now = Instant::now();
-        self.expire_stale_ahead(now);
         let parked = Parked {
             iova,
             access,
@@ -624,7 +623,6 @@ impl<D: Device> WorkerState<D> {
             }
         });
         let now = Instant::now();
-        self.expire_stale_ahead(now);
         let found = wanted.len();
         wanted.retain(|&(iova, access)| self.shared.iotlb.register_ahead(iova, access, now));
         tracing::trace!(
@@ -681,14 +679,6 @@ impl<D: Device> WorkerState<D> {
                     }
                 }
             }
-        }
-    }
-
-    /// Forget the MISSes sent ahead that nobody joined within the miss timeout: never
-    /// answered (an unmapped page, a front-end that dropped them), they must not be joined.
-    fn expire_stale_ahead(&self, now: Instant) {
-        if let Some(deadline) = now.checked_sub(self.shared.miss_timeout) {
-            self.shared.iotlb.expire_unwaited(deadline);
         }
     }
 

@@ -71,7 +71,8 @@ impl IoVecs {
     /// Every slice pushed since the last [`IoVecs::clear`] must still be mapped: the memory
     /// (guest memory object) it came from must not have been dropped or unmapped.
     pub unsafe fn preadv(&mut self, file: &File, offset: u64) -> io::Result<usize> {
-        self.transfer(file, offset, Dir::Read)
+        // SAFETY: our caller's contract is `transfer`'s.
+        unsafe { self.transfer(file, offset, Dir::Read) }
     }
 
     /// Write the segments to `file` at `offset`, all of them or an error.
@@ -80,10 +81,14 @@ impl IoVecs {
     ///
     /// As for [`IoVecs::preadv`].
     pub unsafe fn pwritev(&mut self, file: &File, offset: u64) -> io::Result<usize> {
-        self.transfer(file, offset, Dir::Write)
+        // SAFETY: our caller's contract is `transfer`'s.
+        unsafe { self.transfer(file, offset, Dir::Write) }
     }
 
-    fn transfer(&mut self, file: &File, offset: u64, dir: Dir) -> io::Result<usize> {
+    /// # Safety
+    ///
+    /// As for [`IoVecs::preadv`]: the segments must still be mapped.
+    unsafe fn transfer(&mut self, file: &File, offset: u64, dir: Dir) -> io::Result<usize> {
         let total = self.len();
         let mut done = 0usize;
         let mut first = 0usize; // first iovec not fully transferred
@@ -95,9 +100,9 @@ impl IoVecs {
                 .and_then(|p| libc::off_t::try_from(p).ok())
                 .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
             let n = match dir {
-                // SAFETY: every iovec points into guest memory that is still mapped (the
-                // contract of `preadv`/`pwritev`), and is `iov_len` bytes long; `batch` is a valid array of `batch.len()` iovecs. The kernel writes
-                // only inside those ranges.
+                // SAFETY: every iovec points into guest memory that is still mapped (this
+                // function's contract) and is `iov_len` bytes long; `batch` is a valid array
+                // of `batch.len()` iovecs. The kernel writes only inside those ranges.
                 Dir::Read => unsafe {
                     libc::preadv(file.as_raw_fd(), batch.as_ptr(), batch.len() as i32, pos)
                 },

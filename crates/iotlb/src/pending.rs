@@ -27,7 +27,7 @@
 //! caller passes `now`, which keeps timeouts testable.
 
 use std::collections::BTreeMap;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::range::{Access, IovaRange};
 
@@ -117,6 +117,9 @@ pub struct PendingMisses<W> {
     entries: BTreeMap<(u64, Access), Entry<W>>,
     sent: u64,
     coalesced: u64,
+    /// How long a MISS sent ahead that nobody joined stays worth joining (see
+    /// [`PendingMisses::set_ahead_ttl`]).
+    ahead_ttl: Option<Duration>,
 }
 
 impl<W> Default for PendingMisses<W> {
@@ -125,6 +128,7 @@ impl<W> Default for PendingMisses<W> {
             entries: BTreeMap::new(),
             sent: 0,
             coalesced: 0,
+            ahead_ttl: None,
         }
     }
 }
@@ -139,12 +143,46 @@ impl<W: Clone + PartialEq> PendingMisses<W> {
         Self::default()
     }
 
+    /// A MISS sent ahead that nobody joined within `ttl` is taken as lost (never answered:
+    /// an unmapped page, a front-end that dropped it): a queue reaching its page sends its
+    /// own MISS instead of joining it, and it no longer keeps the page from being sent
+    /// ahead again. Without a ttl (the default) such entries stay until answered or
+    /// expired by [`PendingMisses::expire_unwaited`].
+    pub fn set_ahead_ttl(&mut self, ttl: Duration) {
+        self.ahead_ttl = Some(ttl);
+    }
+
+    /// Drop the entry of `key` if it is a MISS sent ahead that went stale by `now`.
+    fn drop_if_stale(&mut self, key: (u64, Access), now: Instant) {
+        let Some(ttl) = self.ahead_ttl else { return };
+        if self.entries.get(&key).is_some_and(|e| {
+            e.waiters.is_empty() && now.saturating_duration_since(e.sent_at) >= ttl
+        }) {
+            self.entries.remove(&key);
+        }
+    }
+
+    /// A new entry for `key`, its MISS (for `iova`) sent at `now`.
+    fn insert_sent(&mut self, key: (u64, Access), iova: u64, now: Instant, waiters: Vec<(W, u64)>) {
+        self.entries.insert(
+            key,
+            Entry {
+                miss_iova: iova,
+                sent_at: now,
+                sends: 1,
+                waiters,
+            },
+        );
+        self.sent += 1;
+    }
+
     /// `waiter` missed on `iova` for `access`. Tells whether to send a MISS or just park.
     ///
     /// Replaces any earlier registration of `waiter`. Re-registering on the page it already
     /// waits for keeps the outstanding MISS (no second MISS before the timeout).
     pub fn register(&mut self, iova: u64, access: Access, waiter: W, now: Instant) -> Registration {
         let key = (page_of(iova), access);
+        self.drop_if_stale(key, now);
         let already_here = self
             .entries
             .get(&key)
@@ -171,16 +209,7 @@ impl<W: Clone + PartialEq> PendingMisses<W> {
                 Registration::Coalesced
             }
             None => {
-                self.entries.insert(
-                    key,
-                    Entry {
-                        miss_iova: iova,
-                        sent_at: now,
-                        sends: 1,
-                        waiters: vec![(waiter, iova)],
-                    },
-                );
-                self.sent += 1;
+                self.insert_sent(key, iova, now, vec![(waiter, iova)]);
                 Registration::Send { iova, access }
             }
         }
@@ -190,19 +219,11 @@ impl<W: Clone + PartialEq> PendingMisses<W> {
     /// a MISS for that page and access is already outstanding.
     pub fn register_ahead(&mut self, iova: u64, access: Access, now: Instant) -> bool {
         let key = (page_of(iova), access);
+        self.drop_if_stale(key, now);
         if self.entries.contains_key(&key) {
             return false;
         }
-        self.entries.insert(
-            key,
-            Entry {
-                miss_iova: iova,
-                sent_at: now,
-                sends: 1,
-                waiters: Vec::new(),
-            },
-        );
-        self.sent += 1;
+        self.insert_sent(key, iova, now, Vec::new());
         true
     }
 
@@ -590,5 +611,26 @@ mod tests {
         assert_eq!(res.resend, vec![(0x5f00, Access::Read)]);
         assert_eq!(p.resolve(r(0x5800, 0x5fff), t0).woken, vec![1]);
         assert!(p.is_empty());
+    }
+
+    #[test]
+    fn a_stale_miss_sent_ahead_is_neither_joined_nor_blocking() {
+        let t0 = Instant::now();
+        let later = t0 + Duration::from_secs(2);
+        let mut p = PendingMisses::new();
+        p.set_ahead_ttl(Duration::from_secs(1));
+        assert!(p.register_ahead(0x1000, Access::Read, t0));
+        assert!(p.register_ahead(0x2000, Access::Read, t0));
+        // Still fresh: joined, and not sent ahead twice.
+        assert!(!p.register_ahead(0x2000, Access::Read, t0 + Duration::from_millis(10)));
+        // Gone stale: a queue reaching it sends its own MISS, and it may be sent ahead again.
+        assert_eq!(
+            p.register(0x1010, Access::Read, 3u8, later),
+            Registration::Send {
+                iova: 0x1010,
+                access: Access::Read
+            }
+        );
+        assert!(p.register_ahead(0x2000, Access::Read, later));
     }
 }

@@ -183,11 +183,9 @@ impl<W: Clone + PartialEq> SharedIotlb<W> {
         pending.register_ahead(iova, access, now)
     }
 
-    /// Drop the misses sent ahead that nobody joined and that went out before `deadline`
-    /// (see [`PendingMisses::expire_unwaited`]): call it before registering, so that a stale
-    /// one (never answered) is neither joined nor keeps the page from being asked again.
-    pub fn expire_unwaited(&self, deadline: Instant) -> usize {
-        self.inner.pending.lock().expire_unwaited(deadline)
+    /// See [`PendingMisses::set_ahead_ttl`] (a back-end sets its miss timeout).
+    pub fn set_ahead_ttl(&self, ttl: std::time::Duration) {
+        self.inner.pending.lock().set_ahead_ttl(ttl);
     }
 
     /// A MISS registered ahead was not sent after all; returns the waiters that joined it

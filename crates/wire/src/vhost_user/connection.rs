@@ -466,16 +466,8 @@ impl Connection {
         }
         let hbytes = header.as_bytes();
         let total = hbytes.len() + payload.len();
-        let _guard = if nonblocking {
-            match self
-                .send_lock
-                .try_lock_for(std::time::Duration::from_millis(1))
-            {
-                Some(g) => g,
-                None => return Ok(false),
-            }
-        } else {
-            self.send_lock.lock()
+        let Some(_guard) = self.lock_send(nonblocking) else {
+            return Ok(false);
         };
         let mut space =
             vec![MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(fds.len()))];
@@ -557,18 +549,20 @@ impl Connection {
         self.send_raw(&bytes, true)
     }
 
+    /// The send lock; non-blocking senders give up (`None`) after a millisecond.
+    fn lock_send(&self, nonblocking: bool) -> Option<parking_lot::MutexGuard<'_, ()>> {
+        if nonblocking {
+            self.send_lock
+                .try_lock_for(std::time::Duration::from_millis(1))
+        } else {
+            Some(self.send_lock.lock())
+        }
+    }
+
     /// Whole messages already framed, in one write (no descriptors).
     fn send_raw(&self, bytes: &[u8], nonblocking: bool) -> Result<bool, WireError> {
-        let _guard = if nonblocking {
-            match self
-                .send_lock
-                .try_lock_for(std::time::Duration::from_millis(1))
-            {
-                Some(g) => g,
-                None => return Ok(false),
-            }
-        } else {
-            self.send_lock.lock()
+        let Some(_guard) = self.lock_send(nonblocking) else {
+            return Ok(false);
         };
         let mut sent = 0;
         while sent < bytes.len() {
