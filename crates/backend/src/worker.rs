@@ -192,6 +192,9 @@ enum Popped {
         head: u16,
         len: u32,
         done: Result<(), PopError>,
+        /// When it was popped: the queue got past any miss it waited for (the round trip
+        /// ends there, not after the device served the request).
+        popped: Instant,
     },
     /// A chain came in while notifications were being re-enabled.
     More,
@@ -400,10 +403,16 @@ impl<D: Device> WorkerState<D> {
             let popped = self.section(|gm| match w.queue.pop(tr, gm, &mut w.chain) {
                 Ok(true) => {
                     let head = w.chain.head();
+                    let popped = Instant::now();
                     w.open = Some(head);
                     let len = w.handler.serve(&w.chain, gm);
                     let done = w.queue.complete(tr, gm, head, len);
-                    Ok(Popped::Served { head, len, done })
+                    Ok(Popped::Served {
+                        head,
+                        len,
+                        done,
+                        popped,
+                    })
                 }
                 // Ask for a kick at the next avail index (with EVENT_IDX the driver kicks
                 // only where avail_event says), then look once more: a chain that came in
@@ -419,11 +428,16 @@ impl<D: Device> WorkerState<D> {
             });
             // A walk that got further than the address it was parked on: that miss is over.
             match &popped {
-                Err(PopError::Miss { iova, access }) => self.progress(w, Some((*iova, *access))),
-                _ => self.progress(w, None),
+                Err(PopError::Miss { iova, access }) => {
+                    self.progress(w, Some((*iova, *access)), Instant::now())
+                }
+                Ok(Popped::Served { popped, .. }) => self.progress(w, None, *popped),
+                _ => self.progress(w, None, Instant::now()),
             }
             match popped {
-                Ok(Popped::Served { head, len, done }) => {
+                Ok(Popped::Served {
+                    head, len, done, ..
+                }) => {
                     EngineCounters::add(&self.shared.stats.requests, 1);
                     match done {
                         Ok(()) => self.completed(w, tr),
@@ -503,12 +517,15 @@ impl<D: Device> WorkerState<D> {
         outcome
     }
 
-    /// The queue got past the miss `w.rtt` waited for (unless it misses on that very address
-    /// again, `missing`): record the round trip.
-    fn progress(&self, w: &mut Work<D::Handler>, missing: Option<(u64, Access)>) {
+    /// The queue got past the miss `w.rtt` waited for at `at` (unless it misses on that very
+    /// address again, `missing`): record the round trip.
+    fn progress(&self, w: &mut Work<D::Handler>, missing: Option<(u64, Access)>, at: Instant) {
         if let Some((sent, iova, access)) = w.rtt {
             if missing != Some((iova, access)) {
-                self.shared.stats.miss_rtt.record(sent.elapsed());
+                self.shared
+                    .stats
+                    .miss_rtt
+                    .record(at.saturating_duration_since(sent));
                 w.rtt = None;
             }
         }

@@ -22,6 +22,7 @@ use std::time::Instant;
 
 use crate::cache::Iotlb;
 use crate::error::TranslateError;
+use crate::lock;
 use crate::policy;
 use crate::range::{Access, IovaRange};
 use crate::segments::{Segment, Segments};
@@ -218,7 +219,7 @@ impl<W: Clone + PartialEq> IotlbHandle<W> {
     /// Bring the copies up to the shared generation: drop those the changes since ours touch.
     #[cold]
     fn catch_up(&mut self) {
-        let tlb = self.shared.inner.tlb.read();
+        let tlb = lock::read(&self.shared.inner.tlb);
         apply_changes(&mut self.cache, &mut self.generation, &tlb);
     }
 
@@ -230,7 +231,7 @@ impl<W: Clone + PartialEq> IotlbHandle<W> {
         len: u64,
         f: impl FnOnce(&Iotlb) -> Result<R, TranslateError>,
     ) -> Result<R, TranslateError> {
-        let tlb = self.shared.inner.tlb.read();
+        let tlb = lock::read(&self.shared.inner.tlb);
         // Copies must match the state we are about to read.
         if tlb.generation() != self.generation {
             apply_changes(&mut self.cache, &mut self.generation, &tlb);

@@ -28,6 +28,7 @@ mod cache;
 mod error;
 mod handle;
 pub mod hist;
+pub mod lock;
 mod pending;
 mod policy;
 mod range;

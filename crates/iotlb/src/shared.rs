@@ -33,6 +33,7 @@ use parking_lot::{Mutex, RwLock};
 use crate::cache::{Iotlb, Mapping};
 use crate::error::UpdateError;
 use crate::handle::IotlbHandle;
+use crate::lock;
 use crate::pending::{PendingMiss, PendingMisses, Registration, Resolution};
 use crate::policy::HeatMap;
 use crate::range::{Access, IovaRange, Perm};
@@ -129,16 +130,16 @@ impl<W: Clone + PartialEq> SharedIotlb<W> {
         perm: Perm,
     ) -> Result<Resolution<W>, UpdateError> {
         {
-            let mut tlb = self.inner.tlb.write();
+            let mut tlb = lock::write(&self.inner.tlb);
             tlb.update(range, target, perm)?;
             self.publish(&tlb);
         }
-        Ok(self.inner.pending.lock().resolve(range, Instant::now()))
+        Ok(lock::lock(&self.inner.pending).resolve(range, Instant::now()))
     }
 
     /// Apply an INVALIDATE of `range`. Returns the new generation.
     pub fn invalidate(&self, range: IovaRange) -> u64 {
-        let mut tlb = self.inner.tlb.write();
+        let mut tlb = lock::write(&self.inner.tlb);
         tlb.invalidate(range);
         self.publish(&tlb)
     }
@@ -150,12 +151,12 @@ impl<W: Clone + PartialEq> SharedIotlb<W> {
 
     /// The cached entry containing `iova` (not counted as a hit or miss).
     pub fn lookup(&self, iova: u64) -> Option<Mapping> {
-        self.inner.tlb.read().lookup(iova)
+        lock::read(&self.inner.tlb).lookup(iova)
     }
 
     /// Run `f` on the cache under the read lock (for inspection; keep it short).
     pub fn with_cache<R>(&self, f: impl FnOnce(&Iotlb) -> R) -> R {
-        f(&self.inner.tlb.read())
+        f(&lock::read(&self.inner.tlb))
     }
 
     /// `waiter`'s translation missed at `iova`: register it and say whether to send a MISS.
@@ -163,8 +164,8 @@ impl<W: Clone + PartialEq> SharedIotlb<W> {
     /// Returns [`MissOutcome::Mapped`] if an UPDATE has covered `iova` since the translation
     /// (the caller retries instead of parking), so a wake-up can never be lost.
     pub fn register_miss(&self, iova: u64, access: Access, waiter: W, now: Instant) -> MissOutcome {
-        let mut pending = self.inner.pending.lock();
-        if self.inner.tlb.read().lookup(iova).is_some() {
+        let mut pending = lock::lock(&self.inner.pending);
+        if lock::read(&self.inner.tlb).lookup(iova).is_some() {
             return MissOutcome::Mapped;
         }
         match pending.register(iova, access, waiter, now) {
@@ -176,8 +177,8 @@ impl<W: Clone + PartialEq> SharedIotlb<W> {
     /// Send a MISS for `iova` ahead of need (see [`PendingMisses::register_ahead`]). True if
     /// the caller must send it: not mapped now and no MISS outstanding for its page.
     pub fn register_ahead(&self, iova: u64, access: Access, now: Instant) -> bool {
-        let mut pending = self.inner.pending.lock();
-        if self.inner.tlb.read().lookup(iova).is_some() {
+        let mut pending = lock::lock(&self.inner.pending);
+        if lock::read(&self.inner.tlb).lookup(iova).is_some() {
             return false;
         }
         pending.register_ahead(iova, access, now)
@@ -185,42 +186,42 @@ impl<W: Clone + PartialEq> SharedIotlb<W> {
 
     /// See [`PendingMisses::set_ahead_ttl`] (a back-end sets its miss timeout).
     pub fn set_ahead_ttl(&self, ttl: std::time::Duration) {
-        self.inner.pending.lock().set_ahead_ttl(ttl);
+        lock::lock(&self.inner.pending).set_ahead_ttl(ttl);
     }
 
     /// A MISS registered ahead was not sent after all; returns the waiters that joined it
     /// (see [`PendingMisses::unregister_ahead`]).
     pub fn unregister_ahead(&self, iova: u64, access: Access) -> Vec<W> {
-        self.inner.pending.lock().unregister_ahead(iova, access)
+        lock::lock(&self.inner.pending).unregister_ahead(iova, access)
     }
 
     /// Drop every pending miss of `waiter` (queue stop or reset). Returns how many.
     pub fn cancel_waiter(&self, waiter: &W) -> usize {
-        self.inner.pending.lock().cancel(waiter)
+        lock::lock(&self.inner.pending).cancel(waiter)
     }
 
     /// Pending misses whose MISS was last sent before `deadline`.
     ///
     /// Misses sent ahead that nobody joined are dropped here, not listed.
     pub fn expired_misses(&self, deadline: Instant) -> Vec<PendingMiss<W>> {
-        let mut pending = self.inner.pending.lock();
+        let mut pending = lock::lock(&self.inner.pending);
         pending.expire_unwaited(deadline);
         pending.expired(deadline)
     }
 
     /// Record that the MISS for `page`/`access` was sent again at `now`.
     pub fn miss_resent(&self, page: u64, access: Access, now: Instant) -> bool {
-        self.inner.pending.lock().resent(page, access, now)
+        lock::lock(&self.inner.pending).resent(page, access, now)
     }
 
     /// Give up on the miss for `page`/`access`; returns its waiters.
     pub fn fail_miss(&self, page: u64, access: Access) -> Vec<W> {
-        self.inner.pending.lock().remove(page, access)
+        lock::lock(&self.inner.pending).remove(page, access)
     }
 
     /// Drop every pending miss (disconnect).
     pub fn clear_pending(&self) {
-        self.inner.pending.lock().clear();
+        lock::lock(&self.inner.pending).clear();
     }
 
     /// Everything counted so far.
@@ -234,12 +235,12 @@ impl<W: Clone + PartialEq> SharedIotlb<W> {
             self.inner.retired.add_to(&mut s);
         }
         {
-            let p = self.inner.pending.lock();
+            let p = lock::lock(&self.inner.pending);
             s.misses_sent = p.sent();
             s.coalesced_misses = p.coalesced();
             s.pending_misses = p.len() as u64;
         }
-        let c = self.inner.tlb.read().counters();
+        let c = lock::read(&self.inner.tlb).counters();
         s.updates = c.updates;
         s.invalidations = c.invalidations;
         s.evictions = c.evictions;
