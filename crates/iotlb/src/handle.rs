@@ -2,16 +2,23 @@
 //!
 //! Each [`IotlbHandle`] keeps copies of recently used entries in a 4-way set-associative table
 //! indexed by a hash of the IOVA page (direct-mapped lost a fifth of a 256-page working set to
-//! conflicts, and every conflict is a trip through the shared lock). A lookup first compares the shared generation with the one its
-//! copies are valid for; if they match and the copy covers the request with the right
-//! permission, the translation is done without a lock and without writing shared memory
-//! (apart from the entry's heat counter until it saturates).
+//! conflicts, and every conflict is a trip through the shared lock). A copy is clipped to one
+//! 4 KiB page and kept in that page's set: an entry used on three pages has three copies. A
+//! lookup first compares the shared generation with the one its copies are valid for; if
+//! they match and the copies of the request's pages (at most [`MAX_PAGES_CACHED`]) cover it
+//! with the right permission and contiguous targets, the translation is done without a lock
+//! and without writing shared memory (apart from the entry's heat counter until it
+//! saturates).
 //!
 //! When the generation has moved, the handle asks the cache which ranges changed since
 //! ([`Iotlb::changes_since`]) and drops only the copies overlapping them, so a strict-mode
-//! guest unmapping one buffer does not cost every queue its whole cache; if the log no longer
-//! reaches back far enough, it drops everything. A copy of an entry the shared cache evicted
-//! may stay: the IOMMU still maps it (see [`crate::shared`] for the full argument).
+//! guest unmapping one buffer does not cost every queue its whole cache. Because a copy lies
+//! in its page's set, a change of a few pages is checked in those pages' sets only (a few
+//! comparisons each), not across the whole table: a burst of UPDATEs, each of which moves the
+//! generation, costs the worker next to nothing. A large change is checked against every copy;
+//! if the log no longer reaches back far enough, everything is dropped. A copy of an entry the
+//! shared cache evicted may stay: the IOMMU still maps it (see [`crate::shared`] for the full
+//! argument).
 //!
 //! A handle belongs to one thread (`&mut self`); it never blocks except on the shared read
 //! lock of the slow path, and never touches guest memory.
@@ -34,8 +41,13 @@ pub const HANDLE_CACHE_ENTRIES: usize = SETS * WAYS;
 const WAYS: usize = 4;
 const SETS: usize = 256;
 const SET_SHIFT: u32 = 64 - SETS.trailing_zeros();
-/// Beyond this many changes to catch up with, dropping every copy is cheaper than checking.
-const MAX_SELECTIVE: usize = 16;
+/// A change of up to this many pages is checked in those pages' sets; a larger one against
+/// every copy.
+const MAX_PAGES_CHECKED: u64 = 64;
+/// Most pages a request may span and still be served from copies.
+pub const MAX_PAGES_CACHED: u64 = 16;
+const PAGE_SHIFT: u32 = 12;
+const PAGE_MASK: u64 = (1 << PAGE_SHIFT) - 1;
 
 /// A copy of one cache entry. Empty when `start > last`.
 #[derive(Clone, Copy)]
@@ -86,29 +98,51 @@ fn fill(set: &mut Set, copy: CachedEntry) {
 /// Drop the copies that changes after `*generation` touch, and move `*generation` to the
 /// cache's.
 fn apply_changes(cache: &mut [Set], generation: &mut u64, tlb: &Iotlb) {
-    let mut ranges = [IovaRange::FULL; MAX_SELECTIVE];
-    let mut n = 0;
     let selective = tlb.changes_since(*generation).is_some_and(|changes| {
         for r in changes {
-            if n == MAX_SELECTIVE || r == IovaRange::FULL {
+            if r == IovaRange::FULL {
                 return false;
             }
-            ranges[n] = r;
-            n += 1;
+            drop_overlapping(cache, &r);
         }
         true
     });
-    if selective {
-        let ranges = &ranges[..n];
-        for e in cache.iter_mut().flatten() {
-            if ranges.iter().any(|r| e.overlaps(r)) {
-                *e = CachedEntry::EMPTY;
-            }
-        }
-    } else {
+    if !selective {
         cache.fill([CachedEntry::EMPTY; WAYS]);
     }
     *generation = tlb.generation();
+}
+
+/// Drop the copies overlapping `r`: in its pages' sets when it spans few pages (a copy lies
+/// within its page, in that page's set), otherwise anywhere.
+fn drop_overlapping(cache: &mut [Set], r: &IovaRange) {
+    let (first, last) = (r.start() >> PAGE_SHIFT, r.last() >> PAGE_SHIFT);
+    if last - first < MAX_PAGES_CHECKED {
+        for page in first..=last {
+            if let Some(set) = cache.get_mut(set_index(page << PAGE_SHIFT)) {
+                for e in set.iter_mut().filter(|e| e.overlaps(r)) {
+                    *e = CachedEntry::EMPTY;
+                }
+            }
+        }
+    } else {
+        for e in cache.iter_mut().flatten().filter(|e| e.overlaps(r)) {
+            *e = CachedEntry::EMPTY;
+        }
+    }
+}
+
+/// The part of `m` in `iova`'s page, as a copy.
+fn page_copy(slot: usize, m: &crate::cache::Mapping, iova: u64) -> CachedEntry {
+    let start = m.range.start().max(iova & !PAGE_MASK);
+    let last = m.range.last().min(iova | PAGE_MASK);
+    CachedEntry {
+        start,
+        last,
+        target: m.target.wrapping_add(start - m.range.start()),
+        slot: slot as u32,
+        perm: m.perm.bits(),
+    }
 }
 
 /// One worker's view of a [`SharedIotlb`].
@@ -194,7 +228,8 @@ impl<W: Clone + PartialEq> IotlbHandle<W> {
         }
     }
 
-    /// The whole request from one private copy, if there is one (counted as a hit).
+    /// The whole request from private copies, one per page it spans, if they cover it with
+    /// contiguous targets (counted as a hit).
     #[inline]
     fn cached(&mut self, iova: u64, len: u64, access: Access) -> Option<Segment> {
         let generation = self.shared.inner.generation.load(Ordering::Acquire);
@@ -202,18 +237,33 @@ impl<W: Clone + PartialEq> IotlbHandle<W> {
             self.catch_up();
         }
         let last = iova.checked_add(len.checked_sub(1)?)?;
-        let set = self.cache.get(set_index(iova))?;
-        // Copies never overlap (a change that could make them is logged and drops them), so
-        // the first one containing the request is the only one.
-        let e = set
-            .iter()
-            .find(|e| e.start <= iova && last <= e.last && e.perm & access.bit() != 0)?;
-        policy::touch(&self.shared.inner.heat, e.slot as usize);
+        if (last >> PAGE_SHIFT) - (iova >> PAGE_SHIFT) >= MAX_PAGES_CACHED {
+            return None;
+        }
+        let mut addr = None;
+        let mut at = iova;
+        loop {
+            let piece_last = last.min(at | PAGE_MASK);
+            let set = self.cache.get(set_index(at))?;
+            // Copies never overlap (a change that could make them is logged and drops them),
+            // so the first one containing the piece is the only one.
+            let e = set
+                .iter()
+                .find(|e| e.start <= at && piece_last <= e.last && e.perm & access.bit() != 0)?;
+            let target = e.target + (at - e.start);
+            match addr {
+                None => addr = Some(target),
+                Some(a) if a.checked_add(at - iova) == Some(target) => {}
+                Some(_) => return None, // not contiguous: several segments, the slow path
+            }
+            policy::touch(&self.shared.inner.heat, e.slot as usize);
+            if piece_last == last {
+                break;
+            }
+            at = piece_last + 1;
+        }
         HandleCounters::bump(&self.counters.hits);
-        Some(Segment {
-            addr: e.target + (iova - e.start),
-            len,
-        })
+        Some(Segment { addr: addr?, len })
     }
 
     /// Bring the copies up to the shared generation: drop those the changes since ours touch.
@@ -243,17 +293,19 @@ impl<W: Clone + PartialEq> IotlbHandle<W> {
             Err(_) => &self.counters.misses,
         };
         HandleCounters::bump(counter);
-        if len != 0 {
-            if let Some((slot, m)) = tlb.lookup_slot(iova) {
-                if let Some(set) = self.cache.get_mut(set_index(iova)) {
-                    let copy = CachedEntry {
-                        start: m.range.start(),
-                        last: m.range.last(),
-                        target: m.target,
-                        slot: slot as u32,
-                        perm: m.perm.bits(),
-                    };
-                    fill(set, copy);
+        // Copies of the pages the request spans, for next time.
+        let last = iova.saturating_add(len.saturating_sub(1));
+        if len != 0 && (last >> PAGE_SHIFT) - (iova >> PAGE_SHIFT) < MAX_PAGES_CACHED {
+            let mut at = iova;
+            loop {
+                if let Some((slot, m)) = tlb.lookup_slot(at) {
+                    if let Some(set) = self.cache.get_mut(set_index(at)) {
+                        fill(set, page_copy(slot, &m, at));
+                    }
+                }
+                match (at | PAGE_MASK).checked_add(1) {
+                    Some(next) if next <= last => at = next,
+                    _ => break,
                 }
             }
         }
@@ -298,6 +350,51 @@ mod tests {
         assert_eq!(cached(&h), 7);
         s.invalidate_all();
         assert!(h.translate(0x3000, 8, Access::Read).is_err());
+        assert_eq!(cached(&h), 0);
+    }
+
+    #[test]
+    fn copies_are_per_page_and_a_change_drops_only_its_pages() {
+        let s: SharedIotlb<u8> = SharedIotlb::new(Iotlb::with_capacity(64).unwrap());
+        let mut h = s.handle();
+        // One 16-page entry; a 3-page request makes three copies, one per page.
+        s.update(r(0x10_000, 0x1f_fff), 0x100_000, Perm::ReadWrite)
+            .unwrap();
+        let seg = h.translate(0x10_800, 0x2000, Access::Read).unwrap();
+        assert_eq!((seg[0].addr, seg[0].len), (0x100_800, 0x2000));
+        assert_eq!(cached(&h), 3);
+        let hits = h.counters.hits.load(Ordering::Relaxed);
+        assert_eq!(
+            h.translate(0x10_900, 0x2000, Access::Read).unwrap()[0].addr,
+            0x100_900
+        );
+        assert_eq!(
+            h.counters.hits.load(Ordering::Relaxed),
+            hits + 1,
+            "served from copies"
+        );
+        // Unmapping the middle page drops its copy only; the pages around still hit.
+        s.invalidate(r(0x11_000, 0x11_fff));
+        assert_eq!(
+            h.translate(0x10_000, 8, Access::Read).unwrap()[0].addr,
+            0x100_000
+        );
+        assert_eq!(cached(&h), 2);
+        assert!(h.translate(0x10_ff0, 0x20, Access::Read).is_err());
+        assert!(h.translate(0x11_000, 1, Access::Read).is_err());
+        assert_eq!(
+            h.translate(0x12_004, 4, Access::Read).unwrap()[0].addr,
+            0x102_004
+        );
+        // Pieces whose targets are not contiguous are two segments, from the slow path.
+        s.update(r(0x11_000, 0x11_fff), 0x900_000, Perm::ReadWrite)
+            .unwrap();
+        let seg = h.translate(0x10_ff0, 0x20, Access::Read).unwrap();
+        assert_eq!(seg.len(), 2);
+        assert_eq!((seg[1].addr, seg[1].len), (0x900_000, 0x10));
+        // A change of many pages is checked against every copy.
+        s.invalidate(r(0, 0xfff_fff));
+        assert_eq!(h.translate(0x12_004, 4, Access::Read).ok(), None);
         assert_eq!(cached(&h), 0);
     }
 
