@@ -204,16 +204,24 @@ impl Connection {
         self.busy_poll_ns.store(ns, Ordering::Relaxed);
     }
 
-    /// Poll until a message starts arriving or the busy-poll window is over (at once if it
-    /// is zero); the caller then reads, blocking if need be.
-    fn spin_until_readable(&self) {
+    /// Try to read, without blocking, until bytes (or the end of the stream) come or the
+    /// busy-poll window is over (at once if it is zero); the caller then reads what it still
+    /// needs, blocking if need be. Each look is the read itself: one system call, not a
+    /// poll and then a read.
+    fn spin_read(&self, ra: &mut ReadAhead) -> Result<(), WireError> {
         let ns = self.busy_poll_ns.load(Ordering::Relaxed);
         if ns == 0 {
-            return;
+            return Ok(());
         }
         let start = Instant::now();
         let window = Duration::from_nanos(ns);
-        while !self.socket_readable() && start.elapsed() < window {
+        loop {
+            if self.read_some(ra, HEADER_SIZE, None, false)?.is_some() {
+                return Ok(());
+            }
+            if start.elapsed() >= window {
+                return Ok(());
+            }
             std::thread::yield_now();
         }
     }
@@ -242,6 +250,19 @@ impl Connection {
         want: usize,
         msg_end: Option<u64>,
     ) -> Result<usize, WireError> {
+        self.read_some(ra, want, msg_end, true)
+            .map(|n| n.unwrap_or(0))
+    }
+
+    /// [`Self::read_more`], or, with `wait` false, only what can be read without blocking:
+    /// `Ok(None)` when nothing can.
+    fn read_some(
+        &self,
+        ra: &mut ReadAhead,
+        want: usize,
+        msg_end: Option<u64>,
+        wait: bool,
+    ) -> Result<Option<usize>, WireError> {
         if ra.start > 0 {
             ra.buf.copy_within(ra.start..ra.end, 0);
             ra.end -= ra.start;
@@ -260,9 +281,15 @@ impl Connection {
             let mut control = RecvAncillaryBuffer::new(&mut space);
             let end = ra.end;
             let mut iov = [IoSliceMut::new(&mut ra.buf[end..])];
-            let r = match recvmsg(&self.sock, &mut iov, &mut control, RecvFlags::CMSG_CLOEXEC) {
+            let flags = if wait {
+                RecvFlags::CMSG_CLOEXEC
+            } else {
+                RecvFlags::CMSG_CLOEXEC | RecvFlags::DONTWAIT
+            };
+            let r = match recvmsg(&self.sock, &mut iov, &mut control, flags) {
                 Ok(r) => r,
                 Err(Errno::INTR) => continue,
+                Err(Errno::AGAIN) if !wait => return Ok(None),
                 Err(e) => return Err(WireError::Io(e.into())),
             };
             let mut fds = Vec::new();
@@ -302,7 +329,7 @@ impl Connection {
                     _ => ra.fds.push_back((read_end, fds, lost)),
                 }
             }
-            return Ok(r.bytes);
+            return Ok(Some(r.bytes));
         }
     }
 
@@ -314,7 +341,7 @@ impl Connection {
         let mut guard = self.recv_lock.lock();
         let ra = &mut *guard;
         if ra.len() == 0 {
-            self.spin_until_readable();
+            self.spin_read(ra)?;
         }
         while ra.len() < HEADER_SIZE {
             if self.read_more(ra, HEADER_SIZE, None)? == 0 {
