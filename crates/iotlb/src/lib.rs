@@ -17,6 +17,8 @@
 //!   must be dropped;
 //! - [`IovaRange`], [`Perm`], [`Access`]: the protocol's vocabulary, with typed errors for
 //!   every malformed value.
+//! - [`lock`]: how the locks above are taken (polled, never slept on for a short wait), also
+//!   for other short-held locks of the miss path.
 //!
 //! It never blocks, never sends a message and never touches guest memory: those belong to the
 //! backend and virtqueue crates built on top.
