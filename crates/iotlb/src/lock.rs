@@ -7,7 +7,7 @@
 //! worker taking the shared cache's read lock while the connection thread applies a burst of
 //! UPDATEs used to park so, and those wake-ups were most of the miss round trip's tail.
 //!
-//! [`read`], [`write`] and [`lock`] poll the lock instead: a few spins, then yielding the CPU
+//! [`read`], [`write()`] and [`lock()`] poll the lock instead: a few spins, then yielding the CPU
 //! between attempts, and only after [`POLL_WINDOW`] (a holder that lost its CPU) they block
 //! like the plain methods, so a waiter never burns a CPU for long. Readers poll with
 //! `try_read_recursive`, which does not queue behind a waiting writer; the writers of these
