@@ -10,8 +10,9 @@
 //! [`read`], [`write()`] and [`lock()`] poll the lock instead: a few spins, then yielding the CPU
 //! between attempts, and only after [`POLL_WINDOW`] (a holder that lost its CPU) they block
 //! like the plain methods, so a waiter never burns a CPU for long. Readers poll with
-//! `try_read_recursive`, which does not queue behind a waiting writer; the writers of these
-//! locks poll too, so nobody parks while the lock is merely busy.
+//! `try_read`, which fails once a writer that stopped polling is waiting: readers whose
+//! sections overlap cannot hold an INVALIDATE off for longer than one poll window (with
+//! `try_read_recursive` three busy workers kept it waiting for milliseconds).
 //!
 //! Only for locks whose holders never wait for anything (no I/O, no other thread) while
 //! holding them: a lock held across a reply would just be polled for its whole window.
@@ -50,7 +51,7 @@ fn acquire<G>(mut attempt: impl FnMut() -> Option<G>, block: impl FnOnce() -> G)
 
 /// Shared access to `l` (see the module doc).
 pub fn read<T>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {
-    acquire(|| l.try_read_recursive(), || l.read())
+    acquire(|| l.try_read(), || l.read())
 }
 
 /// Exclusive access to `l` (see the module doc).
@@ -109,6 +110,30 @@ mod tests {
             assert_eq!(t.join().unwrap(), (7, 9));
             assert_eq!(*rw.read(), 8);
         }
+    }
+
+    #[test]
+    fn a_blocked_writer_goes_before_new_readers() {
+        // A reader holds the lock; a writer polls past its window and blocks; a reader that
+        // comes after that must wait for the writer, or busy readers could starve writers.
+        let rw = Arc::new(RwLock::new(Vec::new()));
+        let held = rw.read();
+        let writer = {
+            let rw = rw.clone();
+            std::thread::spawn(move || write(&rw).push("writer"))
+        };
+        std::thread::sleep(POLL_WINDOW * 50);
+        let reader = {
+            let rw = rw.clone();
+            std::thread::spawn(move || {
+                let seen = read(&rw).clone();
+                seen
+            })
+        };
+        std::thread::sleep(POLL_WINDOW * 50);
+        drop(held);
+        writer.join().unwrap();
+        assert_eq!(reader.join().unwrap(), vec!["writer"]);
     }
 
     #[test]
