@@ -42,6 +42,8 @@ fn range() -> impl Strategy<Value = IovaRange> {
         12 => (addr(), addr()).prop_map(|(a, b)| IovaRange::new(a.min(b), a.max(b)).unwrap()),
         4 => (addr(), 1u64..0x3000).prop_filter_map("overflow", |(a, s)| IovaRange::from_size(a, s).ok()),
         1 => Just(IovaRange::FULL),
+        1 => Just(IovaRange::new(0, MAX - 1).unwrap()),
+        1 => Just(IovaRange::new(1, MAX).unwrap()),
     ]
 }
 
@@ -59,11 +61,12 @@ fn access() -> impl Strategy<Value = Access> {
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        6 => (range(), prop_oneof![0u64..0x10_0000, any::<u64>()], perm())
+        6 => (range(), prop_oneof![0u64..0x10_0000, (MAX - 0x8000)..=MAX, any::<u64>()], perm())
             .prop_map(|(r, t, p)| Op::Update(r, t, p)),
         3 => range().prop_map(Op::Invalidate),
         1 => Just(Op::InvalidateAll),
-        8 => (addr(), prop_oneof![1u64..=64, 0u64..0x8000, any::<u64>()], access())
+        // Up to 17 pages: a handle serves at most 16 from its per-page copies.
+        8 => (addr(), prop_oneof![1u64..=64, 0u64..0x8000, 0x1000u64..0x11001, any::<u64>()], access())
             .prop_map(|(a, l, x)| Op::Translate(a, l, x)),
     ]
 }
@@ -243,11 +246,14 @@ impl UnderTest for Iotlb {
     }
 }
 
-/// A worker handle of a shared IOTLB, whose private copies must never outlive an INVALIDATE
-/// or a replacing UPDATE.
+/// Worker handles of a shared IOTLB, whose private copies must never outlive an INVALIDATE
+/// or a replacing UPDATE. The second one translates only every 7th time, so it often has
+/// many changes to catch up with.
 struct ThroughHandle {
     shared: SharedIotlb<u8>,
     handle: IotlbHandle<u8>,
+    lagging: IotlbHandle<u8>,
+    translations: u64,
 }
 
 impl UnderTest for ThroughHandle {
@@ -263,7 +269,12 @@ impl UnderTest for ThroughHandle {
         len: u64,
         access: Access,
     ) -> Result<Segments, TranslateError> {
-        self.handle.translate(iova, len, access)
+        self.translations += 1;
+        if self.translations % 7 == 0 {
+            self.lagging.translate(iova, len, access)
+        } else {
+            self.handle.translate(iova, len, access)
+        }
     }
     fn check(&self, m: &Model, cap: usize) {
         self.shared.with_cache(|t| t.check(m, cap));
@@ -299,7 +310,13 @@ fn cache(cap: usize) -> Iotlb {
 fn through_handle(cap: usize) -> ThroughHandle {
     let shared = SharedIotlb::new(cache(cap));
     let handle = shared.handle();
-    ThroughHandle { shared, handle }
+    let lagging = shared.handle();
+    ThroughHandle {
+        shared,
+        handle,
+        lagging,
+        translations: 0,
+    }
 }
 
 proptest! {
