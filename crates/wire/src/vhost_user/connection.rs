@@ -123,6 +123,8 @@ struct ReadAhead {
 
 /// How much one receive asks the socket for.
 const READ_AHEAD: usize = 16 * 1024;
+/// Control-message room for the most descriptors a message may carry, plus one.
+const RECV_CMSG_SPACE: usize = rustix::cmsg_space!(ScmRights(MAX_FDS + 1));
 
 impl ReadAhead {
     fn len(&self) -> usize {
@@ -272,13 +274,13 @@ impl Connection {
         if ra.buf.len() < room {
             ra.buf.resize(room, 0);
         }
-        // One more slot than allowed, so that a surplus is seen rather than cut silently.
-        let mut space = vec![
-            MaybeUninit::<u8>::uninit();
-            rustix::cmsg_space!(ScmRights(self.limits.max_fds + 1))
-        ];
+        // One more slot than allowed, so that a surplus is seen rather than cut silently. On
+        // the stack: the busy-poll loop calls this for every look.
+        let mut space = [MaybeUninit::<u8>::uninit(); RECV_CMSG_SPACE];
+        let want_space = rustix::cmsg_space!(ScmRights(self.limits.max_fds + 1));
+        let space = &mut space[..want_space.min(RECV_CMSG_SPACE)];
         loop {
-            let mut control = RecvAncillaryBuffer::new(&mut space);
+            let mut control = RecvAncillaryBuffer::new(&mut *space);
             let end = ra.end;
             let mut iov = [IoSliceMut::new(&mut ra.buf[end..])];
             let flags = if wait {
