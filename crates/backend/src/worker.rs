@@ -3,7 +3,9 @@
 //! A worker sleeps on its kick eventfd and its wake eventfd (written by the connection thread
 //! when an UPDATE covers the address it parked on, or to stop it), with a timeout while it is
 //! parked on a miss. Awake, it drains its queue: pop a chain (translating all of it), let the
-//! device serve it, complete it, notify the driver.
+//! device serve it, complete it, notify the driver (every 32 completions under load, and when
+//! the queue runs dry; a queue parked on a miss holds the interrupt while it busy-polls for
+//! the answer and sends it before it blocks).
 //!
 //! On a miss the queue does not consume the chain: the worker registers in the IOTLB's
 //! pending table, sends `BACKEND_IOTLB_MSG(MISS)` on the back-end channel if it is the first
@@ -254,8 +256,10 @@ impl<D: Device> WorkerState<D> {
             let timeout = parked.filter(|_| enabled && !broken).map(|p| {
                 (p.since + self.shared.miss_timeout).saturating_duration_since(Instant::now())
             });
-            if timeout.is_some() {
-                self.spin_for_wake();
+            // Completions a parked drain left unannounced (see `drain`) are announced before
+            // blocking, or now when the wait is not a short one.
+            if (timeout.is_none() || !self.spin_for_wake()) && w.unnotified > 0 {
+                self.notify(&mut w, &mut *tr);
             }
             self.sleep(timeout);
             if self.stop.load(Ordering::SeqCst) {
@@ -354,11 +358,12 @@ impl<D: Device> WorkerState<D> {
 
     /// Parked on a miss: poll for the wake-up (or a kick) for up to the busy-poll window
     /// before [`Self::sleep`] blocks, so that an answer coming within it costs no thread
-    /// wake-up.
-    fn spin_for_wake(&self) {
+    /// wake-up. True when the wait ended with a wake-up or a kick; false when the window ran
+    /// out (or there is none).
+    fn spin_for_wake(&self) -> bool {
         let window = self.shared.busy_poll;
         if window.is_zero() {
-            return;
+            return false;
         }
         let start = Instant::now();
         let zero = Timespec {
@@ -371,12 +376,12 @@ impl<D: Device> WorkerState<D> {
                 PollFd::new(&*self.wake, PollFlags::IN),
             ];
             match poll(&mut fds, Some(&zero)) {
-                Ok(n) if n > 0 => return,
-                Err(e) if e != rustix::io::Errno::INTR => return,
+                Ok(n) if n > 0 => return true,
+                Err(e) if e != rustix::io::Errno::INTR => return false,
                 _ => {}
             }
             if start.elapsed() >= window || self.stop.load(Ordering::Relaxed) {
-                return;
+                return false;
             }
             std::thread::yield_now();
         }
@@ -511,7 +516,12 @@ impl<D: Device> WorkerState<D> {
                 }
             }
         };
-        if w.unnotified > 0 {
+        // A drain that parked on a miss does not interrupt the driver for the few completions
+        // before it: the answer usually comes within the busy-poll window, and the queue goes
+        // on then; an interrupt now would wake the driver's thread to compete for the CPU
+        // with the threads the answer needs. `run` announces them before the worker blocks,
+        // and `completed` at NOTIFY_EVERY as always.
+        if w.unnotified > 0 && !matches!(outcome, Drained::Parked(_)) {
             self.notify(w, tr);
         }
         outcome

@@ -2,7 +2,8 @@
 //! handshake, shares its memory as a memfd, puts rings and buffers at IOVAs and answers
 //! misses. Covered: MISS then UPDATE then completion; INVALIDATE during I/O; an unanswered
 //! MISS failing its request after the timeout while another queue keeps serving; a
-//! disconnect during a miss, then a new connection served correctly.
+//! disconnect during a miss, then a new connection served correctly; a queue parked on a
+//! miss announcing the completions before it once its busy-poll window is over.
 
 mod common;
 
@@ -28,6 +29,11 @@ fn disk() -> std::fs::File {
 }
 
 fn server(queues: u16, miss_timeout: Duration) -> Arc<Server<Blk>> {
+    server_polling(queues, miss_timeout, Duration::ZERO)
+}
+
+/// With the threads busy-polling for `busy_poll` before they block.
+fn server_polling(queues: u16, miss_timeout: Duration, busy_poll: Duration) -> Arc<Server<Blk>> {
     // `RUST_LOG=backend=trace` shows the back-end's side of a failing test.
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
@@ -47,6 +53,7 @@ fn server(queues: u16, miss_timeout: Duration) -> Arc<Server<Blk>> {
         EngineConfig {
             iotlb_capacity: 256,
             miss_timeout,
+            busy_poll,
             ..EngineConfig::default()
         },
     ))
@@ -203,4 +210,40 @@ fn a_disconnect_during_a_miss_then_a_new_connection_is_served() {
     serving.join().unwrap();
     assert!(!path.exists(), "the socket file is removed on shutdown");
     let _ = std::fs::remove_dir(&dir);
+}
+
+#[test]
+fn a_parked_queue_announces_earlier_completions_before_it_blocks() {
+    // A parked queue holds the interrupt for what it completed before the miss while it
+    // busy-polls for the answer (20 ms here); it must send it before blocking, not hold it
+    // until the miss is answered or times out (10 s here).
+    let s = server_polling(1, Duration::from_secs(10), Duration::from_millis(20));
+    let (sock, t) = connect(&s);
+    let mut f = Frontend::connect(sock, 1, 64, true, 8);
+    let data = pattern(3, 1024);
+    let (h, d, st) = blk_request(&mut f, VIRTIO_BLK_T_OUT, 40, &data, 0);
+    let first = f.submit(0, &[h, d.unwrap(), st]);
+    let (h2, d2, st2) = blk_request(&mut f, VIRTIO_BLK_T_IN, 0, &[], 512);
+    let d2 = d2.unwrap();
+    f.never_map.push(d2.iova);
+    f.submit(0, &[h2, d2, st2]);
+    let start = std::time::Instant::now();
+    while !f.take_call(0) {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "no interrupt for the completed request while the next one waits for its miss"
+        );
+        f.serve_misses();
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let used = f.wait_used(0, 1, Duration::from_secs(1));
+    assert_eq!(used, vec![(first, 1)], "only the first request is done");
+    assert_eq!(status(&f, &st), VIRTIO_BLK_S_OK as u8);
+    assert!(
+        f.ignored.contains(&d2.iova),
+        "the second request missed: {:x?}",
+        f.ignored
+    );
+    drop(f);
+    t.join().unwrap();
 }

@@ -249,6 +249,13 @@ impl Frontend {
         }
     }
 
+    /// Whether the back-end signalled queue `q`'s call eventfd since the last look (reads
+    /// it, so the next look starts afresh).
+    pub fn take_call(&mut self, q: usize) -> bool {
+        let mut b = [0u8; 8];
+        rustix::io::read(&self.queues[q].call, &mut b).is_ok()
+    }
+
     /// Submit a chain on queue `q` and kick.
     pub fn submit(&mut self, q: usize, bufs: &[Buf]) -> u16 {
         let head = self.queues[q]
