@@ -651,7 +651,7 @@ impl<D: Device> WorkerState<D> {
         });
         let now = Instant::now();
         let found = wanted.len();
-        wanted.retain(|&(iova, access)| self.shared.iotlb.register_ahead(iova, access, now));
+        self.shared.iotlb.register_ahead(&mut wanted, now);
         tracing::trace!(
             queue = self.cfg.index,
             found,

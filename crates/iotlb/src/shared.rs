@@ -174,14 +174,15 @@ impl<W: Clone + PartialEq> SharedIotlb<W> {
         }
     }
 
-    /// Send a MISS for `iova` ahead of need (see [`PendingMisses::register_ahead`]). True if
-    /// the caller must send it: not mapped now and no MISS outstanding for its page.
-    pub fn register_ahead(&self, iova: u64, access: Access, now: Instant) -> bool {
+    /// Send MISSes ahead of need (see [`PendingMisses::register_ahead`]): keeps in `wanted`
+    /// the pages the caller must send, those not mapped now and with no MISS outstanding.
+    /// One acquisition of each lock for the whole list (a prefetch registers dozens).
+    pub fn register_ahead(&self, wanted: &mut Vec<(u64, Access)>, now: Instant) {
         let mut pending = lock::lock(&self.inner.pending);
-        if lock::read(&self.inner.tlb).lookup(iova).is_some() {
-            return false;
-        }
-        pending.register_ahead(iova, access, now)
+        let tlb = lock::read(&self.inner.tlb);
+        wanted.retain(|&(iova, access)| {
+            tlb.lookup(iova).is_none() && pending.register_ahead(iova, access, now)
+        });
     }
 
     /// See [`PendingMisses::set_ahead_ttl`] (a back-end sets its miss timeout).
@@ -265,6 +266,37 @@ mod tests {
 
     fn shared(cap: usize) -> SharedIotlb<u32> {
         SharedIotlb::new(Iotlb::with_capacity(cap).unwrap())
+    }
+
+    #[test]
+    fn register_ahead_keeps_only_what_must_be_sent() {
+        let s = shared(16);
+        let t0 = Instant::now();
+        s.update(r(0x1000, 0x1fff), 0xa000, Perm::ReadWrite)
+            .unwrap();
+        assert!(matches!(
+            s.register_miss(0x3000, Access::Read, 1, t0),
+            MissOutcome::SendMiss { .. }
+        ));
+        let mut wanted = vec![
+            (0x1008, Access::Read),  // mapped
+            (0x2000, Access::Write), // new
+            (0x3010, Access::Read),  // outstanding (same page)
+            (0x4000, Access::Read),  // new
+        ];
+        s.register_ahead(&mut wanted, t0);
+        assert_eq!(
+            wanted,
+            vec![(0x2000, Access::Write), (0x4000, Access::Read)]
+        );
+        // Registered: a second prefetch sends nothing, and a queue reaching the page joins.
+        let mut again = vec![(0x2ff0, Access::Write), (0x4000, Access::Read)];
+        s.register_ahead(&mut again, t0);
+        assert!(again.is_empty());
+        assert!(matches!(
+            s.register_miss(0x4000, Access::Read, 2, t0),
+            MissOutcome::Coalesced
+        ));
     }
 
     #[test]
