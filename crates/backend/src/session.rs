@@ -87,7 +87,7 @@ pub(crate) struct Shared<D: Device> {
     pub iotlb_capacity: usize,
     /// Each running worker's wake-up eventfd, by queue index (a worker wakes another whose
     /// miss it failed to send).
-    pub wakers: RwLock<Vec<Option<Arc<OwnedFd>>>>,
+    pub wakers: RwLock<Vec<Option<Arc<crate::worker::Waker>>>>,
 }
 
 /// The connection thread's view of one vring.

@@ -2,7 +2,8 @@
 //!
 //! A worker sleeps on its kick eventfd and its wake eventfd (written by the connection thread
 //! when an UPDATE covers the address it parked on, or to stop it), with a timeout while it is
-//! parked on a miss. Awake, it drains its queue: pop a chain (translating all of it), let the
+//! parked on a miss; for the busy-poll window before that it polls a flag instead, which a
+//! waker sets without a system call ([`Waker`]). Awake, it drains its queue: pop a chain (translating all of it), let the
 //! device serve it, complete it, notify the driver (every 32 completions under load, and when
 //! the queue runs dry; a queue parked on a miss holds the interrupt while it busy-polls for
 //! the answer and sends it before it blocks).
@@ -66,11 +67,65 @@ pub(crate) struct WorkerConfig {
 pub(crate) struct Worker {
     thread: Option<JoinHandle<()>>,
     stop: Arc<AtomicBool>,
-    wake: Arc<OwnedFd>,
+    wake: Arc<Waker>,
     epoch: Arc<WorkerEpoch>,
     /// Where the queue resumes (next avail index, less an unfinished request), kept current
     /// by the worker so that it is known even if the thread died.
     base: Arc<AtomicU16>,
+}
+
+/// How a worker is woken: an eventfd it sleeps on, and a flag it looks at while it
+/// busy-polls, so that a wake-up during the busy-poll window costs the waker no system call
+/// and the worker only a load.
+#[derive(Debug)]
+pub(crate) struct Waker {
+    fd: OwnedFd,
+    /// The worker is busy-polling: it will see `woken` without the eventfd.
+    polling: AtomicBool,
+    woken: AtomicBool,
+}
+
+impl Waker {
+    fn new() -> std::io::Result<Self> {
+        Ok(Waker {
+            fd: eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?,
+            polling: AtomicBool::new(false),
+            woken: AtomicBool::new(false),
+        })
+    }
+
+    /// Wake the worker. The flag is set before `polling` is read and the worker clears
+    /// `polling` before it reads the flag a last time (both sequentially consistent), so
+    /// either we see it is not polling and write the eventfd, or it sees the flag.
+    pub(crate) fn wake(&self) {
+        self.woken.store(true, Ordering::SeqCst);
+        if !self.polling.load(Ordering::SeqCst) {
+            signal(&self.fd);
+        }
+    }
+
+    /// Take a wake-up given through the flag.
+    fn take(&self) -> bool {
+        self.woken.swap(false, Ordering::SeqCst)
+    }
+
+    /// From now on wakers set the flag only; look at it with [`Waker::take`].
+    fn start_polling(&self) {
+        self.polling.store(true, Ordering::SeqCst);
+    }
+
+    /// Wakers write the eventfd again. True if a wake-up came through the flag meanwhile (a
+    /// waker that saw us polling did not write the eventfd: its flag is all there is).
+    fn stop_polling(&self) -> bool {
+        self.polling.store(false, Ordering::SeqCst);
+        self.take()
+    }
+}
+
+impl AsFd for Waker {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
 }
 
 fn signal(fd: &OwnedFd) {
@@ -89,7 +144,7 @@ impl Worker {
         shared: Arc<Shared<D>>,
         cfg: WorkerConfig,
     ) -> std::io::Result<Self> {
-        let wake = Arc::new(eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?);
+        let wake = Arc::new(Waker::new()?);
         let stop = Arc::new(AtomicBool::new(false));
         let base = Arc::new(AtomicU16::new(cfg.base));
         let epoch = shared.epochs.register();
@@ -128,7 +183,7 @@ impl Worker {
 
     /// Wake it (an UPDATE covered its miss).
     pub(crate) fn wake(&self) {
-        signal(&self.wake);
+        self.wake.wake();
     }
 
     /// Stop it and return where the queue resumes (for GET_VRING_BASE).
@@ -139,7 +194,7 @@ impl Worker {
             }
         }
         self.stop.store(true, Ordering::SeqCst);
-        signal(&self.wake);
+        self.wake.wake();
         if let Some(t) = self.thread.take() {
             if t.join().is_err() {
                 tracing::error!("vhost-user: a queue worker panicked; its queue stopped");
@@ -174,7 +229,7 @@ enum Unfinished {
 struct WorkerState<D: Device> {
     shared: Arc<Shared<D>>,
     cfg: WorkerConfig,
-    wake: Arc<OwnedFd>,
+    wake: Arc<Waker>,
     stop: Arc<AtomicBool>,
     epoch: Arc<WorkerEpoch>,
     base: Arc<AtomicU16>,
@@ -210,6 +265,9 @@ const PREFETCH_CHAINS: u16 = 32;
 const PREFETCH_MISSES: usize = 96;
 /// IOTLB pages (MISSes are per 4 KiB page).
 const PAGE: u64 = 4096;
+
+/// Busy-poll looks at the wake-up flag per look at the kick and wake-up eventfds.
+const KICK_LOOK_EVERY: u32 = 8;
 
 /// Completions between two driver notifications under sustained load.
 const NOTIFY_EVERY: u32 = 32;
@@ -257,11 +315,13 @@ impl<D: Device> WorkerState<D> {
                 (p.since + self.shared.miss_timeout).saturating_duration_since(Instant::now())
             });
             // Completions a parked drain left unannounced (see `drain`) are announced before
-            // blocking, or now when the wait is not a short one.
-            if (timeout.is_none() || !self.spin_for_wake()) && w.unnotified > 0 {
-                self.notify(&mut w, &mut *tr);
+            // blocking; a wait answered within the busy-poll window goes on without either.
+            if !(timeout.is_some() && self.spin_for_wake()) {
+                if w.unnotified > 0 {
+                    self.notify(&mut w, &mut *tr);
+                }
+                self.sleep(timeout);
             }
-            self.sleep(timeout);
             if self.stop.load(Ordering::SeqCst) {
                 break;
             }
@@ -354,6 +414,9 @@ impl<D: Device> WorkerState<D> {
         if fds[1].revents().contains(PollFlags::IN) {
             drain(&*self.wake);
         }
+        // Every wake-up that set the flag while we were not polling also wrote the eventfd:
+        // the flag is stale (an eventfd write still to come is seen by the next poll).
+        self.wake.take();
     }
 
     /// Parked on a miss: poll for the wake-up (or a kick) for up to the busy-poll window
@@ -370,21 +433,40 @@ impl<D: Device> WorkerState<D> {
             tv_sec: 0,
             tv_nsec: 0,
         };
-        loop {
-            let mut fds = [
-                PollFd::new(&self.cfg.kick, PollFlags::IN),
-                PollFd::new(&*self.wake, PollFlags::IN),
-            ];
-            match poll(&mut fds, Some(&zero)) {
-                Ok(n) if n > 0 => return true,
-                Err(e) if e != rustix::io::Errno::INTR => return false,
-                _ => {}
+        self.wake.start_polling();
+        let mut looks = 0u32;
+        let answered = loop {
+            if self.wake.take() {
+                break true;
             }
+            // The eventfds (a kick, or a wake-up from before we polled) every few looks.
+            if looks % KICK_LOOK_EVERY == 0 {
+                let mut fds = [
+                    PollFd::new(&self.cfg.kick, PollFlags::IN),
+                    PollFd::new(&*self.wake, PollFlags::IN),
+                ];
+                match poll(&mut fds, Some(&zero)) {
+                    Ok(n) if n > 0 => {
+                        if fds[0].revents().contains(PollFlags::IN) {
+                            drain(&self.cfg.kick);
+                        }
+                        if fds[1].revents().contains(PollFlags::IN) {
+                            drain(&*self.wake);
+                        }
+                        break true;
+                    }
+                    Err(e) if e != rustix::io::Errno::INTR => break false,
+                    _ => {}
+                }
+            }
+            looks = looks.wrapping_add(1);
             if start.elapsed() >= window || self.stop.load(Ordering::Relaxed) {
-                return false;
+                break false;
             }
             std::thread::yield_now();
-        }
+        };
+        // Not short-circuited: polling must stop either way.
+        self.wake.stop_polling() | answered
     }
 
     fn wait_for_stop(&self) {
@@ -702,7 +784,7 @@ impl<D: Device> WorkerState<D> {
             for &(iova, access) in &wanted {
                 for q in self.shared.iotlb.unregister_ahead(iova, access) {
                     if let Some(Some(w)) = wakers.get(usize::from(q)) {
-                        signal(w);
+                        w.wake();
                     }
                 }
             }
@@ -972,4 +1054,87 @@ struct Work<H> {
     unnotified: u32,
     /// The MISS this queue sent and waits for: when, and the address that missed.
     rtt: Option<(Instant, u64, Access)>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whether the eventfd has a wake-up, waiting up to `ms`; drains it.
+    fn eventfd_woken(w: &Waker, ms: i64) -> bool {
+        let mut fds = [PollFd::new(w, PollFlags::IN)];
+        let ts = Timespec {
+            tv_sec: ms / 1000,
+            tv_nsec: (ms % 1000) * 1_000_000,
+        };
+        let got = matches!(poll(&mut fds, Some(&ts)), Ok(n) if n > 0);
+        if got {
+            drain(w);
+        }
+        got
+    }
+
+    #[test]
+    fn a_wake_up_is_never_lost_between_the_flag_and_the_eventfd() {
+        // Each round the "worker" polls the flag for a few looks, stops polling, and then
+        // blocks on the eventfd, while the waker wakes it once at a random moment: the
+        // wake-up must arrive through the flag or the eventfd, every time.
+        let w = Arc::new(Waker::new().unwrap());
+        let rounds = 20_000u32;
+        let barrier = Arc::new(std::sync::Barrier::new(2));
+        let waker = {
+            let (w, barrier) = (w.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                let mut x = 0x9e37_79b9_u32;
+                for _ in 0..rounds {
+                    barrier.wait();
+                    x ^= x << 13;
+                    x ^= x >> 17;
+                    x ^= x << 5;
+                    for _ in 0..(x % 64) {
+                        std::hint::spin_loop();
+                    }
+                    w.wake();
+                    barrier.wait();
+                }
+            })
+        };
+        let (mut by_flag, mut by_fd) = (0u32, 0u32);
+        for round in 0..rounds {
+            barrier.wait();
+            w.start_polling();
+            let mut got = false;
+            for _ in 0..(round % 8) {
+                if w.take() {
+                    got = true;
+                    break;
+                }
+                std::hint::spin_loop();
+            }
+            got = w.stop_polling() | got;
+            if got {
+                by_flag += 1;
+            } else {
+                assert!(eventfd_woken(&w, 5000), "round {round}: wake-up lost");
+                by_fd += 1;
+            }
+            barrier.wait();
+            // Leave nothing behind for the next round: a stale flag or eventfd count.
+            w.take();
+            eventfd_woken(&w, 0);
+        }
+        waker.join().unwrap();
+        assert_eq!(by_flag + by_fd, rounds);
+    }
+
+    #[test]
+    fn a_worker_not_polling_is_woken_through_the_eventfd() {
+        let w = Waker::new().unwrap();
+        w.wake();
+        assert!(eventfd_woken(&w, 1000));
+        w.start_polling();
+        w.wake();
+        assert!(!eventfd_woken(&w, 0), "while polling, the flag only");
+        assert!(w.stop_polling());
+    }
 }
