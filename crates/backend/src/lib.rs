@@ -8,11 +8,11 @@
 //! can use what they removed.
 //!
 //! - [`server`]: the listening socket, one front-end at a time, reconnects;
-//! - [`session`] (private): one connection's state machine, on the connection thread;
-//! - [`worker`] (private): queue workers, misses, timeouts;
+//! - `session` (private): one connection's state machine, on the connection thread;
+//! - `worker` (private): queue workers, misses, timeouts, how a parked worker is woken;
 //! - [`quiesce`]: per-worker epochs behind invalidation acknowledgement;
 //! - [`memory`]: the memory table;
-//! - [`device`]: what a device provides.
+//! - `device` ([`Device`], [`QueueHandler`]): what a device provides.
 
 mod device;
 pub mod memory;
