@@ -1111,7 +1111,7 @@ mod tests {
                 }
                 std::hint::spin_loop();
             }
-            got = w.stop_polling() | got;
+            got |= w.stop_polling();
             if got {
                 by_flag += 1;
             } else {
