@@ -18,7 +18,10 @@
 //!
 //! Every workload runs `--rounds` times (default 5), interleaved with the others, and the
 //! round with the median IOPS is reported: a moment of interference on a shared machine
-//! then spoils one sample instead of a ratio.
+//! then spoils one sample instead of a ratio. The ratio to `off` is paired: each round's
+//! IOPS over `off`'s in the same round (seconds apart), and the median of those, so that a
+//! machine whose speed drifts by tens of percent over a minute (shared VMs do) moves both
+//! sides of a ratio together.
 //!
 //! Figures: IOPS, MB/s, latency p50/p99, misses/s, miss round trip p50/p99 (MISS sent to
 //! queue running again, measured by our back-end), IOTLB hit rate, invalidations/s, and the
@@ -76,7 +79,8 @@ pub struct E2eArgs {
     pub plot: Option<PathBuf>,
     /// Rounds: every workload runs this many times, interleaved (off, warm, ..., off, warm,
     /// ...), `--duration` split between them; the round with the median IOPS is reported.
-    /// A machine that slows down for a moment then skews one sample, not a ratio.
+    /// A machine that slows down for a moment then skews one sample, not a ratio. The ratio
+    /// to `off` is the median of each round's ratio to `off` in the same round.
     #[arg(long, default_value_t = 5)]
     pub rounds: u32,
 }
@@ -171,7 +175,12 @@ struct Row {
     miss_rtt_p99_us: Option<f64>,
     hit_rate: Option<f64>,
     invalidations_per_s: f64,
+    /// The median over rounds of this workload's IOPS over `off`'s in the same round.
     ratio_to_off: f64,
+    /// Each round's ratio to `off` (same round), in order.
+    ratio_rounds: Vec<f64>,
+    /// The median round's IOPS over `off`'s median round's (rounds not paired).
+    ratio_of_medians: f64,
     /// IOPS of every round, in order.
     iops_rounds: Vec<f64>,
     /// Front-end side: MISS received to UPDATE acknowledged.
@@ -474,11 +483,36 @@ fn run_all(args: &E2eArgs, list: &[Workload], dir: &Path) -> Result<Vec<Row>, St
     }
     pb.finish_and_clear();
     let mut rows: Vec<Row> = samples.into_iter().filter_map(median_round).collect();
-    let off = rows.iter().find(|r| r.name == "off").map(|r| r.iops);
+    let off = rows
+        .iter()
+        .find(|r| r.name == "off")
+        .map(|r| (r.iops, r.iops_rounds.clone()));
     for r in &mut rows {
-        r.ratio_to_off = off.map_or(1.0, |o| r.iops / o);
+        if let Some((off_iops, off_rounds)) = &off {
+            r.ratio_rounds = paired_ratios(&r.iops_rounds, off_rounds);
+            r.ratio_to_off = median(&r.ratio_rounds).unwrap_or(r.iops / off_iops);
+            r.ratio_of_medians = r.iops / off_iops;
+        }
     }
     Ok(rows)
+}
+
+/// Each round's IOPS over `off`'s in the same round (the two ran within seconds of each
+/// other, so a machine that is slower for a while slows both).
+fn paired_ratios(rounds: &[f64], off: &[f64]) -> Vec<f64> {
+    rounds
+        .iter()
+        .zip(off)
+        .filter(|(_, o)| **o > 0.0)
+        .map(|(r, o)| r / o)
+        .collect()
+}
+
+/// The median (the upper one of an even count); `None` when empty.
+fn median(v: &[f64]) -> Option<f64> {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied()
 }
 
 /// The round with the median IOPS, carrying every round's IOPS and the data-check counts
@@ -534,6 +568,8 @@ fn row(
         }),
         invalidations_per_s: m.invalidations as f64 / secs,
         ratio_to_off: 1.0, // set once `off` is known
+        ratio_rounds: Vec::new(),
+        ratio_of_medians: 1.0,
         iops_rounds: vec![iops],
         miss_service_p50_us: m.service_p50,
         misses,
@@ -594,7 +630,7 @@ fn print_table(args: &E2eArgs, rows: &[Row]) {
     }
     println!(
         "rtt: MISS sent to the queue running again (back-end side). hit: IOTLB hit rate (%). \
-         Every read was checked against what was written; freed buffers were poisoned and \
+         vs off: median over rounds of IOPS / off's IOPS in the same round. Every read was checked against what was written; freed buffers were poisoned and \
          checked ({} checks, {} violations).",
         rows.iter().map(|r| r.poison_checks).sum::<u64>(),
         rows.iter().map(|r| r.poison_violations).sum::<u64>()
@@ -619,6 +655,8 @@ fn to_json(rows: &[Row]) -> serde_json::Value {
                 "hit_rate": r.hit_rate,
                 "invalidations_per_s": r.invalidations_per_s,
                 "ratio_to_off": r.ratio_to_off,
+                "ratio_rounds": r.ratio_rounds,
+                "ratio_of_medians": r.ratio_of_medians,
                 "iops_rounds": r.iops_rounds,
                 "verify_failures": r.verify_failures,
                 "poison_checks": r.poison_checks,
@@ -731,4 +769,24 @@ fn plot(rows: &[Row]) -> String {
     );
     s.push_str("</svg>\n");
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ratios_are_paired_by_round() {
+        // The machine halves its speed in rounds 2 and 3: paired ratios do not see it.
+        let off = [100.0, 50.0, 50.0, 100.0, 100.0];
+        let warm = [96.0, 48.0, 48.0, 96.0, 96.0];
+        let r = paired_ratios(&warm, &off);
+        assert_eq!(r.len(), 5);
+        assert!(r.iter().all(|x| (x - 0.96).abs() < 1e-9));
+        assert_eq!(median(&r), Some(r[0]));
+        // A zero `off` round is left out, and nothing gives no median.
+        assert_eq!(paired_ratios(&[1.0, 2.0], &[0.0, 4.0]), vec![0.5]);
+        assert_eq!(median(&[]), None);
+        assert_eq!(median(&[3.0, 1.0, 2.0]), Some(2.0));
+    }
 }
