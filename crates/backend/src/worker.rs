@@ -298,6 +298,7 @@ impl<D: Device> WorkerState<D> {
             chain: Chain::new(),
             open: None,
             unnotified: 0,
+            held_since: None,
             rtt: None,
         };
         let mut parked: Option<Parked> = None;
@@ -372,6 +373,11 @@ impl<D: Device> WorkerState<D> {
             }
             self.publish_base(&w);
         }
+        // Stopping (possibly straight out of a busy-poll): completions held while parked are
+        // announced now, or a driver waiting for them would wait for nothing.
+        if w.unnotified > 0 {
+            self.notify(&mut w, &mut *tr);
+        }
         self.publish_base(&w);
     }
 
@@ -433,6 +439,9 @@ impl<D: Device> WorkerState<D> {
             tv_sec: 0,
             tv_nsec: 0,
         };
+        // A flag set while we were not polling came with an eventfd write, which look 0
+        // reads: taking both would walk the chain twice for one wake-up.
+        self.wake.take();
         self.wake.start_polling();
         let mut looks = 0u32;
         let answered = loop {
@@ -601,10 +610,18 @@ impl<D: Device> WorkerState<D> {
         // A drain that parked on a miss does not interrupt the driver for the few completions
         // before it: the answer usually comes within the busy-poll window, and the queue goes
         // on then; an interrupt now would wake the driver's thread to compete for the CPU
-        // with the threads the answer needs. `run` announces them before the worker blocks,
-        // and `completed` at NOTIFY_EVERY as always.
-        if w.unnotified > 0 && !matches!(outcome, Drained::Parked(_)) {
-            self.notify(w, tr);
+        // with the threads the answer needs. They are held for one busy-poll window at most
+        // (counted from the first of them, across misses and kicks), announced before the
+        // worker blocks or stops, and at NOTIFY_EVERY as always.
+        if w.unnotified > 0 {
+            let held_too_long = w
+                .held_since
+                .is_some_and(|t| t.elapsed() >= self.shared.busy_poll);
+            if matches!(outcome, Drained::Parked(_)) && !held_too_long {
+                w.held_since.get_or_insert_with(Instant::now);
+            } else {
+                self.notify(w, tr);
+            }
         }
         outcome
     }
@@ -1032,6 +1049,7 @@ impl<D: Device> WorkerState<D> {
 
     fn notify(&self, w: &mut Work<D::Handler>, tr: &mut dyn Translator) {
         w.unnotified = 0;
+        w.held_since = None;
         let wants = self.section(|gm| w.queue.needs_notification(tr, gm));
         // When the driver's wish cannot be read, notify anyway: a spurious interrupt is
         // harmless, a missing one hangs the driver.
@@ -1052,6 +1070,8 @@ struct Work<H> {
     open: Option<u16>,
     /// Completions since the driver was last notified.
     unnotified: u32,
+    /// Since when completions are held back while the queue is parked (see `drain`).
+    held_since: Option<Instant>,
     /// The MISS this queue sent and waits for: when, and the address that missed.
     rtt: Option<(Instant, u64, Access)>,
 }

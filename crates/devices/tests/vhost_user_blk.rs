@@ -3,7 +3,8 @@
 //! misses. Covered: MISS then UPDATE then completion; INVALIDATE during I/O; an unanswered
 //! MISS failing its request after the timeout while another queue keeps serving; a
 //! disconnect during a miss, then a new connection served correctly; a queue parked on a
-//! miss announcing the completions before it once its busy-poll window is over.
+//! miss announcing the completions before it once its busy-poll window is over, when kicks
+//! keep coming, and when the queue is stopped.
 
 mod common;
 
@@ -243,6 +244,82 @@ fn a_parked_queue_announces_earlier_completions_before_it_blocks() {
         "the second request missed: {:x?}",
         f.ignored
     );
+    drop(f);
+    t.join().unwrap();
+}
+
+/// Submit a write that completes and a read whose data page is never mapped; serve misses
+/// (answering `kick` times meanwhile, if asked) until the write is done and the read has
+/// missed. Returns the write's head and the used entries seen.
+fn one_done_one_parked(f: &mut Frontend, kick: bool) -> (u16, Vec<(u16, u32)>) {
+    let (h, d, st) = blk_request(f, VIRTIO_BLK_T_OUT, 40, &pattern(4, 1024), 0);
+    let first = f.submit(0, &[h, d.unwrap(), st]);
+    let (h2, d2, st2) = blk_request(f, VIRTIO_BLK_T_IN, 0, &[], 512);
+    let d2 = d2.unwrap();
+    f.never_map.push(d2.iova);
+    f.submit(0, &[h2, d2, st2]);
+    let start = std::time::Instant::now();
+    let mut used = Vec::new();
+    while used.is_empty() || !f.ignored.contains(&d2.iova) {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the write did not complete"
+        );
+        f.serve_misses();
+        used.extend(f.take_used(0));
+        if kick {
+            f.kick(0);
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    (first, used)
+}
+
+#[test]
+fn stopping_a_parked_queue_announces_the_completions_it_held() {
+    // A busy-poll window far longer than the test: the interrupt for the write is held
+    // while the queue waits for the read's miss, until GET_VRING_BASE stops the queue.
+    let s = server_polling(1, Duration::from_secs(30), Duration::from_secs(20));
+    let (sock, t) = connect(&s);
+    let mut f = Frontend::connect(sock, 1, 64, true, 9);
+    let (first, used) = one_done_one_parked(&mut f, false);
+    assert_eq!(used, vec![(first, 1)]);
+    assert!(
+        !f.take_call(0),
+        "held while the queue busy-polls for its miss"
+    );
+    let base = f.stop_queue(0);
+    assert_eq!(
+        base, 1,
+        "the parked read goes back to the driver's side of the ring"
+    );
+    assert!(
+        f.take_call(0),
+        "no interrupt for the completed write after the stop"
+    );
+    drop(f);
+    t.join().unwrap();
+}
+
+#[test]
+fn kicks_do_not_hold_back_completions_past_one_busy_poll_window() {
+    // Every kick ends a busy-poll early (the chain is walked again and parks on the same
+    // miss); the held interrupt must still go out about one window (100 ms) after the
+    // write completed, not when the miss times out (30 s).
+    let s = server_polling(1, Duration::from_secs(30), Duration::from_millis(100));
+    let (sock, t) = connect(&s);
+    let mut f = Frontend::connect(sock, 1, 64, true, 10);
+    let (first, used) = one_done_one_parked(&mut f, true);
+    assert_eq!(used, vec![(first, 1)]);
+    let start = std::time::Instant::now();
+    while !f.take_call(0) {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "completion held back while kicks keep coming"
+        );
+        f.kick(0);
+        std::thread::sleep(Duration::from_millis(1));
+    }
     drop(f);
     t.join().unwrap();
 }

@@ -249,6 +249,29 @@ impl Frontend {
         }
     }
 
+    /// Stop queue `q` (GET_VRING_BASE); returns where it resumes.
+    pub fn stop_queue(&mut self, q: usize) -> u32 {
+        let req = FrontendRequest::GetVringBase(VringState {
+            index: q as u32,
+            num: 0,
+        });
+        let h = self.conn.send_request(&req, false).unwrap();
+        match self.conn.recv_reply(&h, ReplyKind::VringState).unwrap() {
+            Reply::VringState(v) => v.num,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// Used entries published on queue `q` since the last look, without waiting.
+    pub fn take_used(&mut self, q: usize) -> Vec<(u16, u32)> {
+        self.queues[q].driver.take_used(&self.mem, &self.space)
+    }
+
+    /// Kick queue `q` again (a driver that notifies on every submission does this).
+    pub fn kick(&mut self, q: usize) {
+        rustix::io::write(&self.queues[q].kick, &1u64.to_ne_bytes()).unwrap();
+    }
+
     /// Whether the back-end signalled queue `q`'s call eventfd since the last look (reads
     /// it, so the next look starts afresh).
     pub fn take_call(&mut self, q: usize) -> bool {
