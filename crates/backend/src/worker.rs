@@ -27,7 +27,7 @@
 //! one index earlier, so that it is served again after a restart rather than lost; block
 //! requests may be repeated.
 
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -126,6 +126,17 @@ impl AsFd for Waker {
     fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
         self.fd.as_fd()
     }
+}
+
+/// What we sent on a socket that the peer has not read yet (`SIOCOUTQ`; for a Unix stream
+/// socket the size of the buffers holding it, not the byte count: zero exactly when the
+/// peer has read everything); `None` if the socket cannot tell.
+fn unread_by_peer(sock: BorrowedFd<'_>) -> Option<usize> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ (= TIOCOUTQ) on a socket writes one int through the pointer, which
+    // points to `n`, live and writable for the call; the fd is borrowed, so it is open.
+    let r = unsafe { libc::ioctl(sock.as_raw_fd(), libc::TIOCOUTQ, &mut n as *mut libc::c_int) };
+    (r == 0).then(|| usize::try_from(n).ok()).flatten()
 }
 
 fn signal(fd: &OwnedFd) {
@@ -748,6 +759,15 @@ impl<D: Device> WorkerState<D> {
                 }
             }
         });
+        // The front-end has not read our MISS yet, after all that scanning (a socket
+        // hand-off takes a few microseconds): its thread is likely waiting for this CPU. Let
+        // it have it now, not after registering and sending the rest. On the 2-core bench
+        // this takes the round trip p50 from about 30 us to under 20 us in the runs where
+        // the scheduler put the two threads together, for about 5 % of lazy and thrash IOPS.
+        let chan = self.shared.backend_chan.read().clone();
+        if chan.is_some_and(|c| unread_by_peer(c.as_fd()).is_some_and(|n| n > 0)) {
+            std::thread::yield_now();
+        }
         let now = Instant::now();
         let found = wanted.len();
         self.shared.iotlb.register_ahead(&mut wanted, now);
@@ -1145,6 +1165,20 @@ mod tests {
         }
         waker.join().unwrap();
         assert_eq!(by_flag + by_fd, rounds);
+    }
+
+    #[test]
+    fn unread_by_peer_is_zero_once_the_peer_has_read() {
+        use std::io::{Read, Write};
+        let (mut a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
+        assert_eq!(unread_by_peer(a.as_fd()), Some(0));
+        a.write_all(&[7u8; 60]).unwrap();
+        assert!(unread_by_peer(a.as_fd()).is_some_and(|n| n > 0));
+        let mut buf = [0u8; 60];
+        b.read_exact(&mut buf).unwrap();
+        assert_eq!(unread_by_peer(a.as_fd()), Some(0));
+        let f = std::fs::File::open("/dev/null").unwrap();
+        assert_eq!(unread_by_peer(f.as_fd()), None, "not a socket");
     }
 
     #[test]
