@@ -3,8 +3,8 @@
 //! A worker sleeps on its kick eventfd and its wake eventfd (written by the connection thread
 //! when an UPDATE covers the address it parked on, or to stop it), with a timeout while it is
 //! parked on a miss; for the busy-poll window before that it polls a flag instead, which a
-//! waker sets without a system call ([`Waker`]). Awake, it drains its queue: pop a chain (translating all of it), let the
-//! device serve it, complete it, notify the driver (every 32 completions under load, and when
+//! waker sets without a system call ([`Waker`]). Awake, it drains its queue: pop a chain
+//! (translating all of it), let the device serve it, complete it, notify the driver (every 32 completions under load, and when
 //! the queue runs dry; a queue parked on a miss holds the interrupt while it busy-polls for
 //! the answer and sends it before it blocks).
 //!
@@ -123,7 +123,7 @@ impl Waker {
 }
 
 impl AsFd for Waker {
-    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+    fn as_fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
     }
 }
@@ -411,29 +411,38 @@ impl<D: Device> WorkerState<D> {
 
     /// Sleep until a kick, a wake-up, or `timeout`.
     fn sleep(&self, timeout: Option<Duration>) {
-        let mut fds = [
-            PollFd::new(&self.cfg.kick, PollFlags::IN),
-            PollFd::new(&*self.wake, PollFlags::IN),
-        ];
         let ts = timeout.map(|d| Timespec {
             tv_sec: d.as_secs().min(i64::MAX as u64) as i64,
             tv_nsec: i64::from(d.subsec_nanos()),
         });
-        if let Err(e) = poll(&mut fds, ts.as_ref()) {
+        if let Err(e) = self.poll_eventfds(ts.as_ref()) {
             if e != rustix::io::Errno::INTR {
                 tracing::warn!(queue = self.cfg.index, error = %e, "vhost-user: poll failed");
                 std::thread::sleep(Duration::from_millis(10));
             }
         }
-        if fds[0].revents().contains(PollFlags::IN) {
-            drain(&self.cfg.kick);
-        }
-        if fds[1].revents().contains(PollFlags::IN) {
-            drain(&*self.wake);
-        }
         // Every wake-up that set the flag while we were not polling also wrote the eventfd:
         // the flag is stale (an eventfd write still to come is seen by the next poll).
         self.wake.take();
+    }
+
+    /// Wait up to `ts` (`None`: for ever) for a kick or an eventfd wake-up, and consume what
+    /// came. True if either did.
+    fn poll_eventfds(&self, ts: Option<&Timespec>) -> rustix::io::Result<bool> {
+        let mut fds = [
+            PollFd::new(&self.cfg.kick, PollFlags::IN),
+            PollFd::new(&*self.wake, PollFlags::IN),
+        ];
+        poll(&mut fds, ts)?;
+        let kicked = fds[0].revents().contains(PollFlags::IN);
+        let woken = fds[1].revents().contains(PollFlags::IN);
+        if kicked {
+            drain(&self.cfg.kick);
+        }
+        if woken {
+            drain(&*self.wake);
+        }
+        Ok(kicked || woken)
     }
 
     /// Parked on a miss: poll for the wake-up (or a kick) for up to the busy-poll window
@@ -461,20 +470,8 @@ impl<D: Device> WorkerState<D> {
             }
             // The eventfds (a kick, or a wake-up from before we polled) every few looks.
             if looks % KICK_LOOK_EVERY == 0 {
-                let mut fds = [
-                    PollFd::new(&self.cfg.kick, PollFlags::IN),
-                    PollFd::new(&*self.wake, PollFlags::IN),
-                ];
-                match poll(&mut fds, Some(&zero)) {
-                    Ok(n) if n > 0 => {
-                        if fds[0].revents().contains(PollFlags::IN) {
-                            drain(&self.cfg.kick);
-                        }
-                        if fds[1].revents().contains(PollFlags::IN) {
-                            drain(&*self.wake);
-                        }
-                        break true;
-                    }
+                match self.poll_eventfds(Some(&zero)) {
+                    Ok(true) => break true,
                     Err(e) if e != rustix::io::Errno::INTR => break false,
                     _ => {}
                 }
