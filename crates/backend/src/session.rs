@@ -485,8 +485,9 @@ impl<D: Device> Session<D> {
 
     /// Invalidate `range` and wait until no worker can still use it.
     fn invalidate(&self, range: IovaRange) {
-        let g = self.shared.iotlb.invalidate(range);
-        self.quiesce(g);
+        if let Some(g) = self.shared.iotlb.invalidate(range) {
+            self.quiesce(g);
+        }
     }
 
     fn quiesce(&self, generation: u64) {
@@ -495,8 +496,9 @@ impl<D: Device> Session<D> {
     }
 
     /// Apply an UPDATE or INVALIDATE. `Ok(Some(generation))`: it took translations away
-    /// (an INVALIDATE, or an UPDATE over cached bytes), and must not be acknowledged before
-    /// the workers have quiesced for that generation.
+    /// (an INVALIDATE of mapped bytes, or an UPDATE remapping them; see
+    /// [`iotlb::UpdateOutcome`]), and must not be acknowledged before the workers have
+    /// quiesced for that generation.
     fn iotlb_msg(&mut self, m: IotlbMsg) -> Result<Option<u64>, String> {
         match m {
             IotlbMsg::Update { range, uaddr, perm } => {
@@ -507,7 +509,7 @@ impl<D: Device> Session<D> {
                     .read()
                     .va_to_gpa(uaddr, size)
                     .map_err(|e| e.to_string())?;
-                let replaces = self.shared.iotlb.with_cache(|t| t.overlaps(range));
+                let mut replaces = false;
                 let mut iova = range.start();
                 for (gpa, len) in pieces {
                     let piece = IovaRange::from_size(iova, len).map_err(|e| e.to_string())?;
@@ -516,6 +518,7 @@ impl<D: Device> Session<D> {
                         .iotlb
                         .update(piece, gpa, perm)
                         .map_err(|e| e.to_string())?;
+                    replaces |= res.replaced;
                     for q in res.woken {
                         if let Some(w) = self
                             .vrings
@@ -533,11 +536,13 @@ impl<D: Device> Session<D> {
                     }
                     iova = iova.wrapping_add(len);
                 }
-                // An UPDATE over cached bytes replaces their translation: as for an
-                // INVALIDATE, nobody may use the old one once we acknowledge.
+                // An UPDATE that remaps bytes a worker may hold (cached, or evicted but still
+                // in a worker's copies or in the segments of a chain it is walking) replaces
+                // their translation: as for an INVALIDATE, nobody may use the old one once we
+                // acknowledge. One that maps unmapped bytes takes nothing from anybody.
                 Ok(replaces.then(|| self.shared.iotlb.generation()))
             }
-            IotlbMsg::Invalidate { range } => Ok(Some(self.shared.iotlb.invalidate(range))),
+            IotlbMsg::Invalidate { range } => Ok(self.shared.iotlb.invalidate(range)),
             other => Err(format!(
                 "unexpected IOTLB message from the front-end: {other:?}"
             )),

@@ -26,6 +26,11 @@
 //! are chosen by [`crate::policy`] (sampled LFU with history), O(1) per eviction; the index
 //! operations around it are O(log n).
 //!
+//! An evicted translation is still what the IOMMU maps and may still be held outside the cache
+//! (a worker's copies, the segments of a chain being walked): it is remembered until its
+//! bytes are invalidated or remapped, so that a remap of them counts as a change (see
+//! `evicted.rs` and [`Iotlb::generation`]).
+//!
 //! # Hit path
 //! `translate` takes `&self`: a hint table indexed by IOVA page remembers which slot served
 //! that page last. A hint is only a guess: it is verified against the slot (which must contain
@@ -38,6 +43,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use crate::error::{CapacityError, TranslateError, UpdateError};
+use crate::evicted::Evicted;
 use crate::policy::{self, Ancestry, HeatMap, Policy};
 use crate::range::{Access, IovaRange, Perm};
 use crate::segments::{Segment, Segments};
@@ -55,6 +61,29 @@ const HINT_PAGE_SHIFT: u32 = 12;
 const NO_SLOT: u32 = u32::MAX;
 /// How many generation changes [`Iotlb::changes_since`] can replay.
 pub const CHANGE_LOG_LEN: usize = 64;
+
+/// Evicted ranges remembered per entry of capacity before they are merged (see
+/// `evicted.rs`).
+const EVICTED_PER_ENTRY: usize = 4;
+
+/// What an UPDATE did to translations that may be held outside the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpdateOutcome {
+    /// Every byte it covers was unmapped, or already translated exactly so (cached, or evicted
+    /// with the same translation): no translation anybody holds changed. Needs no quiescence.
+    Added,
+    /// Some byte it covers was translated otherwise before (a different target or
+    /// permission, cached or evicted): like an INVALIDATE of those bytes, the generation
+    /// moved, and the caller must quiesce before acknowledging.
+    Replaced,
+}
+
+impl UpdateOutcome {
+    /// Whether a translation handed out before may have become wrong.
+    pub fn replaced(self) -> bool {
+        self == UpdateOutcome::Replaced
+    }
+}
 
 /// One cached translation, as seen from outside.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -149,6 +178,8 @@ pub struct Iotlb {
     counters: CacheCounters,
     /// The range behind each of the last generation changes, newest last.
     changes: VecDeque<(u64, IovaRange)>,
+    /// Evicted translations a worker may still hold.
+    evicted: Evicted,
     /// Reused buffer for the slots an operation overlaps.
     scratch: Vec<u32>,
 }
@@ -195,6 +226,7 @@ impl Iotlb {
             generation: 0,
             counters: CacheCounters::default(),
             changes: VecDeque::with_capacity(CHANGE_LOG_LEN),
+            evicted: Evicted::new(capacity.saturating_mul(EVICTED_PER_ENTRY).max(64)),
             scratch: Vec::new(),
         })
     }
@@ -215,12 +247,14 @@ impl Iotlb {
     }
 
     /// A number that changes whenever a translation that was handed out may have become wrong:
-    /// on every INVALIDATE and on every UPDATE, except an exact repeat of a cached entry. Even
-    /// an INVALIDATE or UPDATE that touches no cached byte counts, because a caller may still
-    /// hold a copy of an entry this cache has evicted (the IOMMU may remap those bytes).
-    /// Evictions leave it alone: an evicted translation is still what the IOMMU maps.
-    /// [`Iotlb::changes_since`] says which ranges changed, so that copies outside them can
-    /// be kept.
+    /// on every INVALIDATE of bytes that were mapped, and on every UPDATE that maps bytes
+    /// otherwise than they were ([`UpdateOutcome::Replaced`]). "Mapped" includes entries
+    /// this cache evicted, which a caller may still hold a copy of (the IOMMU may remap those
+    /// bytes): they are remembered, with their translation, until invalidated or remapped.
+    /// An UPDATE of unmapped bytes, or one repeating a translation, leaves it alone: nobody
+    /// can hold a translation it changes. Evictions leave it alone too: an evicted
+    /// translation is still what the IOMMU maps. [`Iotlb::changes_since`] says which ranges
+    /// changed, so that copies outside them can be kept.
     pub fn generation(&self) -> u64 {
         self.generation
     }
@@ -444,8 +478,14 @@ impl Iotlb {
     /// Apply an UPDATE: from now on `range` translates to `target..` with `perm`.
     ///
     /// Overlapped bytes of older entries are replaced (see the module doc). Fails, changing
-    /// nothing, if the target range would run past 2^64.
-    pub fn update(&mut self, range: IovaRange, target: u64, perm: Perm) -> Result<(), UpdateError> {
+    /// nothing, if the target range would run past 2^64. Says whether a translation handed
+    /// out before may have changed (see [`Iotlb::generation`]).
+    pub fn update(
+        &mut self,
+        range: IovaRange,
+        target: u64,
+        perm: Perm,
+    ) -> Result<UpdateOutcome, UpdateError> {
         let (start, last) = (range.start(), range.last());
         if target.checked_add(last - start).is_none() {
             return Err(UpdateError::TargetOverflow { range, target });
@@ -457,7 +497,7 @@ impl Iotlb {
             if let Some(s) = self.slots.get(n as usize) {
                 if s.last == last && s.target == target && s.perm == perm {
                     policy::touch(self.policy.heat(), n as usize);
-                    return Ok(());
+                    return Ok(UpdateOutcome::Added);
                 }
             }
         }
@@ -468,37 +508,78 @@ impl Iotlb {
             target,
             perm,
         };
-        // Even an UPDATE over bytes nothing is cached for may replace a mapping: one this
-        // cache evicted but a worker handle still holds a copy of.
-        self.bump_generation(range);
+        // A remap of bytes a worker may hold, cached or evicted, takes their old translation
+        // away: it is a change. Mapping unmapped bytes, or bytes evicted with this very
+        // translation, is not.
+        let outcome = if self.cache_differs(range, target, perm)
+            || self.evicted.differs(range, target, perm)
+        {
+            self.bump_generation(range);
+            UpdateOutcome::Replaced
+        } else {
+            UpdateOutcome::Added
+        };
+        self.evicted.remove(range);
         let tail = self.carve(range);
         self.make_room(1 + usize::from(tail.is_some()));
         self.insert(new, None);
         if let Some((tail, from)) = tail {
             self.insert_fragment(tail, from);
         }
-        Ok(())
+        Ok(outcome)
     }
 
-    /// Apply an INVALIDATE of `range`: no byte of it translates afterwards.
-    pub fn invalidate(&mut self, range: IovaRange) {
+    /// Whether a cached entry translates a byte of `range` otherwise than `target..`, `perm`.
+    fn cache_differs(&self, range: IovaRange, target: u64, perm: Perm) -> bool {
+        let (start, last) = (range.start(), range.last());
+        let before = self
+            .index
+            .range(..start)
+            .next_back()
+            .filter(|(_, &n)| self.slots.get(n as usize).is_some_and(|s| s.last >= start));
+        before
+            .into_iter()
+            .chain(self.index.range(start..=last))
+            .any(|(_, &n)| {
+                self.slots.get(n as usize).is_none_or(|s| {
+                    s.perm != perm || s.target.wrapping_sub(s.start) != target.wrapping_sub(start)
+                })
+            })
+    }
+
+    /// Apply an INVALIDATE of `range`: no byte of it translates afterwards. Returns whether
+    /// a translation handed out before may have changed: false when no byte of `range` was
+    /// mapped, cached or evicted (the generation stays; nobody needs to quiesce).
+    pub fn invalidate(&mut self, range: IovaRange) -> bool {
         self.counters.invalidations += 1;
-        self.bump_generation(range);
         if range == IovaRange::FULL {
+            self.bump_generation(range);
+            self.evicted.clear();
             self.clear_entries();
-            return;
+            return true;
         }
+        if !self.overlaps(range) && !self.evicted.overlaps(range) {
+            return false;
+        }
+        self.bump_generation(range);
+        self.evicted.remove(range);
         let tail = self.carve(range);
         if let Some((tail, from)) = tail {
             self.make_room(1);
             self.insert_fragment(tail, from);
         }
+        true
     }
 
     /// Apply an INVALIDATE of the whole IOVA space (a size-0 INVALIDATE on the wire, a reset,
     /// a new memory table).
     pub fn invalidate_all(&mut self) {
         self.invalidate(IovaRange::FULL);
+    }
+
+    /// Evicted ranges remembered now (see `evicted.rs`).
+    pub fn evicted_ranges(&self) -> usize {
+        self.evicted.len()
     }
 
     fn clear_entries(&mut self) {
@@ -573,7 +654,12 @@ impl Iotlb {
             else {
                 return;
             };
-            let start = self.slots[victim].start;
+            let v = self.slots[victim];
+            let start = v.start;
+            // Still what the IOMMU maps, and maybe in a worker's hands.
+            if let Ok(range) = IovaRange::new(v.start, v.last) {
+                self.evicted.insert(range, v.target, v.perm);
+            }
             self.remove(victim);
             self.policy.evicted(victim, start);
             self.counters.evictions += 1;
@@ -616,6 +702,10 @@ impl Iotlb {
     fn insert_fragment(&mut self, piece: Slot, ancestry: Ancestry) {
         if self.insert(piece, Some(ancestry)).is_none() {
             self.counters.dropped_fragments += 1;
+            // Dropped like an eviction: still mapped, maybe held.
+            if let Ok(range) = IovaRange::new(piece.start, piece.last) {
+                self.evicted.insert(range, piece.target, piece.perm);
+            }
         }
     }
 

@@ -308,37 +308,85 @@ fn split_at_capacity_stays_bounded() {
 }
 
 #[test]
-fn generation_changes_on_everything_but_an_exact_repeat() {
+fn generation_changes_when_a_held_translation_may_change() {
     let mut t = tlb(8);
     let g0 = t.generation();
-    t.update(r(0x1000, 0x1fff), 0x1000, Perm::ReadOnly).unwrap();
-    let g1 = t.generation();
-    assert_ne!(
-        g1, g0,
-        "an UPDATE may replace an evicted mapping someone still holds"
+    let out = t.update(r(0x1000, 0x1fff), 0x1000, Perm::ReadOnly).unwrap();
+    assert_eq!(out, UpdateOutcome::Added);
+    assert_eq!(
+        t.generation(),
+        g0,
+        "mapping unmapped bytes takes nothing from anybody"
     );
     t.update(r(0x1000, 0x1fff), 0x1000, Perm::ReadOnly).unwrap();
-    assert_eq!(t.generation(), g1, "the same UPDATE again changes nothing");
-    t.update(r(0x1000, 0x2fff), 0x1000, Perm::ReadOnly).unwrap();
+    assert_eq!(t.generation(), g0, "the same UPDATE again changes nothing");
+    let out = t.update(r(0x1000, 0x2fff), 0x1000, Perm::ReadOnly).unwrap();
+    assert_eq!(
+        (out, t.generation()),
+        (UpdateOutcome::Added, g0),
+        "extends it the same way"
+    );
+    let out = t.update(r(0x1000, 0x1fff), 0x9000, Perm::ReadOnly).unwrap();
+    assert_eq!(out, UpdateOutcome::Replaced, "another target");
+    assert_ne!(t.generation(), g0);
+    let g1 = t.generation();
+    let out = t
+        .update(r(0x1000, 0x1fff), 0x9000, Perm::ReadWrite)
+        .unwrap();
+    assert_eq!(out, UpdateOutcome::Replaced, "another permission");
     assert_ne!(t.generation(), g1);
     let g2 = t.generation();
-    t.invalidate(r(0x9000_0000, 0x9000_0fff));
-    assert_ne!(t.generation(), g2, "every INVALIDATE changes it");
-    // Eviction does not.
+    assert!(
+        !t.invalidate(r(0x9000_0000, 0x9000_0fff)),
+        "nothing mapped there"
+    );
+    assert_eq!(t.generation(), g2);
+    assert!(t.invalidate(r(0x1800, 0x18ff)));
+    assert_ne!(
+        t.generation(),
+        g2,
+        "an INVALIDATE of mapped bytes changes it"
+    );
+    // Eviction does not, but the evicted translation is remembered: remapping it otherwise
+    // is a change, mapping it again the same way is not.
     let mut small = tlb(1);
     small.update(r(0, 0xfff), 0, Perm::ReadOnly).unwrap();
-    small.update(r(0x1000, 0x1fff), 0, Perm::ReadOnly).unwrap();
+    small
+        .update(r(0x1000, 0x1fff), 0x5000, Perm::ReadOnly)
+        .unwrap();
     let g = small.generation();
     small.update(r(0x2000, 0x2fff), 0, Perm::ReadOnly).unwrap();
-    assert_eq!(small.generation(), g + 1);
     assert_eq!(small.counters().evictions, 2);
+    assert_eq!(small.generation(), g);
+    assert_eq!(
+        small
+            .update(r(0x1000, 0x1fff), 0x5000, Perm::ReadOnly)
+            .unwrap(),
+        UpdateOutcome::Added,
+        "the evicted page mapped again as it was"
+    );
+    assert_eq!(
+        small.update(r(0, 0xfff), 0x7000, Perm::ReadOnly).unwrap(),
+        UpdateOutcome::Replaced,
+        "an evicted page remapped: a worker may still hold the old translation"
+    );
+    assert_eq!(small.generation(), g + 1);
+    assert!(
+        small.invalidate(r(0x2000, 0x2fff)),
+        "an evicted page unmapped"
+    );
+    assert!(!small.invalidate(r(0x2000, 0x2fff)), "twice");
+    assert!(small.invalidate(IovaRange::FULL));
+    assert_eq!(small.evicted_ranges(), 0);
 }
 
 #[test]
 fn changes_since_replays_the_log() {
     let mut t = tlb(8);
-    let g0 = t.generation();
     t.update(r(0x1000, 0x1fff), 0, Perm::ReadOnly).unwrap();
+    t.update(r(0x5000, 0x5fff), 0, Perm::ReadOnly).unwrap();
+    let g0 = t.generation();
+    t.update(r(0x1000, 0x1fff), 0x8000, Perm::ReadOnly).unwrap();
     t.invalidate(r(0x5000, 0x5fff));
     let all: Vec<IovaRange> = t.changes_since(g0).unwrap().collect();
     assert_eq!(all, vec![r(0x1000, 0x1fff), r(0x5000, 0x5fff)]);
@@ -350,7 +398,7 @@ fn changes_since_replays_the_log() {
         "from the future"
     );
     for i in 0..CHANGE_LOG_LEN as u64 {
-        t.invalidate(IovaRange::byte(i));
+        t.invalidate(IovaRange::byte(0x1000 + i));
     }
     assert!(t.changes_since(g0).is_none(), "older than the log");
     assert_eq!(

@@ -28,6 +28,7 @@
 
 mod cache;
 mod error;
+mod evicted;
 mod handle;
 pub mod hist;
 pub mod lock;
@@ -41,7 +42,9 @@ mod stats;
 #[cfg(feature = "bench-support")]
 pub mod bench_support;
 
-pub use cache::{CacheCounters, Iotlb, Mapping, CHANGE_LOG_LEN, DEFAULT_CAPACITY, MAX_CAPACITY};
+pub use cache::{
+    CacheCounters, Iotlb, Mapping, UpdateOutcome, CHANGE_LOG_LEN, DEFAULT_CAPACITY, MAX_CAPACITY,
+};
 pub use error::{CapacityError, TranslateError, UpdateError};
 pub use handle::{IotlbHandle, HANDLE_CACHE_ENTRIES};
 pub use pending::{PendingMiss, PendingMisses, Registration, Resolution, MISS_PAGE_SIZE};

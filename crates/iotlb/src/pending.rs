@@ -56,6 +56,10 @@ pub struct Resolution<W> {
     /// MISS messages to send now, `(iova, access)`: the UPDATE answered a page's outstanding
     /// MISS without covering all of its waiters. Already recorded as sent.
     pub resend: Vec<(u64, Access)>,
+    /// Set by [`crate::SharedIotlb::update`]: the UPDATE changed a translation someone may
+    /// hold ([`crate::UpdateOutcome::Replaced`]), so it must not be acknowledged before the
+    /// workers have quiesced.
+    pub replaced: bool,
 }
 
 impl<W> Default for Resolution<W> {
@@ -63,6 +67,7 @@ impl<W> Default for Resolution<W> {
         Resolution {
             woken: Vec::new(),
             resend: Vec::new(),
+            replaced: false,
         }
     }
 }

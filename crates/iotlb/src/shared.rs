@@ -9,9 +9,12 @@
 //! waits for an UPDATE. A handle miss reads the shared cache under the read lock.
 //!
 //! Why a handle can keep entries the shared cache evicted: the generation changes on every
-//! INVALIDATE and every UPDATE (but an exact repeat of a cached entry), never on eviction, and
-//! the handle drops every copy overlapping a changed range; an evicted entry still in a handle
-//! is therefore still what the IOMMU maps, so using it is correct. Once
+//! INVALIDATE of mapped bytes and every UPDATE that maps bytes otherwise than they were, where
+//! "mapped" includes what the cache evicted (it remembers those translations, see
+//! `evicted.rs`), and never on eviction; the handle drops every copy overlapping a changed
+//! range. An evicted entry still in a handle is therefore still what the IOMMU maps, so using
+//! it is correct. An UPDATE that maps unmapped bytes, or maps bytes again as they were,
+//! changes nothing anybody holds and leaves the generation alone. Once
 //! [`SharedIotlb::invalidate`] has returned, any translation that *starts* afterwards sees the
 //! new generation and cannot use the old entry. A translation already in flight may still
 //! finish with it: waiting for those is the backend's quiescence protocol (design invariant 3),
@@ -110,7 +113,7 @@ impl<W: Clone + PartialEq> SharedIotlb<W> {
         IotlbHandle::new(self.clone())
     }
 
-    /// The current generation (see [`Iotlb::generation`]). Changes on every INVALIDATE.
+    /// The current generation (see [`Iotlb::generation`]).
     pub fn generation(&self) -> u64 {
         self.inner.generation.load(Ordering::Acquire)
     }
@@ -121,32 +124,41 @@ impl<W: Clone + PartialEq> SharedIotlb<W> {
         g
     }
 
-    /// Apply an UPDATE. Returns the waiters it wakes (those whose missing byte it covers) and
-    /// any MISS to send again at once (see [`Resolution::resend`]).
+    /// Apply an UPDATE. Returns the waiters it wakes (those whose missing byte it covers), any
+    /// MISS to send again at once (see [`Resolution::resend`]), and whether it replaced a
+    /// translation someone may hold ([`Resolution::replaced`]: quiesce before acknowledging).
     pub fn update(
         &self,
         range: IovaRange,
         target: u64,
         perm: Perm,
     ) -> Result<Resolution<W>, UpdateError> {
-        {
+        let outcome = {
             let mut tlb = lock::write(&self.inner.tlb);
-            tlb.update(range, target, perm)?;
+            let outcome = tlb.update(range, target, perm)?;
             self.publish(&tlb);
-        }
-        Ok(lock::lock(&self.inner.pending).resolve(range, Instant::now()))
+            outcome
+        };
+        let mut res = lock::lock(&self.inner.pending).resolve(range, Instant::now());
+        res.replaced = outcome.replaced();
+        Ok(res)
     }
 
-    /// Apply an INVALIDATE of `range`. Returns the new generation.
-    pub fn invalidate(&self, range: IovaRange) -> u64 {
+    /// Apply an INVALIDATE of `range`. Returns the new generation if a translation handed out
+    /// before may have changed (quiesce for it before acknowledging), `None` if no byte of
+    /// `range` was mapped (cached, or evicted but maybe still held).
+    pub fn invalidate(&self, range: IovaRange) -> Option<u64> {
         let mut tlb = lock::write(&self.inner.tlb);
-        tlb.invalidate(range);
-        self.publish(&tlb)
+        let changed = tlb.invalidate(range);
+        let g = self.publish(&tlb);
+        changed.then_some(g)
     }
 
     /// Empty the cache. Returns the new generation.
     pub fn invalidate_all(&self) -> u64 {
-        self.invalidate(IovaRange::FULL)
+        let mut tlb = lock::write(&self.inner.tlb);
+        tlb.invalidate_all();
+        self.publish(&tlb)
     }
 
     /// The cached entry containing `iova` (not counted as a hit or miss).
