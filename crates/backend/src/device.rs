@@ -6,9 +6,19 @@
 //! ([`virtq::Chain`]) and guest memory, and decides what a request means and how a failed one
 //! is reported to the driver. Handlers run on their queue's worker thread; they may block on
 //! their backing store, never on the front-end.
+//!
+//! **A completion is the truth** (design invariant 11): a handler says whether it wrote the
+//! request's outcome for the driver. One that could not ([`Unreported`]) is never put on the
+//! used ring; the engine stops that queue instead (see the worker's documentation).
 
-use virtq::Chain;
+use virtq::{Chain, ChainLimits};
 use vm_memory::GuestMemoryMmap;
+
+/// A request whose outcome could not be written for the driver (no place for a status in the
+/// chain, or the write failed). It must not be completed as if it had been served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the request's status could not be written")]
+pub struct Unreported;
 
 /// A virtio device served over vhost-user.
 pub trait Device: Send + Sync + 'static {
@@ -39,18 +49,30 @@ pub trait Device: Send + Sync + 'static {
     /// The features the driver acked.
     fn set_features(&self, _acked: u64) {}
 
+    /// The limits the device puts on one chain, as it advertises them (for virtio-blk,
+    /// `seg_max` and `size_max`). The engine refuses a chain beyond them before translating
+    /// its buffers and fails the request ([`QueueHandler::fail`]). Nothing else limits a
+    /// chain: not the IOTLB's size.
+    fn chain_limits(&self) -> ChainLimits {
+        ChainLimits::NONE
+    }
+
     /// A handler for queue `index`.
     fn handler(&self, index: u16) -> Self::Handler;
 }
 
 /// Serves the requests of one queue.
 pub trait QueueHandler: Send + 'static {
-    /// Serve one request; returns the number of bytes written to its device-writable
-    /// buffers (the used length).
-    fn serve(&mut self, chain: &Chain, mem: &GuestMemoryMmap) -> u32;
+    /// Serve one request. `Ok` is the number of bytes written to its device-writable buffers
+    /// (the used length) once its outcome, success or the device's error status, is written
+    /// for the driver; [`Unreported`] if no outcome could be written (the engine then does
+    /// not complete it).
+    fn serve(&mut self, chain: &Chain, mem: &GuestMemoryMmap) -> Result<u32, Unreported>;
 
     /// Report a request the engine could not serve (an access the IOMMU denied, a malformed
-    /// chain, a miss never answered). `status` is the guest-physical address of the last
-    /// device-writable byte, when it could be translated. Returns the used length.
-    fn fail(&mut self, status: Option<u64>, mem: &GuestMemoryMmap) -> u32;
+    /// chain or one beyond [`Device::chain_limits`], a miss never answered): write the
+    /// device's error status at guest-physical `status`, the chain's last device-writable
+    /// byte, translated for writing. Returns the used length, or [`Unreported`] if the write
+    /// failed.
+    fn fail(&mut self, status: u64, mem: &GuestMemoryMmap) -> Result<u32, Unreported>;
 }

@@ -45,8 +45,11 @@ use crate::worker::{Worker, WorkerConfig};
 /// Most IOTLB acknowledgements held back to be sent together (see `Session::deferred`).
 const MAX_DEFERRED_ACKS: usize = 128;
 
-/// Smallest IOTLB the engine works with: a chain is limited to half the IOTLB's entries, and
-/// a block request needs a few.
+/// Smallest IOTLB the engine is built and tested for. A chain needs no room in the IOTLB
+/// beyond the page it is translating (a walk keeps what it translated), but the answers to
+/// several queues' misses must not evict one another before the queues that wait for them
+/// look: the IOTLB protects its newest `min(capacity / 2, 32)` entries, and the MISSes a
+/// queue sends ahead are kept to a quarter of the capacity shared among the queues.
 pub const MIN_IOTLB_CAPACITY: usize = 16;
 
 /// Settings of the engine.
@@ -96,6 +99,8 @@ struct Vring {
     addr: Option<VringAddr>,
     base: u16,
     call: Arc<Mutex<Option<OwnedFd>>>,
+    /// The vring error eventfd (SET_VRING_ERR): signalled when the queue breaks.
+    err: Arc<Mutex<Option<OwnedFd>>>,
     enabled: Arc<AtomicBool>,
     worker: Option<Worker>,
 }
@@ -107,6 +112,7 @@ impl Vring {
             addr: None,
             base: 0,
             call: Arc::new(Mutex::new(None)),
+            err: Arc::new(Mutex::new(None)),
             enabled: Arc::new(AtomicBool::new(false)),
             worker: None,
         }
@@ -426,7 +432,11 @@ impl<D: Device> Session<D> {
                 *v.call.lock() = f.fd;
                 None
             }
-            R::SetVringErr(_) => None,
+            R::SetVringErr(f) => {
+                let v = self.vring(u32::from(f.index))?;
+                *v.err.lock() = f.fd;
+                None
+            }
             R::SetVringEnable(s) => {
                 let v = self.vring(s.index)?;
                 v.enabled.store(s.num != 0, Ordering::SeqCst);
@@ -606,6 +616,7 @@ impl<D: Device> Session<D> {
             iommu,
             kick,
             call: v.call.clone(),
+            err: v.err.clone(),
             enabled: v.enabled.clone(),
         };
         let worker = Worker::start(shared, cfg).map_err(|e| e.to_string())?;

@@ -22,8 +22,14 @@ pub struct EngineCounters {
     pub prefetched: AtomicU64,
     /// Requests served.
     pub requests: AtomicU64,
-    /// Malformed chains.
+    /// Malformed chains, and chains beyond the device's limits.
     pub invalid_chains: AtomicU64,
+    /// Requests the engine did not serve and completed with the device's error status
+    /// (malformed, beyond the limits, denied, never answered).
+    pub failed: AtomicU64,
+    /// Queues stopped until reset: a request's status could not be written (never completed
+    /// as if served) or the ring itself was unusable. Each signals the vring error fd.
+    pub broken_queues: AtomicU64,
     /// Total microseconds the control thread waited for workers before acknowledging.
     pub quiesce_us: AtomicU64,
     /// Miss round trips: from a queue's MISS sent to the queue running again (the UPDATE
@@ -62,8 +68,12 @@ pub struct Stats {
     pub prefetched: u64,
     /// Requests served.
     pub requests: u64,
-    /// Malformed chains.
+    /// Malformed chains, and chains beyond the device's limits.
     pub invalid_chains: u64,
+    /// Requests completed with the device's error status by the engine.
+    pub failed: u64,
+    /// Queues stopped until reset (see [`EngineCounters::broken_queues`]).
+    pub broken_queues: u64,
     /// Microseconds spent waiting for workers before acknowledging IOTLB changes.
     pub quiesce_us: u64,
 }
@@ -84,6 +94,8 @@ impl Stats {
         self.prefetched += get(&e.prefetched);
         self.requests += get(&e.requests);
         self.invalid_chains += get(&e.invalid_chains);
+        self.failed += get(&e.failed);
+        self.broken_queues += get(&e.broken_queues);
         self.quiesce_us += get(&e.quiesce_us);
     }
 }
@@ -95,7 +107,7 @@ impl fmt::Display for Stats {
             "stats: requests={} hits={} misses={} coalesced={} misses_sent={} prefetched={} \
              evictions={} \
              updates={} invalidations={} timeouts={} access_failures={} invalid_chains={} \
-             quiesce_us={}",
+             failed={} broken_queues={} quiesce_us={}",
             self.requests,
             self.hits,
             self.misses,
@@ -108,6 +120,8 @@ impl fmt::Display for Stats {
             self.timeouts,
             self.access_failures,
             self.invalid_chains,
+            self.failed,
+            self.broken_queues,
             self.quiesce_us
         )
     }

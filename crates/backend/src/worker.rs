@@ -4,28 +4,51 @@
 //! when an UPDATE covers the address it parked on, or to stop it), with a timeout while it is
 //! parked on a miss; for the busy-poll window before that it polls a flag instead, which a
 //! waker sets without a system call ([`Waker`]). Awake, it drains its queue: pop a chain
-//! (translating all of it), let the device serve it, complete it, notify the driver (every 32 completions under load, and when
-//! the queue runs dry; a queue parked on a miss holds the interrupt while it busy-polls for
-//! the answer and sends it before it blocks).
+//! (translating all of it), let the device serve it, complete it, notify the driver (every 32
+//! completions under load, and when the queue runs dry; a queue parked on a miss holds the
+//! interrupt while it busy-polls for the answer and sends it before it blocks).
 //!
 //! On a miss the queue does not consume the chain: the worker registers in the IOTLB's
 //! pending table, sends `BACKEND_IOTLB_MSG(MISS)` on the back-end channel if it is the first
-//! to miss on that page (never waiting for any reply), and parks. An UPDATE wakes it and it
-//! walks the same chain again. A MISS not answered within the timeout is sent once more; if
-//! that one is not answered either, the request fails with the device's error status and the
-//! queue moves on. A denied access sends ACCESS_FAIL and fails that request.
+//! to miss on that page (never waiting for any reply), and parks. An UPDATE wakes it and the
+//! walk goes on from where it stopped: it keeps what it translated, so a chain needing more
+//! entries than the IOTLB holds still finishes. A MISS not answered within the timeout is
+//! sent once more; if that one is not answered either, the request fails with the device's
+//! error status and the queue moves on. A denied access sends ACCESS_FAIL and fails that
+//! request.
 //!
 //! Every unit of work that translates and touches guest memory runs inside the worker's
 //! epoch (see [`crate::quiesce`]), and reads the memory table only once inside it;
-//! parking, sending misses and sleeping happen outside it. A translation is never carried
-//! from one section to the next: a failed request's status byte is translated and written in
-//! the same section.
+//! parking, sending misses and sleeping happen outside it. The segments a parked walk kept
+//! are checked against the IOTLB's changes at the start of the next section before any is
+//! used (see `virtq`'s walk); a failed request's status byte is translated and written in one
+//! section.
 //!
-//! A queue whose ring cannot be used any more is *broken* until the front-end restarts it:
-//! it drops its miss and sleeps without a timeout. A request taken off the avail ring but
-//! never completed (its used entry could not be written) is handed back by GET_VRING_BASE,
-//! one index earlier, so that it is served again after a restart rather than lost; block
-//! requests may be repeated.
+//! **A completion is the truth** (design invariant 11). Every request the worker takes off the
+//! avail ring ends in one of three ways:
+//! - served: the device wrote its outcome (success or its own error status, e.g.
+//!   `VIRTIO_BLK_S_UNSUPP`) and it goes on the used ring;
+//! - failed: the engine could not serve it (a malformed chain, one beyond the device's
+//!   limits, an access the IOMMU denied, a miss never answered): the device writes its error
+//!   status (`VIRTIO_BLK_S_IOERR`) into the chain's last device-writable byte, translated for
+//!   writing like any other access, and then it goes on the used ring;
+//! - unreported: no status can be written (the chain has no device-writable byte, the byte is
+//!   mapped without write permission or lies outside guest memory, its miss is never
+//!   answered, or the device could not write it). Such a request is **never** put on the used
+//!   ring: a driver that trusts the status byte, as Linux's virtio-blk does (it ignores the
+//!   used length), would take stale memory for success. The queue stops instead (*broken*:
+//!   the `DEVICE_NEEDS_RESET` case of the virtio spec, which a vhost-user back-end has no
+//!   way to set), the vring error eventfd given by `SET_VRING_ERR` is signalled, and
+//!   GET_VRING_BASE hands the request back to the driver's side of the ring, so that a
+//!   restarted queue sees it again. QEMU 10 answers that signal only by logging `vhost vring
+//!   error in virtqueue N` (nothing while the device is stopped); Linux keeps the request in
+//!   flight (virtio-blk has no timeout handler) and its submitter waits.
+//!
+//! A ring that cannot be used (a ring area refused, a head outside the table, the used ring
+//! unmapped for good) breaks the queue the same way. A broken queue stays so until the
+//! front-end restarts it: it drops its miss and sleeps without a timeout. A request taken off
+//! the avail ring but never completed is handed back by GET_VRING_BASE, one index earlier, so
+//! that it is served again after a restart rather than lost; block requests may be repeated.
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
@@ -37,11 +60,11 @@ use iotlb::{Access, MissOutcome};
 use parking_lot::Mutex;
 use rustix::event::{eventfd, poll, EventfdFlags, PollFd, PollFlags, Timespec};
 use virtq::{Chain, Fault, GpaTranslator, IotlbTranslator, PopError, Queue, Translator};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use wire::vhost_user::BackendRequest;
 use wire::IotlbMsg;
 
-use crate::device::{Device, QueueHandler};
+use crate::device::{Device, QueueHandler, Unreported};
 use crate::quiesce::{Section, WorkerEpoch};
 use crate::session::Shared;
 use crate::stats::EngineCounters;
@@ -60,6 +83,8 @@ pub(crate) struct WorkerConfig {
     pub iommu: bool,
     pub kick: OwnedFd,
     pub call: Arc<Mutex<Option<OwnedFd>>>,
+    /// The vring error eventfd (SET_VRING_ERR), signalled when the queue breaks.
+    pub err: Arc<Mutex<Option<OwnedFd>>>,
     pub enabled: Arc<AtomicBool>,
 }
 
@@ -233,8 +258,23 @@ struct Parked {
 enum Unfinished {
     /// Served; its completion missed (the used ring was invalidated in the middle of it).
     Complete { head: u16, len: u32 },
-    /// To be failed; its status byte (at this IOVA) is not translated yet.
-    Fail { head: u16, status: u64 },
+    /// To be failed; its status byte (at this IOVA, or not found yet) is not translated yet.
+    Fail { head: u16, status: Option<u64> },
+}
+
+/// What one attempt at writing a failed request's status came to.
+enum FailStep {
+    /// Written; the used length.
+    Written(u32),
+    /// A translation on the way is missing (the status byte's, with its IOVA, or an indirect
+    /// table's while looking for it).
+    Missing {
+        iova: u64,
+        access: Access,
+        status: Option<u64>,
+    },
+    /// It cannot be written at all.
+    Unwritable(&'static str),
 }
 
 struct WorkerState<D: Device> {
@@ -264,6 +304,8 @@ enum Popped {
         /// ends there, not after the device served the request).
         popped: Instant,
     },
+    /// Taken off the ring, but the device could not write its outcome: never completed.
+    Unreported { head: u16, popped: Instant },
     /// A chain came in while notifications were being re-enabled.
     More,
     /// Nothing to do.
@@ -274,6 +316,15 @@ enum Popped {
 const PREFETCH_CHAINS: u16 = 32;
 /// Most MISSes sent ahead at once.
 const PREFETCH_MISSES: usize = 96;
+/// Of the IOTLB's entries, the share one queue's MISSes sent ahead may fill: their answers
+/// must not evict one another (or the page the queue waits for) before the queue gets there.
+/// The IOTLB protects its newest `min(capacity / 2, 32)` entries.
+const PREFETCH_SHARE: usize = 4;
+
+/// MISSes one of `queues` queues may send ahead with an IOTLB of `capacity` entries.
+fn prefetch_budget(capacity: usize, queues: u16) -> usize {
+    (capacity / (PREFETCH_SHARE * usize::from(queues.max(1)))).clamp(1, PREFETCH_MISSES)
+}
 /// IOTLB pages (MISSes are per 4 KiB page).
 const PAGE: u64 = 4096;
 
@@ -291,8 +342,9 @@ impl<D: Device> WorkerState<D> {
             .and_then(|()| queue.set_addresses(self.cfg.desc, self.cfg.avail, self.cfg.used));
         queue.set_next_avail(self.cfg.base);
         queue.set_event_idx(self.cfg.event_idx);
-        // Keep every chain well inside the IOTLB, or it could miss forever.
-        queue.set_max_segments((self.shared.iotlb_capacity / 2).clamp(2, 1024));
+        // The device's limits, and no other: a walk keeps what it translated across misses,
+        // so the IOTLB's size limits nothing.
+        queue.set_limits(self.shared.dev.chain_limits());
         if let Err(e) = configured {
             tracing::warn!(queue = self.cfg.index, error = %e, "vhost-user: queue not started");
             self.wait_for_stop();
@@ -403,9 +455,23 @@ impl<D: Device> WorkerState<D> {
         self.base.store(base, Ordering::SeqCst);
     }
 
-    /// The queue cannot go on: drop our misses. Returns true (the new `broken`).
+    /// The queue cannot go on (the reason was logged where it was found): drop our misses,
+    /// count it and signal the vring error eventfd. Returns true (the new `broken`).
     fn break_queue(&self) -> bool {
         self.shared.iotlb.cancel_waiter(&self.cfg.index);
+        EngineCounters::add(&self.shared.stats.broken_queues, 1);
+        let signalled = match self.cfg.err.lock().as_ref() {
+            Some(fd) => {
+                signal(fd);
+                true
+            }
+            None => false,
+        };
+        tracing::warn!(
+            queue = self.cfg.index,
+            signalled,
+            "vhost-user: queue stopped until the front-end restarts it"
+        );
         true
     }
 
@@ -509,14 +575,18 @@ impl<D: Device> WorkerState<D> {
                     let head = w.chain.head();
                     let popped = Instant::now();
                     w.open = Some(head);
-                    let len = w.handler.serve(&w.chain, gm);
-                    let done = w.queue.complete(tr, gm, head, len);
-                    Ok(Popped::Served {
-                        head,
-                        len,
-                        done,
-                        popped,
-                    })
+                    match w.handler.serve(&w.chain, gm) {
+                        Ok(len) => {
+                            let done = w.queue.complete(tr, gm, head, len);
+                            Ok(Popped::Served {
+                                head,
+                                len,
+                                done,
+                                popped,
+                            })
+                        }
+                        Err(Unreported) => Ok(Popped::Unreported { head, popped }),
+                    }
                 }
                 // Ask for a kick at the next avail index (with EVENT_IDX the driver kicks
                 // only where avail_event says), then look once more: a chain that came in
@@ -535,7 +605,9 @@ impl<D: Device> WorkerState<D> {
                 Err(PopError::Miss { iova, access }) => {
                     self.progress(w, Some((*iova, *access)), Instant::now())
                 }
-                Ok(Popped::Served { popped, .. }) => self.progress(w, None, *popped),
+                Ok(Popped::Served { popped, .. } | Popped::Unreported { popped, .. }) => {
+                    self.progress(w, None, *popped)
+                }
                 _ => self.progress(w, None, Instant::now()),
             }
             match popped {
@@ -563,6 +635,15 @@ impl<D: Device> WorkerState<D> {
                             break Drained::Broken;
                         }
                     }
+                }
+                Ok(Popped::Unreported { head, .. }) => {
+                    EngineCounters::add(&self.shared.stats.requests, 1);
+                    tracing::warn!(
+                        queue = self.cfg.index,
+                        head,
+                        "vhost-user: the device could not write a request's status; not completing it"
+                    );
+                    break Drained::Broken;
                 }
                 Ok(Popped::More) => continue,
                 Ok(Popped::Empty) => break Drained::Empty,
@@ -599,14 +680,17 @@ impl<D: Device> WorkerState<D> {
                 }
                 Err(PopError::Invalid { head, reason }) => {
                     EngineCounters::add(&self.shared.stats.invalid_chains, 1);
-                    tracing::warn!(queue = self.cfg.index, %reason, "vhost-user: malformed chain");
-                    if let Some(head) = head {
-                        w.open = Some(head);
-                        match self.fail(w, tr, head) {
-                            Ok(None) => {}
-                            Ok(Some(p)) => break Drained::Parked(p),
-                            Err(()) => break Drained::Broken,
-                        }
+                    tracing::warn!(
+                        queue = self.cfg.index,
+                        head,
+                        %reason,
+                        "vhost-user: chain refused; request failed"
+                    );
+                    w.open = Some(head);
+                    match self.fail(w, tr, head) {
+                        Ok(None) => {}
+                        Ok(Some(p)) => break Drained::Parked(p),
+                        Err(()) => break Drained::Broken,
                     }
                 }
                 Err(e) => {
@@ -699,7 +783,7 @@ impl<D: Device> WorkerState<D> {
     /// Find the pages the next [`PREFETCH_CHAINS`] available chains (the one that just
     /// missed first) will miss on, without consuming anything, and send their MISSes now:
     /// the front-end answers a burst in one round trip where walking chain by chain would
-    /// cost one round trip per missing page. At most [`PREFETCH_MISSES`] pages; the page of
+    /// cost one round trip per missing page. At most [`prefetch_budget`] pages; the page of
     /// `first` (already sent) is skipped. The pages are registered *ahead* (no waiter: their
     /// UPDATEs wake nobody, the queue still waits for `first` only), so when the queue reaches
     /// one it joins the outstanding MISS instead of sending a second; one that is never
@@ -709,10 +793,15 @@ impl<D: Device> WorkerState<D> {
             return;
         }
         let page = |a: u64| a & !(PAGE - 1);
+        let budget = prefetch_budget(self.shared.iotlb_capacity, self.shared.dev.queues());
         let mut wanted: Vec<(u64, Access)> = Vec::new();
         self.section(|gm| {
             let mut seg = Vec::new();
             let mut bufs: Vec<(u64, u32, bool)> = Vec::new();
+            // What the walk of the chain that missed already translated and keeps: never
+            // asked for again (its entries may be evicted by now; asking would evict the
+            // pages still ahead).
+            let walked: Vec<iotlb::IovaRange> = w.queue.walked().to_vec();
             for ahead in 0..PREFETCH_CHAINS {
                 let Ok(Some(head)) = w.queue.peek_head(tr, gm, ahead) else {
                     break;
@@ -731,13 +820,26 @@ impl<D: Device> WorkerState<D> {
                         continue;
                     };
                     let mut cur = addr;
-                    while wanted.len() < PREFETCH_MISSES {
+                    while wanted.len() < budget {
+                        if let Some(r) = walked.iter().find(|r| r.contains(cur)) {
+                            match r.last().checked_add(1) {
+                                Some(next) if next <= last => {
+                                    cur = next;
+                                    continue;
+                                }
+                                _ => break,
+                            }
+                        }
                         seg.clear();
                         let Err(Fault::Miss { iova, access }) =
                             tr.translate(cur, last - cur + 1, access, &mut seg)
                         else {
                             break;
                         };
+                        if walked.iter().any(|r| r.contains(iova)) {
+                            cur = iova;
+                            continue;
+                        }
                         if page(iova) != page(first)
                             && !wanted
                                 .iter()
@@ -751,7 +853,7 @@ impl<D: Device> WorkerState<D> {
                         }
                     }
                 }
-                if visited.is_err() || wanted.len() >= PREFETCH_MISSES {
+                if visited.is_err() || wanted.len() >= budget {
                     break;
                 }
             }
@@ -894,69 +996,98 @@ impl<D: Device> WorkerState<D> {
         match u {
             Unfinished::Complete { head, len } => self.complete(w, tr, head, len),
             Unfinished::Fail { head, status } => loop {
-                let r =
-                    self.section(|gm| Self::write_failure(&mut w.handler, tr, gm, Some(status)));
-                match r {
-                    Ok(len) => return self.complete(w, tr, head, len),
-                    Err((iova, access)) => {
-                        if let Some(p) = self.park(iova, access, u) {
+                let step = self.section(|gm| Self::write_failure(w, tr, gm, head, status));
+                match step {
+                    FailStep::Written(len) => return self.complete(w, tr, head, len),
+                    FailStep::Missing {
+                        iova,
+                        access,
+                        status,
+                    } => {
+                        if let Some(p) = self.park(iova, access, Unfinished::Fail { head, status })
+                        {
                             return Ok(Some(p));
                         }
+                    }
+                    FailStep::Unwritable(why) => {
+                        tracing::warn!(
+                            queue = self.cfg.index,
+                            head,
+                            reason = why,
+                            "vhost-user: a failed request's status cannot be written; not completing it"
+                        );
+                        return Err(());
                     }
                 }
             },
         }
     }
 
-    /// Let the device report a failure, with its status byte at IOVA `status` when there is
-    /// one, inside the caller's section: the byte is translated and written there and then.
-    /// `Err` is the miss that keeps it from being written; returns the used length.
+    /// Let the device write its error status for the consumed request `head`, inside the
+    /// caller's section: the status byte (the last device-writable byte, at `status` if it is
+    /// known already) is found, translated for writing and written there and then.
     fn write_failure(
-        handler: &mut D::Handler,
+        w: &mut Work<D::Handler>,
         tr: &mut dyn Translator,
         gm: &GuestMemoryMmap,
+        head: u16,
         status: Option<u64>,
-    ) -> Result<u32, (u64, Access)> {
-        let Some(iova) = status else {
-            return Ok(handler.fail(None, gm));
+    ) -> FailStep {
+        let iova = match status {
+            Some(iova) => iova,
+            None => match w.queue.last_writable(tr, gm, head) {
+                // The buffer's bounds come from the guest: no overflow.
+                Ok(Some((addr, len))) => match u64::from(len)
+                    .checked_sub(1)
+                    .and_then(|last| addr.checked_add(last))
+                {
+                    Some(iova) => iova,
+                    None => return FailStep::Unwritable("status byte past the end of the space"),
+                },
+                Ok(None) => return FailStep::Unwritable("no device-writable descriptor"),
+                // An indirect table not translated yet.
+                Err(PopError::Miss { iova, access }) => {
+                    return FailStep::Missing {
+                        iova,
+                        access,
+                        status: None,
+                    }
+                }
+                Err(_) => return FailStep::Unwritable("the chain cannot be read"),
+            },
         };
         let mut seg = Vec::with_capacity(1);
         match tr.translate(iova, 1, Access::Write, &mut seg) {
-            Ok(()) => Ok(handler.fail(seg.first().map(|s| s.addr), gm)),
-            Err(Fault::Miss { iova, access }) => Err((iova, access)),
-            // Denied or outside guest memory: report without a status byte.
-            Err(_) => Ok(handler.fail(None, gm)),
+            Ok(()) => match seg.first() {
+                Some(s) if gm.check_range(GuestAddress(s.addr), 1) => {
+                    match w.handler.fail(s.addr, gm) {
+                        Ok(len) => FailStep::Written(len),
+                        Err(Unreported) => FailStep::Unwritable("the device could not write it"),
+                    }
+                }
+                _ => FailStep::Unwritable("outside guest memory"),
+            },
+            Err(Fault::Miss { iova: at, access }) => FailStep::Missing {
+                iova: at,
+                access,
+                status: Some(iova),
+            },
+            Err(Fault::Denied { .. }) => FailStep::Unwritable("mapped without write permission"),
+            Err(Fault::BadAddress { .. }) => FailStep::Unwritable("outside guest memory"),
         }
     }
 
-    /// Fail the consumed request `head`: write its status byte (the last device-writable
-    /// byte) if it can be found and translated, and complete it; if the byte's translation
-    /// is missing, park until it comes.
+    /// Fail the consumed request `head`: write the device's error status into its status byte
+    /// and complete it; if the byte's translation is missing, park until it comes; if the
+    /// status cannot be written, `Err` (the queue breaks: the request is never completed).
     fn fail(
         &self,
         w: &mut Work<D::Handler>,
         tr: &mut dyn Translator,
         head: u16,
     ) -> Result<Option<Parked>, ()> {
-        let r = self.section(|gm| {
-            let status = match w.queue.last_writable(tr, gm, head) {
-                // The buffer's bounds come from the guest: no overflow.
-                Ok(Some((addr, len))) => u64::from(len)
-                    .checked_sub(1)
-                    .and_then(|last| addr.checked_add(last)),
-                _ => None,
-            };
-            match status {
-                None => Ok(w.handler.fail(None, gm)),
-                Some(iova) => {
-                    Self::write_failure(&mut w.handler, tr, gm, Some(iova)).map_err(|_| iova)
-                }
-            }
-        });
-        match r {
-            Ok(len) => self.complete(w, tr, head, len),
-            Err(status) => self.finish_now(w, tr, Unfinished::Fail { head, status }),
-        }
+        EngineCounters::add(&self.shared.stats.failed, 1);
+        self.finish_now(w, tr, Unfinished::Fail { head, status: None })
     }
 
     /// Complete `head` with `len`. `Ok(Some)` when the used ring missed.
@@ -1048,10 +1179,15 @@ impl<D: Device> WorkerState<D> {
                     }
                 }
             }
-            // Its status byte never got a translation: complete it without one.
+            // Its status byte never got a translation: it cannot be reported, so it is not
+            // completed.
             Some(Unfinished::Fail { head, .. }) => {
-                let len = self.section(|gm| w.handler.fail(None, gm));
-                self.complete(w, tr, head, len)
+                tracing::warn!(
+                    queue = index,
+                    head,
+                    "vhost-user: a failed request's status byte was never mapped; not completing it"
+                );
+                Err(())
             }
             // The used ring itself cannot be written: nothing more can be done on this ring.
             Some(Unfinished::Complete { .. }) => {

@@ -5,14 +5,43 @@
 //! WRITE_ZEROES (both with `fallocate`, offered only when the backing file supports them).
 //! Data moves with positioned vectored I/O between the file and the translated guest
 //! segments (see [`crate::io`]), with no allocation per request once a queue is warm. The
-//! status byte is written last. Read-only mode refuses every write with `IOERR`. Each queue
-//! has its own handler; all share the file (positioned I/O needs no lock).
+//! status byte is written last. Each queue has its own handler; all share the file
+//! (positioned I/O needs no lock).
+//!
+//! # What the driver is told
+//!
+//! The rule, from the virtio spec's device requirements (virtio 1.2, 5.2.6 and 2.1.2) and
+//! design invariant 11: **a request goes on the used ring only with its status byte written,
+//! and `VIRTIO_BLK_S_OK` only if it was served in full.**
+//! - Served: `OK`, after the data moved in full (a short read or write is `IOERR`).
+//! - An unknown request type, or DISCARD / WRITE_ZEROES with a flag we do not know (or
+//!   `unmap` on a DISCARD): `UNSUPP`, as the spec requires.
+//! - Every other request not served is `IOERR`: outside the disk, a write in read-only mode
+//!   (the spec's "MUST set IOERR ... and MUST NOT write any data"), an I/O error, a
+//!   malformed chain, a chain beyond the limits below, an access the IOMMU denied, a miss the
+//!   IOMMU side never answered (the engine finds the status byte and has [`BlkQueue`] write
+//!   it).
+//! - When the status byte itself cannot be written (the chain has no device-writable byte,
+//!   or the byte is unmapped, read-only or outside guest memory), the request is not
+//!   completed at all: the engine stops the queue and signals the vring error eventfd (see
+//!   the back-end's worker). Completing it with any used length would let Linux, which
+//!   ignores the used length and reads the status byte, take stale memory for success.
+//!
+//! # Limits
+//!
+//! The config space advertises `seg_max` (queue size - 2) and `size_max` (1 MiB); the chain
+//! limits given to the engine ([`Device::chain_limits`]) are exactly those: at most
+//! `seg_max + 2` descriptors (the data segments, the header and the status byte), none longer
+//! than `size_max`. So the largest request is `seg_max` MiB (254 MiB with 256-entry queues;
+//! Linux sends 1280 KiB by default, more once `max_sectors_kb` is raised). The IOTLB's size
+//! limits nothing. DISCARD and WRITE_ZEROES take one segment of at most
+//! `max_discard_sectors` / `max_write_zeroes_sectors`, as advertised.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
-use backend::{Device, QueueHandler};
+use backend::{Device, QueueHandler, Unreported};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
     VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
@@ -21,7 +50,7 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_T_WRITE_ZEROES,
 };
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use virtq::Chain;
+use virtq::{Chain, ChainLimits};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use wire::features::protocol;
 
@@ -36,8 +65,12 @@ const ID_BYTES: usize = 20;
 /// Size of the config space we describe (`struct virtio_blk_config` up to the secure-erase
 /// fields).
 const CONFIG_SIZE: usize = 72;
-/// Largest data transfer per request we advertise (`size_max`, per segment) and segments.
+/// Largest segment we advertise (`size_max`): the longest descriptor we accept.
 const SIZE_MAX: u32 = 1 << 20;
+/// Largest DISCARD and WRITE_ZEROES we advertise, in sectors.
+const MAX_DISCARD_SECTORS: u32 = u32::MAX / SECTOR as u32;
+/// `VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP`, the one flag of a DISCARD / WRITE_ZEROES segment.
+const FLAG_UNMAP: u32 = 1;
 
 /// How to build a block device.
 #[derive(Debug, Clone)]
@@ -120,19 +153,24 @@ impl Blk {
         self.sectors
     }
 
+    /// `seg_max`: data segments per request (the header and the status byte take two more
+    /// descriptors).
+    fn seg_max(&self) -> u32 {
+        u32::from(self.config.queue_size).saturating_sub(2).max(1)
+    }
+
     fn config_bytes(&self) -> [u8; CONFIG_SIZE] {
         let mut c = [0u8; CONFIG_SIZE];
-        let seg_max = u32::from(self.config.queue_size).saturating_sub(2).max(1);
+        let seg_max = self.seg_max();
         c[0..8].copy_from_slice(&self.sectors.to_le_bytes());
         c[8..12].copy_from_slice(&SIZE_MAX.to_le_bytes());
         c[12..16].copy_from_slice(&seg_max.to_le_bytes());
         c[20..24].copy_from_slice(&(SECTOR as u32).to_le_bytes()); // blk_size
         c[34..36].copy_from_slice(&self.config.queues.to_le_bytes());
-        let max_sectors = u32::MAX / SECTOR as u32;
-        c[36..40].copy_from_slice(&max_sectors.to_le_bytes()); // max_discard_sectors
+        c[36..40].copy_from_slice(&MAX_DISCARD_SECTORS.to_le_bytes()); // max_discard_sectors
         c[40..44].copy_from_slice(&1u32.to_le_bytes()); // max_discard_seg
         c[44..48].copy_from_slice(&1u32.to_le_bytes()); // discard_sector_alignment
-        c[48..52].copy_from_slice(&max_sectors.to_le_bytes()); // max_write_zeroes_sectors
+        c[48..52].copy_from_slice(&MAX_DISCARD_SECTORS.to_le_bytes()); // max_write_zeroes_sectors
         c[52..56].copy_from_slice(&1u32.to_le_bytes()); // max_write_zeroes_seg
         c
     }
@@ -186,6 +224,13 @@ impl Device for Blk {
     fn write_config(&self, _offset: u32, _data: &[u8]) -> bool {
         // Only `writeback` is writable in virtio-blk, and we do not offer CONFIG_WCE.
         false
+    }
+
+    fn chain_limits(&self) -> ChainLimits {
+        ChainLimits {
+            max_descriptors: self.seg_max() + 2,
+            max_descriptor_len: SIZE_MAX,
+        }
     }
 
     fn handler(&self, _index: u16) -> BlkQueue {
@@ -301,7 +346,11 @@ impl BlkQueue {
                 if r.skip(HEADER).is_err() {
                     return ioerr;
                 }
-                // Segments of { le64 sector; le32 num_sectors; le32 flags }.
+                // Segments of { le64 sector; le32 num_sectors; le32 flags }: one, as advertised
+                // (max_discard_seg = max_write_zeroes_seg = 1).
+                if r.available() / 16 > 1 {
+                    return ioerr;
+                }
                 while r.available() >= 16 {
                     let Ok(seg) = r.read_array::<16>() else {
                         return ioerr;
@@ -309,8 +358,15 @@ impl BlkQueue {
                     let mut s = [0u8; 8];
                     s.copy_from_slice(&seg[0..8]);
                     let sector = u64::from_le_bytes(s);
-                    let num = u64::from(u32::from_le_bytes([seg[8], seg[9], seg[10], seg[11]]));
-                    if !self.in_range(sector, num * SECTOR) {
+                    let num = u32::from_le_bytes([seg[8], seg[9], seg[10], seg[11]]);
+                    let flags = u32::from_le_bytes([seg[12], seg[13], seg[14], seg[15]]);
+                    let discard = req.ty == VIRTIO_BLK_T_DISCARD;
+                    if flags & !FLAG_UNMAP != 0 || (discard && flags & FLAG_UNMAP != 0) {
+                        return (VIRTIO_BLK_S_UNSUPP as u8, 0);
+                    }
+                    let num = u64::from(num);
+                    if num > u64::from(MAX_DISCARD_SECTORS) || !self.in_range(sector, num * SECTOR)
+                    {
                         return ioerr;
                     }
                     let mode = if req.ty == VIRTIO_BLK_T_DISCARD {
@@ -341,38 +397,31 @@ fn fallocate(file: &File, mode: i32, offset: u64, len: u64) -> bool {
 }
 
 impl QueueHandler for BlkQueue {
-    fn serve(&mut self, chain: &Chain, mem: &GuestMemoryMmap) -> u32 {
+    fn serve(&mut self, chain: &Chain, mem: &GuestMemoryMmap) -> Result<u32, Unreported> {
         if chain.writable_len() == 0 {
-            // No status byte: nothing can be reported.
+            // No status byte: nothing can be reported, so nothing is done.
             tracing::warn!(
                 head = chain.head(),
                 "virtio-blk: request without a status byte"
             );
-            return 0;
+            return Err(Unreported);
         }
         let (status, written) = self.run(chain, mem);
         // The status byte, last, at the end of the writable bytes.
         let mut w = chain.writer(mem);
         let data = u64::from(chain.writable_len()) - 1;
         if w.skip(data).is_err() || w.write_all(&[status]).is_err() {
-            return 0;
+            return Err(Unreported);
         }
         if status != VIRTIO_BLK_S_OK as u8 {
             tracing::debug!(head = chain.head(), status, "virtio-blk: request failed");
         }
-        written + 1
+        Ok(written + 1)
     }
 
-    fn fail(&mut self, status: Option<u64>, mem: &GuestMemoryMmap) -> u32 {
-        match status {
-            Some(gpa)
-                if mem
-                    .write_obj(VIRTIO_BLK_S_IOERR as u8, GuestAddress(gpa))
-                    .is_ok() =>
-            {
-                1
-            }
-            _ => 0,
-        }
+    fn fail(&mut self, status: u64, mem: &GuestMemoryMmap) -> Result<u32, Unreported> {
+        mem.write_obj(VIRTIO_BLK_S_IOERR as u8, GuestAddress(status))
+            .map(|()| 1)
+            .map_err(|_| Unreported)
     }
 }

@@ -9,4 +9,4 @@
 pub mod blk;
 pub mod io;
 
-pub use blk::{Blk, BlkConfig, BlkError};
+pub use blk::{Blk, BlkConfig, BlkError, BlkQueue};

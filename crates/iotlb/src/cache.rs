@@ -63,8 +63,11 @@ const NO_SLOT: u32 = u32::MAX;
 pub const CHANGE_LOG_LEN: usize = 64;
 
 /// Evicted ranges remembered per entry of capacity before they are merged (see
-/// `evicted.rs`).
-const EVICTED_PER_ENTRY: usize = 4;
+/// `evicted.rs`), and at least this many: a merged range has lost its translation, so an
+/// UPDATE mapping its pages again as they were counts as a change (a quiescence, and a
+/// walk that kept those pages starts over).
+const EVICTED_PER_ENTRY: usize = 8;
+const EVICTED_MIN: usize = 4096;
 
 /// What an UPDATE did to translations that may be held outside the cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -226,7 +229,7 @@ impl Iotlb {
             generation: 0,
             counters: CacheCounters::default(),
             changes: VecDeque::with_capacity(CHANGE_LOG_LEN),
-            evicted: Evicted::new(capacity.saturating_mul(EVICTED_PER_ENTRY).max(64)),
+            evicted: Evicted::new(capacity.saturating_mul(EVICTED_PER_ENTRY).max(EVICTED_MIN)),
             scratch: Vec::new(),
         })
     }

@@ -2,7 +2,8 @@
 //!
 //! The engine fills a [`Chain`] only when every address of the chain translated, so a chain
 //! the device sees is complete: driver-to-device bytes in [`Chain::readable`], then
-//! device-to-driver bytes in [`Chain::writable`], each split at mapping boundaries. The
+//! device-to-driver bytes in [`Chain::writable`], split where guest-physical memory is not
+//! contiguous (pieces that are adjacent are merged, across mappings and descriptors). The
 //! buffers are reused from pop to pop (no allocation on the hot path once warm).
 //! [`ChainError`] lists why a chain the driver wrote is refused. No memory access here.
 
@@ -69,8 +70,9 @@ impl Descriptor {
     }
 }
 
-/// Why a chain written by the driver is refused. The avail entry is consumed; the device
-/// completes the head (when valid) with an error.
+/// Why a chain written by the driver is refused. The avail entry is consumed and the device
+/// completes the head with an error (but for [`ChainError::HeadOutOfRange`]: nothing to
+/// complete, the ring is broken).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum ChainError {
     /// The avail ring names a head outside the descriptor table.
@@ -98,11 +100,21 @@ pub enum ChainError {
         /// The limit.
         limit: u32,
     },
-    /// More guest-physical segments than the queue's limit.
-    #[error("chain needs more than {limit} segments")]
-    TooManySegments {
+    /// More descriptors than the device allows in a chain ([`crate::ChainLimits`]).
+    #[error("chain has more than the {limit} descriptors the device allows")]
+    TooManyDescriptors {
         /// The limit.
-        limit: usize,
+        limit: u32,
+    },
+    /// A descriptor longer than the device allows ([`crate::ChainLimits`]).
+    #[error("descriptor {index} is {len} bytes, more than the {limit} the device allows")]
+    DescriptorTooLong {
+        /// The descriptor.
+        index: u16,
+        /// Its length.
+        len: u32,
+        /// The limit.
+        limit: u32,
     },
     /// The buffers add up to more than `u32::MAX` bytes.
     #[error("chain length exceeds 4 GiB")]

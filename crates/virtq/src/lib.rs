@@ -7,8 +7,10 @@
 //! when the IOTLB reports an overlapping change.
 //!
 //! A miss never loses or half-does work: [`Queue::pop`] translates a whole chain before it
-//! consumes the avail entry, so after a miss the queue parks and the same chain is walked
-//! again from its head once an UPDATE covers the address. Nothing is written before that.
+//! consumes the avail entry, so after a miss the queue parks, and once an UPDATE covers the
+//! address the walk goes on from where it stopped, keeping what it translated (a chain
+//! needing more entries than the IOTLB holds still finishes). Nothing is written before
+//! that. The only limits on a chain are the device's ([`ChainLimits`]) and the ring's.
 //! Hostile rings (loops, indices out of range, huge lengths, addresses outside memory, an
 //! avail index jumping ahead) give typed errors, never panics or out-of-bounds accesses.
 //!
@@ -25,6 +27,7 @@ mod rw;
 pub mod testing;
 mod translate;
 mod vm;
+mod walk;
 
 pub use chain::{Chain, ChainError, Descriptor, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE};
 pub use queue::{ConfigError, PopError, Queue, AVAIL_F_NO_INTERRUPT, USED_F_NO_NOTIFY};
@@ -32,3 +35,4 @@ pub use ring::{avail_ring_len, desc_table_len, used_ring_len, RingError, MAX_QUE
 pub use rw::{BufferError, Reader, Slice, Writer};
 pub use translate::{Fault, GpaTranslator, IotlbTranslator, Translator};
 pub use vm::IotlbMemory;
+pub use walk::{ChainLimits, MAX_INDIRECT};

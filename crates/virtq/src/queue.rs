@@ -4,13 +4,16 @@
 //! their translation (see [`crate::ring`]), descriptor buffers and indirect tables per chain.
 //!
 //! **Miss semantics.** [`Queue::pop`] translates the whole chain at the head of the avail ring
-//! before consuming it. If any address misses, nothing is consumed and nothing is written:
-//! the caller gets [`PopError::Miss`], parks the queue, and after an UPDATE calls `pop` again,
-//! which walks the same chain from its head. A permission failure ([`PopError::Denied`]) or a
-//! malformed chain ([`PopError::Invalid`]) consumes the entry: the device completes that head
-//! with an error of its choosing and moves on. A ring that cannot be used at all (a ring area
-//! refused, an avail index that jumps by more than the queue size) is
-//! [`PopError::Broken`]: the queue serves nothing until it is reset.
+//! before consuming it. If an address misses, nothing is consumed and nothing is written: the
+//! caller gets [`PopError::Miss`] and parks the queue, and after an UPDATE calls `pop` again,
+//! which goes on from where the walk stopped, keeping what it translated (see
+//! [`crate::walk`]; the walk starts over only if a change touched what it kept). A permission
+//! failure ([`PopError::Denied`]) or a malformed chain, or one beyond the device's
+//! [`ChainLimits`] ([`PopError::Invalid`]), consumes the entry: the device completes that
+//! head with an error status and moves on. A ring that cannot be used at all (a ring area
+//! refused, an avail index that jumps by more than the queue size, a head outside the table)
+//! is [`PopError::Broken`]: the queue serves nothing until it is reset, and the entry is not
+//! consumed.
 //!
 //! **Ordering.** The avail index is loaded with acquire before any ring entry or descriptor is
 //! read; the used index is stored with release after the used element; a full fence separates
@@ -23,18 +26,14 @@ use std::num::Wrapping;
 use std::sync::atomic::{fence, Ordering};
 
 use iotlb::Access;
-use vm_memory::{GuestAddress, GuestMemoryBackend};
+use vm_memory::GuestMemoryBackend;
 
 use crate::chain::{Chain, ChainError, Descriptor};
 use crate::ring::{
     avail_ring_len, desc_table_len, used_ring_len, RingArea, RingError, DESC_SIZE, MAX_QUEUE_SIZE,
 };
 use crate::translate::{Fault, Translator};
-
-/// Largest indirect table accepted, in descriptors.
-pub const MAX_INDIRECT: u64 = 65536;
-/// Default limit of guest-physical segments per chain (Linux's `UIO_MAXIOV`).
-pub const DEFAULT_MAX_SEGMENTS: usize = 1024;
+use crate::walk::{Areas, ChainLimits, Stop, Walk, MAX_INDIRECT};
 
 /// `VIRTQ_AVAIL_F_NO_INTERRUPT`.
 pub const AVAIL_F_NO_INTERRUPT: u16 = 1;
@@ -90,12 +89,12 @@ pub enum PopError {
         /// Direction refused.
         access: Access,
     },
-    /// The chain is malformed. The entry is consumed; complete `head` (if it names a
-    /// descriptor) with an error.
-    #[error("chain {head:?}: {reason}")]
+    /// The chain is malformed, or beyond the device's limits. The entry is consumed; complete
+    /// `head` with an error.
+    #[error("chain {head}: {reason}")]
     Invalid {
-        /// The chain's head, if it is a valid descriptor index.
-        head: Option<u16>,
+        /// The chain's head.
+        head: u16,
         /// What is wrong.
         reason: ChainError,
     },
@@ -121,10 +120,15 @@ pub struct Queue {
     broken: Option<String>,
     /// The indirect table of the chain being walked.
     indirect: RingArea,
+    /// The indirect table of a chain looked at without consuming it ([`Queue::visit_buffers`]):
+    /// not the walk's, which must survive a look at other chains between two resumptions.
+    peek: RingArea,
+    /// The chain walk in progress, kept across misses.
+    walk: Walk,
     /// Segments of the buffer being translated.
     scratch: Vec<iotlb::Segment>,
-    /// Most guest-physical segments one chain may have.
-    max_segments: usize,
+    /// The device's limits on one chain.
+    limits: ChainLimits,
     /// Whether `next_used` was read from the ring since the last `set_next_avail`.
     used_synced: bool,
 }
@@ -145,8 +149,10 @@ impl Queue {
             event_idx: false,
             broken: None,
             indirect: RingArea::new(Access::Read),
+            peek: RingArea::new(Access::Read),
+            walk: Walk::new(),
             scratch: Vec::new(),
-            max_segments: DEFAULT_MAX_SEGMENTS,
+            limits: ChainLimits::NONE,
             used_synced: false,
         }
     }
@@ -171,6 +177,7 @@ impl Queue {
         }
         self.size = size;
         self.configured = false;
+        self.walk.cancel();
         Ok(())
     }
 
@@ -193,6 +200,7 @@ impl Queue {
         self.used.set(used, used_ring_len(self.size));
         self.configured = true;
         self.broken = None;
+        self.walk.cancel();
         Ok(())
     }
 
@@ -213,13 +221,19 @@ impl Queue {
         self.next_used = Wrapping(idx);
         self.used_synced = false;
         self.signalled_used = None;
+        self.walk.cancel();
     }
 
-    /// Limit the guest-physical segments of one chain (default 1024, Linux's `UIO_MAXIOV`).
-    /// With an IOTLB keep it well under the IOTLB capacity: a chain needing more entries
-    /// than the cache holds would miss forever, each UPDATE evicting a page it needs.
-    pub fn set_max_segments(&mut self, n: usize) {
-        self.max_segments = n.max(1);
+    /// Refuse chains beyond `limits` (the device's; by default only the ring's own limits
+    /// apply). Nothing else bounds a chain: not the IOTLB's size, since a walk keeps what it
+    /// translated across misses.
+    pub fn set_limits(&mut self, limits: ChainLimits) {
+        self.limits = limits;
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> ChainLimits {
+        self.limits
     }
 
     /// The next avail entry to consume (GET_VRING_BASE).
@@ -237,11 +251,14 @@ impl Queue {
         self.broken.as_deref()
     }
 
-    /// Forget the ring translations (the memory table changed, say).
+    /// Forget the ring translations and the walk in progress (the memory table changed, say).
     pub fn invalidate_translations(&mut self) {
         self.desc.invalidate();
         self.avail.invalidate();
         self.used.invalidate();
+        self.indirect.invalidate();
+        self.peek.invalidate();
+        self.walk.cancel();
     }
 
     /// Back to the unconfigured state.
@@ -306,7 +323,8 @@ impl Queue {
 
     /// Pop the chain at the head of the avail ring into `chain`: `Ok(false)` if there is none.
     ///
-    /// See the module documentation for what each error means for the avail entry.
+    /// See the module documentation for what each error means for the avail entry. After a
+    /// [`PopError::Miss`], calling again goes on with the same chain from where it stopped.
     pub fn pop<T: Translator + ?Sized, M: GuestMemoryBackend>(
         &mut self,
         tr: &mut T,
@@ -317,6 +335,8 @@ impl Queue {
         let avail_idx = self.avail_idx(tr, mem)?;
         let pending = (avail_idx - self.next_avail).0;
         if pending == 0 {
+            // (A driver that moved its index back took the chain being walked away.)
+            self.walk.cancel();
             return Ok(false);
         }
         if pending > self.size {
@@ -326,61 +346,84 @@ impl Queue {
             );
             tracing::warn!(error = %why, "virtq: ring broken");
             self.broken = Some(why.clone());
+            self.walk.cancel();
             return Err(PopError::Broken(why));
         }
-        let slot = u64::from(self.next_avail.0 % self.size);
         // The used ring too: completing must not miss once the request has had effects.
-        let head = Self::ensure(&mut self.desc, tr, mem)
+        let r = Self::ensure(&mut self.desc, tr, mem)
             .and_then(|()| Self::ensure(&mut self.used, tr, mem))
-            .and_then(|()| self.sync_used(mem))
-            .and_then(|()| self.avail.load_u16(mem, 4 + 2 * slot, Ordering::Relaxed))
-            .map_err(|e| self.ring_error(e))?;
-
-        let mut walker = Walker {
+            .and_then(|()| self.sync_used(mem));
+        r.map_err(|e| self.ring_error(e))?;
+        // The generation before anything is translated in this pass: a change after it is
+        // either seen at the next pass or waited for by the back-end's quiescence.
+        let generation = tr.generation();
+        let resume =
+            self.walk.is_walking(self.next_avail) && self.walk.still_valid(&*tr, generation);
+        if !resume {
+            let slot = u64::from(self.next_avail.0 % self.size);
+            let head = self
+                .avail
+                .load_u16(mem, 4 + 2 * slot, Ordering::Relaxed)
+                .map_err(|e| self.ring_error(e))?;
+            if head >= self.size {
+                // Nothing to complete with an error: the ring itself is wrong.
+                let why = ChainError::HeadOutOfRange {
+                    head,
+                    size: self.size,
+                }
+                .to_string();
+                tracing::warn!(error = %why, "virtq: ring broken");
+                self.broken = Some(why.clone());
+                self.walk.cancel();
+                return Err(PopError::Broken(why));
+            }
+            self.walk.start(self.next_avail, head, generation);
+        }
+        let head = self.walk.head();
+        let mut areas = Areas {
             desc: &self.desc,
             indirect: &mut self.indirect,
             size: self.size,
-            descriptors: 0,
-            segments: 0,
-            max_segments: self.max_segments,
-            seen_writable: false,
+            limits: self.limits,
             scratch: &mut self.scratch,
         };
-        match walker.walk(tr, mem, head, chain) {
+        let stop = match self.walk.run(&mut areas, tr, mem) {
             Ok(()) => {
+                self.walk.finish(chain);
                 self.next_avail += 1;
-                Ok(true)
+                return Ok(true);
             }
-            Err(Walk::Fault(Fault::Miss { iova, access })) => {
-                chain.clear();
-                Err(PopError::Miss { iova, access })
+            Err(stop) => stop,
+        };
+        let consumed = match stop {
+            // The walk stays where it is.
+            Stop::Fault(Fault::Miss { iova, access }) => {
+                return Err(PopError::Miss { iova, access })
             }
-            Err(Walk::Fault(Fault::Denied { iova, access })) => {
-                self.next_avail += 1;
-                Err(PopError::Denied { head, iova, access })
+            Stop::Ring(RingError::Fault {
+                fault: Fault::Miss { iova, access },
+                ..
+            }) => return Err(PopError::Miss { iova, access }),
+            Stop::Ring(e) => {
+                self.walk.cancel();
+                return Err(self.ring_error(e));
             }
-            Err(Walk::Fault(Fault::BadAddress { addr, len })) => {
-                self.next_avail += 1;
-                Err(PopError::Invalid {
-                    head: Some(head),
-                    reason: ChainError::BadAddress { addr, len },
-                })
-            }
-            Err(Walk::Invalid(reason)) => {
-                self.next_avail += 1;
-                let head = (head < self.size).then_some(head);
-                Err(PopError::Invalid { head, reason })
-            }
-            Err(Walk::Ring(e)) => {
-                chain.clear();
-                Err(self.ring_error(e))
-            }
-        }
+            Stop::Fault(Fault::Denied { iova, access }) => PopError::Denied { head, iova, access },
+            Stop::Fault(Fault::BadAddress { addr, len }) => PopError::Invalid {
+                head,
+                reason: ChainError::BadAddress { addr, len },
+            },
+            Stop::Invalid(reason) => PopError::Invalid { head, reason },
+        };
+        self.walk.cancel();
+        self.next_avail += 1;
+        Err(consumed)
     }
 
     /// Give up on the chain at the head of the avail ring without translating its buffers
     /// (its miss was never answered): consume the entry and return its head, or `None` if
-    /// nothing is available or the head names no descriptor (nothing to complete then).
+    /// nothing is available. A head outside the table breaks the queue (nothing to complete;
+    /// the entry is not consumed), as in [`Queue::pop`].
     pub fn skip<T: Translator + ?Sized, M: GuestMemoryBackend>(
         &mut self,
         tr: &mut T,
@@ -396,8 +439,19 @@ impl Queue {
             .avail
             .load_u16(mem, 4 + 2 * slot, Ordering::Relaxed)
             .map_err(|e| self.ring_error(e))?;
+        self.walk.cancel();
+        if head >= self.size {
+            let why = ChainError::HeadOutOfRange {
+                head,
+                size: self.size,
+            }
+            .to_string();
+            tracing::warn!(error = %why, "virtq: ring broken");
+            self.broken = Some(why.clone());
+            return Err(PopError::Broken(why));
+        }
         self.next_avail += 1;
-        Ok((head < self.size).then_some(head))
+        Ok(Some(head))
     }
 
     /// The address and length of the last device-writable buffer of the chain at `head`,
@@ -417,6 +471,16 @@ impl Queue {
             true
         })?;
         Ok(last)
+    }
+
+    /// The IOVA ranges the walk of the next chain has translated and keeps (after a miss;
+    /// empty otherwise): a look-ahead for pages to ask for need not ask for these again.
+    pub fn walked(&self) -> &[iotlb::IovaRange] {
+        if self.walk.is_walking(self.next_avail) {
+            self.walk.translated()
+        } else {
+            &[]
+        }
     }
 
     /// The head of the avail entry `ahead` places after the next one to pop, if the driver
@@ -443,7 +507,8 @@ impl Queue {
     /// Call `f(addr, len, device_writable)` for each buffer of the chain at `head`, in order,
     /// without translating any buffer (an indirect table is translated: a miss on it is
     /// returned); `f` returns false to stop. A malformed chain simply ends the walk (the
-    /// buffers before it were visited); loops end after `size` descriptors. For looking at a
+    /// buffers before it were visited); a loop ends after as many descriptors as its table
+    /// holds (the ring's `size`, or the indirect table's entries). For looking at a
     /// chain without consuming it: finding a status byte, or the pages a request will need.
     pub fn visit_buffers<T: Translator + ?Sized, M: GuestMemoryBackend>(
         &mut self,
@@ -457,12 +522,17 @@ impl Queue {
         let size = self.size;
         let mut index = head;
         let mut table: Option<(u64, u64)> = None; // (entries, current) inside an indirect table
-        for _ in 0..u32::from(size) {
+                                                  // Descriptors looked at in the current table: a loop ends after as many as it holds.
+        let mut seen: u64 = 0;
+        loop {
+            seen += 1;
             let mut raw = [0u8; 16];
             let read = match table {
-                None if index < size => self.desc.read(mem, u64::from(index) * DESC_SIZE, &mut raw),
-                Some((entries, i)) if i < entries => {
-                    self.indirect.read(mem, i * DESC_SIZE, &mut raw)
+                None if index < size && seen <= u64::from(size) => {
+                    self.desc.read(mem, u64::from(index) * DESC_SIZE, &mut raw)
+                }
+                Some((entries, i)) if i < entries && seen <= entries => {
+                    self.peek.read(mem, i * DESC_SIZE, &mut raw)
                 }
                 _ => return Ok(()),
             };
@@ -471,11 +541,16 @@ impl Queue {
             }
             let d = Descriptor::from_bytes(&raw);
             if d.is_indirect() {
-                if table.is_some() || d.len == 0 || u64::from(d.len) % DESC_SIZE != 0 {
+                let entries = u64::from(d.len) / DESC_SIZE;
+                if table.is_some()
+                    || d.len == 0
+                    || u64::from(d.len) % DESC_SIZE != 0
+                    || entries > MAX_INDIRECT
+                {
                     return Ok(());
                 }
-                self.indirect.set(d.addr, u64::from(d.len));
-                if let Err(e) = self.indirect.ensure(tr, mem) {
+                self.peek.set(d.addr, u64::from(d.len));
+                if let Err(e) = self.peek.ensure(tr, mem) {
                     return match e {
                         RingError::Fault {
                             fault: Fault::Miss { iova, access },
@@ -484,7 +559,8 @@ impl Queue {
                         _ => Ok(()),
                     };
                 }
-                table = Some((u64::from(d.len) / DESC_SIZE, 0));
+                table = Some((entries, 0));
+                seen = 0;
                 continue;
             }
             if !f(d.addr, d.len, d.is_write()) || !d.has_next() {
@@ -495,7 +571,6 @@ impl Queue {
                 None => index = d.next,
             }
         }
-        Ok(())
     }
 
     /// Take the used index from the ring once after the queue (re)starts.
@@ -593,187 +668,5 @@ impl Queue {
         // Our wish must be visible before we look at the avail index again.
         fence(Ordering::SeqCst);
         Ok(self.avail_idx(tr, mem)? != self.next_avail)
-    }
-}
-
-/// What a walk ran into.
-enum Walk {
-    Fault(Fault),
-    Invalid(ChainError),
-    Ring(RingError),
-}
-
-/// One chain walk: the areas it reads and the rules it checks.
-struct Walker<'q> {
-    desc: &'q RingArea,
-    indirect: &'q mut RingArea,
-    size: u16,
-    /// Descriptors walked in the current table (the ring's, then an indirect one).
-    descriptors: u32,
-    /// Guest-physical segments so far, against `max_segments`.
-    segments: usize,
-    max_segments: usize,
-    seen_writable: bool,
-    scratch: &'q mut Vec<iotlb::Segment>,
-}
-
-impl Walker<'_> {
-    /// Walk the chain at `head` into `chain`, translating every buffer.
-    fn walk<T: Translator + ?Sized, M: GuestMemoryBackend>(
-        &mut self,
-        tr: &mut T,
-        mem: &M,
-        head: u16,
-        chain: &mut Chain,
-    ) -> Result<(), Walk> {
-        chain.clear();
-        chain.head = head;
-        let size = self.size;
-        if head >= size {
-            return Err(Walk::Invalid(ChainError::HeadOutOfRange { head, size }));
-        }
-        let mut index = head;
-        loop {
-            self.count(u32::from(size))?;
-            let mut raw = [0u8; 16];
-            self.desc
-                .read(mem, u64::from(index) * DESC_SIZE, &mut raw)
-                .map_err(Walk::Ring)?;
-            let d = Descriptor::from_bytes(&raw);
-            if d.is_indirect() {
-                if d.has_next() {
-                    return Err(Walk::Invalid(ChainError::IndirectWithNext { index }));
-                }
-                return self.walk_indirect(tr, mem, &d, chain);
-            }
-            self.buffer(tr, mem, index, &d, chain)?;
-            if !d.has_next() {
-                return Ok(());
-            }
-            if d.next >= size {
-                return Err(Walk::Invalid(ChainError::NextOutOfRange {
-                    index,
-                    next: d.next,
-                    table: size.into(),
-                }));
-            }
-            index = d.next;
-        }
-    }
-
-    /// Walk the indirect table `table` (the last descriptor of the main chain).
-    fn walk_indirect<T: Translator + ?Sized, M: GuestMemoryBackend>(
-        &mut self,
-        tr: &mut T,
-        mem: &M,
-        table: &Descriptor,
-        chain: &mut Chain,
-    ) -> Result<(), Walk> {
-        let entries = u64::from(table.len) / DESC_SIZE;
-        if table.len == 0 || u64::from(table.len) % DESC_SIZE != 0 || entries > MAX_INDIRECT {
-            return Err(Walk::Invalid(ChainError::IndirectLength { len: table.len }));
-        }
-        // An indirect table is limited by its own size (as Linux and QEMU do), so that a
-        // table of `size` entries (header, `seg_max` buffers, status) is accepted.
-        self.descriptors = 0;
-        self.indirect.set(table.addr, u64::from(table.len));
-        self.indirect.ensure(tr, mem).map_err(|e| match e {
-            RingError::Fault { fault, .. } => Walk::Fault(fault),
-            other => Walk::Ring(other),
-        })?;
-        let mut i: u64 = 0;
-        loop {
-            self.count(entries as u32)?;
-            let mut raw = [0u8; 16];
-            self.indirect
-                .read(mem, i * DESC_SIZE, &mut raw)
-                .map_err(|_| {
-                    Walk::Invalid(ChainError::BadAddress {
-                        addr: table.addr,
-                        len: table.len.into(),
-                    })
-                })?;
-            let d = Descriptor::from_bytes(&raw);
-            if d.is_indirect() {
-                return Err(Walk::Invalid(ChainError::NestedIndirect));
-            }
-            // `i < entries <= MAX_INDIRECT` (65536): the index fits in a u16 but for the last
-            // entry of the largest table, which is reported truncated (errors only).
-            let index = i as u16;
-            self.buffer(tr, mem, index, &d, chain)?;
-            if !d.has_next() {
-                return Ok(());
-            }
-            if u64::from(d.next) >= entries {
-                return Err(Walk::Invalid(ChainError::NextOutOfRange {
-                    index,
-                    next: d.next,
-                    table: entries.min(u64::from(u32::MAX)) as u32,
-                }));
-            }
-            i = u64::from(d.next);
-        }
-    }
-
-    /// One more descriptor: refuse tables walked longer than `limit` (loops included).
-    fn count(&mut self, limit: u32) -> Result<(), Walk> {
-        self.descriptors += 1;
-        if self.descriptors > limit {
-            return Err(Walk::Invalid(ChainError::TooLong { limit }));
-        }
-        Ok(())
-    }
-
-    /// Translate one buffer and add it to the chain.
-    fn buffer<T: Translator + ?Sized, M: GuestMemoryBackend>(
-        &mut self,
-        tr: &mut T,
-        mem: &M,
-        index: u16,
-        d: &Descriptor,
-        chain: &mut Chain,
-    ) -> Result<(), Walk> {
-        let write = d.is_write();
-        if !write && self.seen_writable {
-            return Err(Walk::Invalid(ChainError::ReadableAfterWritable { index }));
-        }
-        self.seen_writable |= write;
-        chain.descriptors = chain.descriptors.saturating_add(1);
-        let total = if write {
-            &mut chain.writable_len
-        } else {
-            &mut chain.readable_len
-        };
-        *total = total
-            .checked_add(d.len)
-            .ok_or(Walk::Invalid(ChainError::LengthOverflow))?;
-        if chain.readable_len.checked_add(chain.writable_len).is_none() {
-            return Err(Walk::Invalid(ChainError::LengthOverflow));
-        }
-        let access = if write { Access::Write } else { Access::Read };
-        self.scratch.clear();
-        tr.translate(d.addr, d.len.into(), access, self.scratch)
-            .map_err(Walk::Fault)?;
-        self.segments += self.scratch.len();
-        if self.segments > self.max_segments {
-            return Err(Walk::Invalid(ChainError::TooManySegments {
-                limit: self.max_segments,
-            }));
-        }
-        for s in self.scratch.iter() {
-            if !mem.check_range(GuestAddress(s.addr), s.len as usize) {
-                return Err(Walk::Fault(Fault::BadAddress {
-                    addr: s.addr,
-                    len: s.len,
-                }));
-            }
-        }
-        let out = if write {
-            &mut chain.writable
-        } else {
-            &mut chain.readable
-        };
-        out.extend_from_slice(self.scratch);
-        Ok(())
     }
 }

@@ -75,6 +75,22 @@ impl PageAllocator {
         (0..n).map(|_| self.page()).collect()
     }
 
+    /// `n` physically contiguous free pages (the first such run in address order); returns
+    /// the first one's address.
+    pub fn contiguous(&mut self, n: u64) -> u64 {
+        let mut sorted = self.free.clone();
+        sorted.sort_unstable();
+        let n = n.max(1) as usize;
+        let start = sorted
+            .windows(n)
+            .find(|w| w[n - 1] - w[0] == (n as u64 - 1) * PAGE)
+            .map(|w| w[0])
+            .expect("no run of contiguous free pages that long");
+        self.free
+            .retain(|&p| p < start || p >= start + n as u64 * PAGE);
+        start
+    }
+
     /// Give a page back.
     pub fn free(&mut self, gpa: u64) {
         self.free.push(gpa);
@@ -127,6 +143,28 @@ impl IovaSpace {
             }
         }
         gpas
+    }
+
+    /// Map `n` pages from `iova` to `n` physically contiguous fresh pages, each its own 4 KiB
+    /// mapping (as an IOMMU side answering page by page does); returns the first gpa.
+    pub fn map_contiguous(
+        &mut self,
+        alloc: &mut PageAllocator,
+        iova: u64,
+        n: u64,
+        perm: Perm,
+    ) -> u64 {
+        let base = if self.identity {
+            iova
+        } else {
+            alloc.contiguous(n)
+        };
+        if !self.identity {
+            for i in 0..n {
+                self.map_page(iova + i * PAGE, base + i * PAGE, perm);
+            }
+        }
+        base
     }
 
     /// Unmap the pages of `[iova, iova + len)`; returns their gpas.

@@ -72,6 +72,12 @@ pub trait Translator {
     /// Whether a translation of `range` obtained at generation `since` may have changed.
     fn stale(&self, since: u64, range: IovaRange) -> bool;
 
+    /// Whether a translation of any of `ranges` obtained at generation `since` may have
+    /// changed (one look at the change log for all of them where the translator can).
+    fn stale_any(&self, since: u64, ranges: &[IovaRange]) -> bool {
+        ranges.iter().any(|r| self.stale(since, *r))
+    }
+
     /// Whether addresses are IOVAs (so misses can happen).
     fn is_iommu(&self) -> bool;
 }
@@ -158,6 +164,16 @@ impl<W: Clone + PartialEq> Translator for IotlbTranslator<W> {
         })
     }
 
+    fn stale_any(&self, since: u64, ranges: &[IovaRange]) -> bool {
+        if since == self.generation() || ranges.is_empty() {
+            return false;
+        }
+        self.handle.shared().with_cache(|tlb| {
+            tlb.changes_since(since)
+                .is_none_or(|mut changes| changes.any(|c| ranges.iter().any(|r| r.overlaps(&c))))
+        })
+    }
+
     fn is_iommu(&self) -> bool {
         true
     }
@@ -180,6 +196,10 @@ impl<T: Translator + ?Sized> Translator for &mut T {
 
     fn stale(&self, since: u64, range: IovaRange) -> bool {
         (**self).stale(since, range)
+    }
+
+    fn stale_any(&self, since: u64, ranges: &[IovaRange]) -> bool {
+        (**self).stale_any(since, ranges)
     }
 
     fn is_iommu(&self) -> bool {

@@ -21,18 +21,23 @@ use wire::vhost_user::{
 use wire::IotlbMsg;
 
 /// Guest memory size.
-pub const MEM: u64 = 16 << 20;
+pub const MEM: u64 = 64 << 20;
 /// The front-end virtual address of guest-physical 0 (what UPDATEs carry as `uaddr`).
 pub const VA_BASE: u64 = 0x7f00_0000_0000;
 pub const RING_IOVA: u64 = 0x10_0000_0000;
 pub const BUF_IOVA: u64 = 0x20_0000_0000;
 /// Where buffers live without the IOMMU (guest-physical).
-pub const BUF_GPA: u64 = 8 << 20;
+pub const BUF_GPA: u64 = 48 << 20;
+/// Guest-physical pages below this are handed out scattered (IOMMU buffers and rings);
+/// from here to [`BUF_GPA`] contiguous runs are ([`Frontend::contiguous_buf`]).
+pub const CONTIG_GPA: u64 = 32 << 20;
 
 pub struct Queue {
     pub driver: DriverQueue,
     pub kick: OwnedFd,
     pub call: OwnedFd,
+    /// The vring error eventfd given with SET_VRING_ERR.
+    pub err: OwnedFd,
 }
 
 pub struct Frontend {
@@ -45,11 +50,15 @@ pub struct Frontend {
     pub queues: Vec<Queue>,
     pub iommu: bool,
     next_buf: u64,
+    /// The next free guest-physical page of the contiguous area.
+    next_contig: u64,
     /// IOVAs (pages) whose misses we do not answer.
     pub never_map: Vec<u64>,
     /// Misses we received and did not answer.
     pub ignored: Vec<u64>,
     pub misses_seen: u64,
+    /// ACCESS_FAIL messages received: `(iova, perm)`.
+    pub access_fails: Vec<(u64, Perm)>,
 }
 
 fn memfd(len: u64) -> OwnedFd {
@@ -93,13 +102,15 @@ impl Frontend {
             } else {
                 IovaSpace::identity()
             },
-            alloc: PageAllocator::new(PAGE, (BUF_GPA - PAGE) & !(PAGE - 1), seed),
+            alloc: PageAllocator::new(PAGE, CONTIG_GPA - PAGE, seed),
+            next_contig: CONTIG_GPA,
             queues: Vec::new(),
             iommu,
             next_buf: if iommu { BUF_IOVA } else { BUF_GPA },
             never_map: Vec::new(),
             ignored: Vec::new(),
             misses_seen: 0,
+            access_fails: Vec::new(),
         };
         let feats = f.get_u64(FrontendRequest::GetFeatures);
         let mut want = device::VERSION_1 | device::PROTOCOL_FEATURES | device::RING_EVENT_IDX;
@@ -152,6 +163,11 @@ impl Frontend {
             }));
             let kick = eventfd(0, EventfdFlags::CLOEXEC).unwrap();
             let call = eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK).unwrap();
+            let err = eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK).unwrap();
+            f.request(FrontendRequest::SetVringErr(VringFile {
+                index: q as u8,
+                fd: Some(err.try_clone().unwrap()),
+            }));
             f.request(FrontendRequest::SetVringCall(VringFile {
                 index: q as u8,
                 fd: Some(call.try_clone().unwrap()),
@@ -164,7 +180,12 @@ impl Frontend {
                 index: idx,
                 num: 1,
             }));
-            f.queues.push(Queue { driver, kick, call });
+            f.queues.push(Queue {
+                driver,
+                kick,
+                call,
+                err,
+            });
         }
         f
     }
@@ -244,6 +265,9 @@ impl Frontend {
                         n += 1;
                     }
                 }
+                BackendRequest::IotlbMsg(IotlbMsg::AccessFail { iova, perm }) => {
+                    self.access_fails.push((iova, perm));
+                }
                 other => panic!("unexpected back-end request {other:?}"),
             }
         }
@@ -277,6 +301,73 @@ impl Frontend {
     pub fn take_call(&mut self, q: usize) -> bool {
         let mut b = [0u8; 8];
         rustix::io::read(&self.queues[q].call, &mut b).is_ok()
+    }
+
+    /// Whether the back-end signalled queue `q`'s vring error eventfd since the last look.
+    pub fn take_err(&mut self, q: usize) -> bool {
+        let mut b = [0u8; 8];
+        rustix::io::read(&self.queues[q].err, &mut b).is_ok()
+    }
+
+    /// Serve misses for `d` (at least once), then: whether the back-end has sent anything on
+    /// the front-end socket (an acknowledgement) by then.
+    pub fn reply_within(&mut self, d: Duration) -> bool {
+        let end = Instant::now() + d;
+        loop {
+            let mut fds = [PollFd::new(self.conn.socket(), PollFlags::IN)];
+            let ts = Timespec {
+                tv_sec: 0,
+                tv_nsec: 2_000_000,
+            };
+            if matches!(poll(&mut fds, Some(&ts)), Ok(n) if n > 0) {
+                return true;
+            }
+            if Instant::now() >= end {
+                return false;
+            }
+        }
+    }
+
+    /// Send an IOTLB message without waiting for its acknowledgement.
+    pub fn iotlb_nowait(&mut self, m: IotlbMsg) -> wire::vhost_user::Header {
+        self.conn
+            .send_request(&FrontendRequest::IotlbMsg(m), true)
+            .unwrap()
+    }
+
+    /// A buffer of `len` bytes at a fresh IOVA mapped page by page onto contiguous guest
+    /// memory (with the IOMMU; without it, any buffer is contiguous).
+    pub fn contiguous_buf(&mut self, len: u32, write: bool) -> Buf {
+        if !self.iommu {
+            return self.buf(len, write);
+        }
+        let iova = self.next_buf;
+        let pages = u64::from(len).div_ceil(PAGE).max(1);
+        assert!(
+            self.next_contig + pages * PAGE <= BUF_GPA,
+            "contiguous test memory exhausted"
+        );
+        for i in 0..pages {
+            self.space.map_page(
+                iova + i * PAGE,
+                self.next_contig + i * PAGE,
+                Perm::ReadWrite,
+            );
+        }
+        self.next_contig += pages * PAGE;
+        self.next_buf += (pages + 1) * PAGE;
+        Buf { iova, len, write }
+    }
+
+    /// Submit a chain on queue `q` through an indirect table (mapped at a fresh IOVA).
+    pub fn submit_indirect(&mut self, q: usize, bufs: &[Buf]) -> u16 {
+        let table = self.buf(16 * bufs.len() as u32, false);
+        let head = self.queues[q]
+            .driver
+            .add_chain(&self.mem, &self.space, bufs, Some(table.iova))
+            .expect("descriptors");
+        rustix::io::write(&self.queues[q].kick, &1u64.to_ne_bytes()).unwrap();
+        head
     }
 
     /// Submit a chain on queue `q` and kick.
@@ -350,4 +441,36 @@ pub fn pattern(seed: u8, len: usize) -> Vec<u8> {
     (0..len)
         .map(|i| seed.wrapping_add((i / 7) as u8).wrapping_mul(3))
         .collect()
+}
+
+/// A disk of `len` bytes in memory.
+pub fn disk(len: u64) -> std::fs::File {
+    let fd = rustix::fs::memfd_create("disk", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+    rustix::fs::ftruncate(&fd, len).unwrap();
+    std::fs::File::from(fd)
+}
+
+/// A block back-end on a fresh in-memory disk of `disk_len` bytes.
+pub fn blk_server(
+    disk_len: u64,
+    blk: devices::BlkConfig,
+    engine: backend::EngineConfig,
+) -> std::sync::Arc<backend::Server<devices::Blk>> {
+    // `RUST_LOG=backend=trace` shows the back-end's side of a failing test.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let dev = devices::Blk::new(disk(disk_len), blk).unwrap();
+    std::sync::Arc::new(backend::Server::new(dev, engine))
+}
+
+/// Serve one connection of `s` on a thread; returns our end.
+pub fn connect<D: backend::Device>(
+    s: &std::sync::Arc<backend::Server<D>>,
+) -> (UnixStream, std::thread::JoinHandle<()>) {
+    let (a, b) = UnixStream::pair().unwrap();
+    let s = s.clone();
+    let t = std::thread::spawn(move || s.serve_connection(b));
+    (a, t)
 }

@@ -1,0 +1,180 @@
+//! R4: an UPDATE that remaps bytes a request in flight has translated is not acknowledged
+//! before that request is done with them, even when the IOTLB evicted their entry long ago
+//! and the translation lives only in the request's kept segments. A device whose `serve`
+//! blocks until the test lets it go holds the request in flight.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use backend::{Device, EngineConfig, QueueHandler, Server, Unreported};
+use common::{blk_request, connect, disk, pattern, status, Frontend, VA_BASE};
+use devices::{Blk, BlkConfig, BlkQueue};
+use iotlb::Perm;
+use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_OK, VIRTIO_BLK_T_OUT};
+use virtq::testing::PAGE;
+use virtq::{Chain, ChainLimits};
+use vm_memory::GuestMemoryMmap;
+use wire::IotlbMsg;
+
+/// Holds the next request in `serve` until released.
+struct Gate {
+    armed: AtomicBool,
+    entered: Mutex<mpsc::Sender<()>>,
+    release: Mutex<mpsc::Receiver<()>>,
+}
+
+/// virtio-blk whose handlers stop at the gate.
+struct Gated {
+    blk: Blk,
+    gate: Arc<Gate>,
+}
+
+struct GatedQueue {
+    inner: BlkQueue,
+    gate: Arc<Gate>,
+}
+
+impl Device for Gated {
+    type Handler = GatedQueue;
+    fn features(&self) -> u64 {
+        self.blk.features()
+    }
+    fn protocol_features(&self) -> u64 {
+        self.blk.protocol_features()
+    }
+    fn queues(&self) -> u16 {
+        self.blk.queues()
+    }
+    fn max_queue_size(&self) -> u16 {
+        self.blk.max_queue_size()
+    }
+    fn read_config(&self, offset: u32, buf: &mut [u8]) {
+        self.blk.read_config(offset, buf)
+    }
+    fn write_config(&self, offset: u32, data: &[u8]) -> bool {
+        self.blk.write_config(offset, data)
+    }
+    fn chain_limits(&self) -> ChainLimits {
+        self.blk.chain_limits()
+    }
+    fn handler(&self, index: u16) -> GatedQueue {
+        GatedQueue {
+            inner: self.blk.handler(index),
+            gate: self.gate.clone(),
+        }
+    }
+}
+
+impl QueueHandler for GatedQueue {
+    fn serve(&mut self, chain: &Chain, mem: &GuestMemoryMmap) -> Result<u32, Unreported> {
+        if self.gate.armed.swap(false, Ordering::SeqCst) {
+            let _ = self.gate.entered.lock().unwrap().send(());
+            let _ = self.gate.release.lock().unwrap().recv();
+        }
+        self.inner.serve(chain, mem)
+    }
+    fn fail(&mut self, status: u64, mem: &GuestMemoryMmap) -> Result<u32, Unreported> {
+        self.inner.fail(status, mem)
+    }
+}
+
+#[test]
+fn a_remap_of_evicted_bytes_a_request_holds_waits_for_the_request() {
+    let (entered_tx, entered) = mpsc::channel();
+    let (release, release_rx) = mpsc::channel();
+    let gate = Arc::new(Gate {
+        armed: AtomicBool::new(false),
+        entered: Mutex::new(entered_tx),
+        release: Mutex::new(release_rx),
+    });
+    let blk = Blk::new(
+        disk(4 << 20),
+        BlkConfig {
+            queue_size: 64,
+            ..BlkConfig::default()
+        },
+    )
+    .unwrap();
+    let s = Arc::new(Server::new(
+        Gated {
+            blk,
+            gate: gate.clone(),
+        },
+        EngineConfig {
+            iotlb_capacity: backend::MIN_IOTLB_CAPACITY,
+            miss_timeout: Duration::from_secs(10),
+            ..EngineConfig::default()
+        },
+    ));
+    let (sock, t) = connect(&s);
+    let mut f = Frontend::connect(sock, 1, 64, true, 41);
+
+    // A write of 40 scattered pages through a 16-entry IOTLB: by the time the walk is done,
+    // the entries of the pages in the middle are evicted (whatever the eviction order, only
+    // 16 of the request's 45 pages fit), their translations kept in the chain's segments.
+    let data = pattern(6, 40 * PAGE as usize);
+    let (h, d, st) = blk_request(&mut f, VIRTIO_BLK_T_OUT, 0, &data, 0);
+    let d = d.unwrap();
+    gate.armed.store(true, Ordering::SeqCst);
+    f.submit(0, &[h, d, st]);
+    let start = Instant::now();
+    while entered.try_recv().is_err() {
+        assert!(start.elapsed() < Duration::from_secs(10), "never served");
+        f.serve_misses();
+    }
+
+    // The IOMMU side remaps data page 20 to another guest page while the write is in flight.
+    let page = d.iova + 20 * PAGE;
+    let fresh = f.alloc.page();
+    f.space.map_page(page, fresh, Perm::ReadWrite);
+    let (range, gpa, perm) = f.space.update_for(page).unwrap();
+    let sent = f.iotlb_nowait(IotlbMsg::Update {
+        range,
+        uaddr: VA_BASE + gpa,
+        perm,
+    });
+    assert!(
+        !f.reply_within(Duration::from_millis(300)),
+        "the remap was acknowledged while a request holding the old translation was in flight"
+    );
+    release.send(()).unwrap();
+    f.conn.recv_ack(&sent).unwrap();
+    let used = f.wait_used(0, 1, Duration::from_secs(10));
+    assert_eq!(used.len(), 1);
+    assert_eq!(status(&f, &st), VIRTIO_BLK_S_OK as u8);
+
+    // An UPDATE of bytes nobody ever had mapped waits for nothing, even while a request is in
+    // flight.
+    let (h, d, st) = blk_request(&mut f, VIRTIO_BLK_T_OUT, 0, &pattern(1, 512), 0);
+    gate.armed.store(true, Ordering::SeqCst);
+    f.submit(0, &[h, d.unwrap(), st]);
+    let start = Instant::now();
+    while entered.try_recv().is_err() {
+        assert!(start.elapsed() < Duration::from_secs(10), "never served");
+        f.serve_misses();
+    }
+    let unused = 0x6000_0000_0000;
+    let fresh = f.alloc.page();
+    f.space.map_page(unused, fresh, Perm::ReadWrite);
+    let (range, gpa, perm) = f.space.update_for(unused).unwrap();
+    let sent = f.iotlb_nowait(IotlbMsg::Update {
+        range,
+        uaddr: VA_BASE + gpa,
+        perm,
+    });
+    f.conn
+        .socket()
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let acked = f.conn.recv_ack(&sent);
+    release.send(()).unwrap();
+    acked.expect("an UPDATE of fresh bytes waited for the request in flight");
+    f.wait_used(0, 1, Duration::from_secs(10));
+    drop(f);
+    t.join().unwrap();
+    assert!(s.stats().evictions > 20, "{}", s.stats());
+}
