@@ -14,7 +14,12 @@
 //! - `thrash`: persistent buffers, a working set of 4x the IOTLB's capacity;
 //! - `prepush`: `strict` with UPDATEs pushed at map time, before any miss (none of the
 //!   existing stacks does this);
-//! - `strict-4k`: `strict` with MISSes answered one page at a time, as QEMU does.
+//! - `strict-4k`: `strict` with MISSes answered one page at a time, as QEMU does;
+//! - `big`: `strict-4k` with 1 MiB requests (256 pages each, every one a MISS);
+//! - `small-tlb`: `big` through an IOTLB of 16 entries, far fewer than one request needs
+//!   (the walk keeps what it translated);
+//! - `off-1m`: `off` with 1 MiB requests, the baseline of `big` and `small-tlb` (it runs when
+//!   either does).
 //!
 //! Every workload runs `--rounds` times (default 5), interleaved with the others, and the
 //! round with the median IOPS is reported: a moment of interference on a shared machine
@@ -92,71 +97,102 @@ struct Workload {
     viommu: Option<ViommuConfig>,
     mapping: Mapping,
     buffers_per_slot: u32,
+    /// Request size in KiB (`--block-kib` when `None`).
+    block_kib: Option<u32>,
+    /// IOTLB entries of our back-end (`--iotlb-capacity` when `None`).
+    capacity: Option<usize>,
+    /// The workload its ratio is against: same request size, no IOMMU.
+    baseline: &'static str,
 }
+
+impl Workload {
+    /// A workload of `--block-kib` requests against `off`.
+    fn new(
+        name: &'static str,
+        viommu: Option<ViommuConfig>,
+        mapping: Mapping,
+        buffers_per_slot: u32,
+    ) -> Self {
+        Workload {
+            name,
+            viommu,
+            mapping,
+            buffers_per_slot,
+            block_kib: None,
+            capacity: None,
+            baseline: "off",
+        }
+    }
+
+    /// The same with 1 MiB requests, against `off-1m`.
+    fn big(self) -> Self {
+        Workload {
+            block_kib: Some(1024),
+            baseline: "off-1m",
+            ..self
+        }
+    }
+
+    fn block_kib(&self, args: &E2eArgs) -> u32 {
+        self.block_kib.unwrap_or(args.block_kib)
+    }
+
+    fn capacity(&self, args: &E2eArgs) -> usize {
+        self.capacity.unwrap_or(args.iotlb_capacity)
+    }
+}
+
+/// IOTLB entries of the `small-tlb` workload.
+const SMALL_TLB: usize = 16;
 
 fn workloads(args: &E2eArgs) -> Vec<Workload> {
     let strict = ViommuConfig::default();
     let depth = u32::from(args.depth.max(1));
     let thrash_buffers = (4 * args.iotlb_capacity as u32).div_ceil(depth);
+    let strict_4k = ViommuConfig {
+        max_update: 4096,
+        ..strict
+    };
     let all = vec![
-        Workload {
-            name: "off",
-            viommu: None,
-            mapping: Mapping::Persistent,
-            buffers_per_slot: 1,
-        },
-        Workload {
-            name: "warm",
-            viommu: Some(strict),
-            mapping: Mapping::Persistent,
-            buffers_per_slot: 1,
-        },
-        Workload {
-            name: "strict",
-            viommu: Some(strict),
-            mapping: Mapping::PerRequest,
-            buffers_per_slot: 1,
-        },
-        Workload {
-            name: "lazy",
-            viommu: Some(ViommuConfig {
+        Workload::new("off", None, Mapping::Persistent, 1),
+        Workload::new("warm", Some(strict), Mapping::Persistent, 1),
+        Workload::new("strict", Some(strict), Mapping::PerRequest, 1),
+        Workload::new(
+            "lazy",
+            Some(ViommuConfig {
                 invalidation: Invalidation::Lazy { batch: 256 },
                 ..strict
             }),
-            mapping: Mapping::PerRequest,
-            buffers_per_slot: 1,
-        },
-        Workload {
-            name: "thrash",
-            viommu: Some(strict),
-            mapping: Mapping::Persistent,
-            buffers_per_slot: thrash_buffers,
-        },
-        Workload {
-            name: "prepush",
-            viommu: Some(ViommuConfig {
+            Mapping::PerRequest,
+            1,
+        ),
+        Workload::new("thrash", Some(strict), Mapping::Persistent, thrash_buffers),
+        Workload::new(
+            "prepush",
+            Some(ViommuConfig {
                 prepush: true,
                 ..strict
             }),
-            mapping: Mapping::PerRequest,
-            buffers_per_slot: 1,
-        },
+            Mapping::PerRequest,
+            1,
+        ),
+        Workload::new("strict-4k", Some(strict_4k), Mapping::PerRequest, 1),
+        Workload::new("off-1m", None, Mapping::Persistent, 1).big(),
+        Workload::new("big", Some(strict_4k), Mapping::PerRequest, 1).big(),
         Workload {
-            name: "strict-4k",
-            viommu: Some(ViommuConfig {
-                max_update: 4096,
-                ..strict
-            }),
-            mapping: Mapping::PerRequest,
-            buffers_per_slot: 1,
+            capacity: Some(SMALL_TLB),
+            ..Workload::new("small-tlb", Some(strict_4k), Mapping::PerRequest, 1).big()
         },
     ];
+    // A baseline runs when a workload measured against it does.
+    let chosen = |name: &str| args.workloads.is_empty() || args.workloads.iter().any(|n| n == name);
+    let needed: Vec<&'static str> = all
+        .iter()
+        .filter(|w| chosen(w.name))
+        .map(|w| w.baseline)
+        .collect();
     all.into_iter()
-        .filter(|w| {
-            w.name == "off"
-                || args.workloads.is_empty()
-                || args.workloads.iter().any(|n| n == w.name)
-        })
+        .filter(|w| w.name == "off" || chosen(w.name) || needed.contains(&w.name))
         .collect()
 }
 
@@ -164,6 +200,12 @@ fn workloads(args: &E2eArgs) -> Vec<Workload> {
 #[derive(Debug, Clone)]
 struct Row {
     name: &'static str,
+    /// The workload the ratio is against.
+    baseline: &'static str,
+    block_kib: u32,
+    /// IOTLB entries (meaningful with the IOMMU only).
+    capacity: usize,
+    iommu: bool,
     requests: u64,
     seconds: f64,
     iops: f64,
@@ -186,6 +228,8 @@ struct Row {
     /// Front-end side: MISS received to UPDATE acknowledged.
     miss_service_p50_us: Option<f64>,
     misses: u64,
+    /// MISSes received per request completed.
+    misses_per_request: f64,
     verify_failures: u64,
     poison_violations: u64,
     poison_checks: u64,
@@ -300,7 +344,7 @@ fn run_workload(
     fresh_disk: bool,
     at_measure: impl FnOnce(),
 ) -> Result<Measured, String> {
-    let block_pages = (args.block_kib / 4).max(1);
+    let block_pages = (w.block_kib(args) / 4).max(1);
     let mut cfg = DriverConfig {
         queue: 0,
         queue_size: 256
@@ -464,7 +508,7 @@ fn run_all(args: &E2eArgs, list: &[Workload], dir: &Path) -> Result<Vec<Row>, St
                     let own = OwnBackend::start(
                         dir,
                         w.name,
-                        per.iotlb_capacity,
+                        w.capacity(&per),
                         Duration::from_micros(per.busy_poll_us),
                         1 << 30,
                     )?;
@@ -483,12 +527,12 @@ fn run_all(args: &E2eArgs, list: &[Workload], dir: &Path) -> Result<Vec<Row>, St
     }
     pb.finish_and_clear();
     let mut rows: Vec<Row> = samples.into_iter().filter_map(median_round).collect();
-    let off = rows
+    let baselines: Vec<(&'static str, f64, Vec<f64>)> = rows
         .iter()
-        .find(|r| r.name == "off")
-        .map(|r| (r.iops, r.iops_rounds.clone()));
+        .map(|r| (r.name, r.iops, r.iops_rounds.clone()))
+        .collect();
     for r in &mut rows {
-        if let Some((off_iops, off_rounds)) = &off {
+        if let Some((_, off_iops, off_rounds)) = baselines.iter().find(|b| b.0 == r.baseline) {
             r.ratio_rounds = paired_ratios(&r.iops_rounds, off_rounds);
             r.ratio_to_off = median(&r.ratio_rounds).unwrap_or(r.iops / off_iops);
             r.ratio_of_medians = r.iops / off_iops;
@@ -548,11 +592,15 @@ fn row(
     let r = &m.report;
     let secs = r.elapsed.as_secs_f64().max(1e-9);
     let iops = r.requests as f64 / secs;
-    let bytes = f64::from(args.block_kib) * 1024.0;
+    let bytes = f64::from(w.block_kib(args)) * 1024.0;
     let misses = m.misses;
     let (rtt50, rtt99) = (rtt.map(|r| r.0), rtt.map(|r| r.1));
     Row {
         name: w.name,
+        baseline: w.baseline,
+        block_kib: w.block_kib(args),
+        capacity: w.capacity(args),
+        iommu: w.viommu.is_some(),
         requests: r.requests,
         seconds: secs,
         iops,
@@ -573,6 +621,7 @@ fn row(
         iops_rounds: vec![iops],
         miss_service_p50_us: m.service_p50,
         misses,
+        misses_per_request: misses as f64 / (r.requests.max(1)) as f64,
         verify_failures: r.verify_failures,
         poison_violations: r.poison_violations,
         poison_checks: r.poison_checks,
@@ -586,8 +635,9 @@ fn fmt_opt(v: Option<f64>, prec: usize) -> String {
 
 fn print_table(args: &E2eArgs, rows: &[Row]) {
     println!(
-        "vhost-iotlb end-to-end: virtio-blk, {} KiB random I/O, {}% writes, depth {}, {} s per \
-         workload in {} interleaved rounds (median round shown), IOTLB {} entries{}",
+        "vhost-iotlb end-to-end: virtio-blk, {} KiB random I/O (1 MiB for off-1m, big, \
+         small-tlb), {}% writes, depth {}, {} s per workload in {} interleaved rounds (median \
+         round shown), IOTLB {} entries (small-tlb: 16){}",
         args.block_kib,
         args.write_percent,
         args.depth,
@@ -599,13 +649,16 @@ fn print_table(args: &E2eArgs, rows: &[Row]) {
             .map_or(String::new(), |s| format!(", back-end at {}", s.display()))
     );
     println!(
-        "{:<10} {:>9} {:>8} {:>8} {:>8} {:>9} {:>9} {:>9} {:>7} {:>9} {:>7}",
+        "{:<10} {:>5} {:>5} {:>9} {:>8} {:>8} {:>8} {:>9} {:>8} {:>9} {:>9} {:>7} {:>9} {:>7}",
         "workload",
+        "KiB",
+        "tlb",
         "IOPS",
         "MB/s",
         "p50 us",
         "p99 us",
         "misses/s",
+        "miss/req",
         "rtt50 us",
         "rtt99 us",
         "hit",
@@ -613,14 +666,22 @@ fn print_table(args: &E2eArgs, rows: &[Row]) {
         "vs off"
     );
     for r in rows {
+        let tlb = if r.iommu {
+            r.capacity.to_string()
+        } else {
+            "-".into()
+        };
         println!(
-            "{:<10} {:>9.0} {:>8.1} {:>8.1} {:>8.1} {:>9.0} {:>9} {:>9} {:>7} {:>9.0} {:>6.0}%",
+            "{:<10} {:>5} {:>5} {:>9.0} {:>8.1} {:>8.1} {:>8.1} {:>9.0} {:>8.1} {:>9} {:>9} {:>7} {:>9.0} {:>6.0}%",
             r.name,
+            r.block_kib,
+            tlb,
             r.iops,
             r.mbps,
             r.lat_p50_us,
             r.lat_p99_us,
             r.misses_per_s,
+            r.misses_per_request,
             fmt_opt(r.miss_rtt_p50_us, 1),
             fmt_opt(r.miss_rtt_p99_us, 1),
             fmt_opt(r.hit_rate.map(|h| h * 100.0), 1),
@@ -629,9 +690,11 @@ fn print_table(args: &E2eArgs, rows: &[Row]) {
         );
     }
     println!(
-        "rtt: MISS sent to the queue running again (back-end side). hit: IOTLB hit rate (%). \
-         vs off: median over rounds of IOPS / off's IOPS in the same round. Every read was checked against what was written; freed buffers were poisoned and \
-         checked ({} checks, {} violations).",
+        "tlb: IOTLB entries. miss/req: MISSes per request. rtt: MISS sent to the queue running \
+         again (back-end side). hit: IOTLB hit rate (%). vs off: median over rounds of IOPS / \
+         the IOPS of the baseline with the same request size and no IOMMU (off, or off-1m for \
+         1 MiB requests) in the same round. Every read was checked against what was written; \
+         freed buffers were poisoned and checked ({} checks, {} violations).",
         rows.iter().map(|r| r.poison_checks).sum::<u64>(),
         rows.iter().map(|r| r.poison_violations).sum::<u64>()
     );
@@ -650,6 +713,10 @@ fn to_json(rows: &[Row]) -> serde_json::Value {
                 "latency_us": {"p50": r.lat_p50_us, "p99": r.lat_p99_us},
                 "misses": r.misses,
                 "misses_per_s": r.misses_per_s,
+                "misses_per_request": r.misses_per_request,
+                "block_kib": r.block_kib,
+                "iotlb_capacity": r.iommu.then_some(r.capacity),
+                "baseline": r.baseline,
                 "miss_rtt_us": {"p50": r.miss_rtt_p50_us, "p99": r.miss_rtt_p99_us},
                 "miss_service_us_p50": r.miss_service_p50_us,
                 "hit_rate": r.hit_rate,

@@ -32,6 +32,8 @@ pub struct EngineCounters {
     pub broken_queues: AtomicU64,
     /// Total microseconds the control thread waited for workers before acknowledging.
     pub quiesce_us: AtomicU64,
+    /// Bytes of the largest request served (its readable and writable buffers together).
+    pub largest_request: AtomicU64,
     /// Miss round trips: from a queue's MISS sent to the queue running again (the UPDATE
     /// applied and the worker woken). Shared by every connection of a server, recorded live.
     pub miss_rtt: Arc<Histogram>,
@@ -40,6 +42,13 @@ pub struct EngineCounters {
 impl EngineCounters {
     pub(crate) fn add(c: &AtomicU64, n: u64) {
         c.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Raise `c` to `n` (a load first: the common case writes nothing shared).
+    pub(crate) fn max(c: &AtomicU64, n: u64) {
+        if n > c.load(Ordering::Relaxed) {
+            c.fetch_max(n, Ordering::Relaxed);
+        }
     }
 }
 
@@ -76,6 +85,8 @@ pub struct Stats {
     pub broken_queues: u64,
     /// Microseconds spent waiting for workers before acknowledging IOTLB changes.
     pub quiesce_us: u64,
+    /// Bytes of the largest request served.
+    pub largest_request: u64,
 }
 
 impl Stats {
@@ -97,6 +108,7 @@ impl Stats {
         self.failed += get(&e.failed);
         self.broken_queues += get(&e.broken_queues);
         self.quiesce_us += get(&e.quiesce_us);
+        self.largest_request = self.largest_request.max(get(&e.largest_request));
     }
 }
 
@@ -107,7 +119,7 @@ impl fmt::Display for Stats {
             "stats: requests={} hits={} misses={} coalesced={} misses_sent={} prefetched={} \
              evictions={} \
              updates={} invalidations={} timeouts={} access_failures={} invalid_chains={} \
-             failed={} broken_queues={} quiesce_us={}",
+             failed={} broken_queues={} quiesce_us={} largest_request={}",
             self.requests,
             self.hits,
             self.misses,
@@ -122,7 +134,8 @@ impl fmt::Display for Stats {
             self.invalid_chains,
             self.failed,
             self.broken_queues,
-            self.quiesce_us
+            self.quiesce_us,
+            self.largest_request
         )
     }
 }

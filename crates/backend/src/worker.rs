@@ -575,6 +575,9 @@ impl<D: Device> WorkerState<D> {
                     let head = w.chain.head();
                     let popped = Instant::now();
                     w.open = Some(head);
+                    let bytes =
+                        u64::from(w.chain.readable_len()) + u64::from(w.chain.writable_len());
+                    EngineCounters::max(&self.shared.stats.largest_request, bytes);
                     match w.handler.serve(&w.chain, gm) {
                         Ok(len) => {
                             let done = w.queue.complete(tr, gm, head, len);

@@ -1,0 +1,19 @@
+//! Programs that run inside the end-to-end guest, a Linux VM under QEMU, to check the device
+//! side of the project through a real driver.
+//!
+//! `blk-check` drives a virtio-blk disk as an application would: O_DIRECT reads and writes of
+//! 4 KiB to 4 MiB, from scattered 4 KiB pages and from physically contiguous huge pages, on
+//! one thread per CPU (so a multi-queue device gets requests on every queue), and checks every
+//! byte both ways. The same binary fills the disk image on the host before the run and
+//! verifies it after.
+//!
+//! - [`layout`]: where each check lives on the disk, and the data pattern (a function of a
+//!   seed and the disk offset, so both sides compute it);
+//! - [`direct`]: O_DIRECT I/O from page-aligned memory: pools of 4 KiB pages and huge pages.
+//!
+//! This crate depends on none of the project's other crates: it is the driver's side, and it
+//! runs where they do not. It must stay a static binary with no runtime dependency (the guest
+//! has no libc).
+
+pub mod direct;
+pub mod layout;
