@@ -52,6 +52,11 @@ const MAX_DEFERRED_ACKS: usize = 128;
 /// queue sends ahead are kept to a quarter of the capacity shared among the queues.
 pub const MIN_IOTLB_CAPACITY: usize = 16;
 
+/// IOTLB entries per queue below which the MISS bound (one per page a request touches) may
+/// not hold: the IOTLB protects its newest `min(capacity / 2, 32)` entries, and every queue
+/// may have one answer and its MISSes sent ahead arriving at once.
+const MIN_ENTRIES_PER_QUEUE: usize = 4;
+
 /// Settings of the engine.
 #[derive(Debug, Clone, Copy)]
 pub struct EngineConfig {
@@ -158,6 +163,15 @@ impl<D: Device> Session<D> {
                 asked = config.iotlb_capacity,
                 capacity,
                 "vhost-user: IOTLB capacity out of range; using the nearest supported"
+            );
+        }
+        if capacity < MIN_ENTRIES_PER_QUEUE * queues {
+            tracing::warn!(
+                capacity,
+                queues,
+                "vhost-user: a small IOTLB for this many queues: the answer to one queue's \
+                 MISS may be evicted by the others' before it looks, and be asked for again \
+                 (every request is still served)"
             );
         }
         let iotlb =

@@ -823,6 +823,8 @@ impl<D: Device> WorkerState<D> {
                         continue;
                     };
                     let mut cur = addr;
+                    // (Only the chain being walked kept anything.)
+                    let walked: &[iotlb::IovaRange] = if ahead == 0 { &walked } else { &[] };
                     while wanted.len() < budget {
                         if let Some(r) = walked.iter().find(|r| r.contains(cur)) {
                             match r.last().checked_add(1) {
@@ -1001,7 +1003,10 @@ impl<D: Device> WorkerState<D> {
             Unfinished::Fail { head, status } => loop {
                 let step = self.section(|gm| Self::write_failure(w, tr, gm, head, status));
                 match step {
-                    FailStep::Written(len) => return self.complete(w, tr, head, len),
+                    FailStep::Written(len) => {
+                        EngineCounters::add(&self.shared.stats.failed, 1);
+                        return self.complete(w, tr, head, len);
+                    }
                     FailStep::Missing {
                         iova,
                         access,
@@ -1089,7 +1094,6 @@ impl<D: Device> WorkerState<D> {
         tr: &mut dyn Translator,
         head: u16,
     ) -> Result<Option<Parked>, ()> {
-        EngineCounters::add(&self.shared.stats.failed, 1);
         self.finish_now(w, tr, Unfinished::Fail { head, status: None })
     }
 

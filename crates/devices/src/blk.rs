@@ -30,7 +30,8 @@
 //! # Limits
 //!
 //! The config space advertises `seg_max` (queue size - 2) and `size_max` (1 MiB); the chain
-//! limits given to the engine ([`Device::chain_limits`]) are exactly those: at most
+//! limits given to the engine ([`Device::chain_limits`]) are exactly those, each only when the
+//! driver acked its feature (`VIRTIO_BLK_F_SEG_MAX`, `VIRTIO_BLK_F_SIZE_MAX`): at most
 //! `seg_max + 2` descriptors (the data segments, the header and the status byte), none longer
 //! than `size_max`. So the largest request is `seg_max` MiB (254 MiB with 256-entry queues;
 //! Linux sends 1280 KiB by default, more once `max_sectors_kb` is raised). The IOTLB's size
@@ -39,6 +40,7 @@
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use backend::{Device, QueueHandler, Unreported};
@@ -103,6 +105,8 @@ pub struct Blk {
     sectors: u64,
     config: BlkConfig,
     discard: bool,
+    /// The features the driver acked (the limits apply only to a driver that took them).
+    acked: AtomicU64,
 }
 
 /// Why a block device could not be opened.
@@ -145,6 +149,7 @@ impl Blk {
             sectors,
             config,
             discard,
+            acked: AtomicU64::new(0),
         })
     }
 
@@ -226,10 +231,26 @@ impl Device for Blk {
         false
     }
 
+    fn set_features(&self, acked: u64) {
+        self.acked.store(acked, Ordering::SeqCst);
+    }
+
     fn chain_limits(&self) -> ChainLimits {
+        // A driver that did not take SEG_MAX or SIZE_MAX never heard of that limit (firmware
+        // drivers often put a whole transfer in one descriptor): it is not enforced on it.
+        let acked = self.acked.load(Ordering::SeqCst);
+        let has = |bit: u32| acked & (1 << bit) != 0;
         ChainLimits {
-            max_descriptors: self.seg_max() + 2,
-            max_descriptor_len: SIZE_MAX,
+            max_descriptors: if has(VIRTIO_BLK_F_SEG_MAX) {
+                self.seg_max() + 2
+            } else {
+                u32::MAX
+            },
+            max_descriptor_len: if has(VIRTIO_BLK_F_SIZE_MAX) {
+                SIZE_MAX
+            } else {
+                u32::MAX
+            },
         }
     }
 

@@ -276,3 +276,32 @@ fn a_request_whose_status_cannot_be_written_is_never_completed() {
         assert_eq!(st.broken_queues, 1, "{}: {st}", case.name);
     }
 }
+
+#[test]
+fn the_limits_apply_only_to_a_driver_that_acked_them() {
+    use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX};
+    // A driver that took neither SIZE_MAX nor SEG_MAX (firmware drivers often put a whole
+    // transfer in one descriptor) gets a 2 MiB descriptor and 70 data segments served.
+    let s = blk_server(DISK, blk(false), engine(1000));
+    let (sock, t) = connect(&s);
+    let mask = 0xffff & !(1 << VIRTIO_BLK_F_SIZE_MAX) & !(1 << VIRTIO_BLK_F_SEG_MAX);
+    let mut f = Frontend::connect_acking(sock, 1, 64, true, 34, mask);
+    let (h, _, st) = blk_request(&mut f, VIRTIO_BLK_T_IN, 0, &[], 0);
+    let big = f.buf(2 << 20, true);
+    assert_eq!(
+        status_of(&mut f, &[h, big, st], &st, false),
+        VIRTIO_BLK_S_OK as u8,
+        "a descriptor over size_max from a driver that did not ack SIZE_MAX"
+    );
+    let (h, _, st) = blk_request(&mut f, VIRTIO_BLK_T_IN, 0, &[], 0);
+    let mut bufs = vec![h];
+    bufs.extend((0..70).map(|_| f.buf(512, true)));
+    bufs.push(st);
+    assert_eq!(
+        status_of(&mut f, &bufs, &st, true),
+        VIRTIO_BLK_S_OK as u8,
+        "more than seg_max segments from a driver that did not ack SEG_MAX"
+    );
+    drop(f);
+    t.join().unwrap();
+}

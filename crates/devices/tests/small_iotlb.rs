@@ -93,6 +93,7 @@ fn a_300_page_request_through_a_16_entry_iotlb_with_one_miss_per_page() {
     // The bound: one MISS per page the two requests touch (header, 300 data pages, status,
     // each of them twice), plus the three ring pages.
     let bound = 2 * (1 + 300 + 1) + 3;
+    eprintln!("{misses} MISSes for a 300-page write and read back (bound {bound})");
     assert!(
         misses <= bound,
         "{misses} MISSes for two 300-page requests (bound {bound})"

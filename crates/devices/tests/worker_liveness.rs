@@ -14,7 +14,9 @@ use backend::{EngineConfig, Server};
 use common::{blk_request, pattern, status, Frontend};
 use devices::{Blk, BlkConfig};
 use iotlb::IovaRange;
-use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+};
 use virtq::testing::PAGE;
 
 const DISK: u64 = 4 << 20;
@@ -159,11 +161,16 @@ fn kicks_while_parked_do_not_postpone_the_timeout() {
         f.ignored.len(),
         completed_at
     );
+    let failed_with = status(&f, &st);
     drop(f);
     t.join().unwrap();
     assert!(
         completed_at.is_some(),
         "kicks every 50 ms kept a 200 ms miss timeout from ever expiring"
+    );
+    assert_eq!(
+        failed_with, VIRTIO_BLK_S_IOERR as u8,
+        "failed without IOERR"
     );
 }
 
@@ -199,7 +206,8 @@ fn a_queue_disabled_while_parked_sleeps() {
 }
 
 /// A writable descriptor running past 2^64 in a request that fails: finding its status byte
-/// must not overflow, and the next INVALIDATE is acknowledged.
+/// must not overflow; the byte cannot be written, so the request is not completed (the queue
+/// stops and signals its error eventfd), and the next INVALIDATE is acknowledged.
 #[test]
 fn a_status_byte_past_the_end_of_the_space_is_handled() {
     let s = server(1, Duration::from_millis(100));
@@ -213,6 +221,8 @@ fn a_status_byte_past_the_end_of_the_space_is_handled() {
     };
     f.submit(0, &[h, bad]);
     serve_for(&mut f, Duration::from_millis(500));
+    assert!(f.take_err(0), "the vring error eventfd was not signalled");
+    assert!(f.take_used(0).is_empty(), "completed without a status byte");
     f.conn
         .socket()
         .set_read_timeout(Some(Duration::from_secs(2)))

@@ -104,6 +104,8 @@ fn run_with(
         evictions: after.evictions - before.evictions,
         updates: after.updates - before.updates,
         prefetched: after.prefetched - before.prefetched,
+        failed: after.failed - before.failed,
+        broken_queues: after.broken_queues - before.broken_queues,
         ..Stats::default()
     };
     (report, delta)
@@ -115,7 +117,7 @@ fn check(name: &str, r: &DriverReport, st: &Stats, requests: u64) {
     assert!(r.reads > 0 && r.writes > 0, "{name}: {r:?}");
     assert_eq!(st.requests, requests, "{name}: {st:?}");
     assert_eq!(
-        st.timeouts + st.access_failures + st.invalid_chains,
+        st.timeouts + st.access_failures + st.invalid_chains + st.failed + st.broken_queues,
         0,
         "{name}: {st:?}"
     );

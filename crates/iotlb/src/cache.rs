@@ -59,8 +59,11 @@ const MAX_HINTS: usize = 1 << 20;
 const HINT_PAGE_SHIFT: u32 = 12;
 /// No slot: never a valid slot number since capacity <= 2^24.
 const NO_SLOT: u32 = u32::MAX;
-/// How many generation changes [`Iotlb::changes_since`] can replay.
-pub const CHANGE_LOG_LEN: usize = 64;
+/// How many generation changes [`Iotlb::changes_since`] can replay. A holder of translations
+/// that falls further behind must drop them all: a worker's copies (cheap to refill), or a
+/// chain walk parked on a miss, which then starts over. Only INVALIDATEs of mapped bytes and
+/// remapping UPDATEs count, so 1024 spans many round trips of strict-mode traffic.
+pub const CHANGE_LOG_LEN: usize = 1024;
 
 /// Evicted ranges remembered per entry of capacity before they are merged (see
 /// `evicted.rs`), and at least this many: a merged range has lost its translation, so an

@@ -25,7 +25,7 @@
 use std::num::Wrapping;
 use std::sync::atomic::{fence, Ordering};
 
-use iotlb::Access;
+use iotlb::{Access, IovaRange};
 use vm_memory::GuestMemoryBackend;
 
 use crate::chain::{Chain, ChainError, Descriptor};
@@ -377,7 +377,8 @@ impl Queue {
                 self.walk.cancel();
                 return Err(PopError::Broken(why));
             }
-            self.walk.start(self.next_avail, head, generation);
+            let table = IovaRange::from_size(self.desc.addr(), desc_table_len(self.size)).ok();
+            self.walk.start(self.next_avail, head, generation, table);
         }
         let head = self.walk.head();
         let mut areas = Areas {

@@ -69,13 +69,20 @@ pub enum RingError {
 /// The cache is tied to the translator's generation, not to the translator itself: whoever
 /// gives a queue another translator (the IOMMU switched on or off, a new IOTLB) must call
 /// [`crate::Queue::invalidate_translations`] or configure a new queue.
+///
+/// An area larger than the IOTLB (a descriptor table of 8192 entries is 32 pages, an indirect
+/// table up to 256) is translated piece by piece across misses: what translated before a miss
+/// is kept (checked against the translator's changes like the rest), so the area never needs
+/// all its pages cached at once.
 #[derive(Debug)]
 pub(crate) struct RingArea {
     addr: u64,
     len: u64,
     access: Access,
-    /// `(offset in the area, guest-physical segment)`, in order, covering `0..len`.
+    /// `(offset in the area, guest-physical segment)`, in order, covering `0..covered`.
     segs: Vec<(u64, Segment)>,
+    /// Bytes from the area's start translated so far (all of it when `valid`).
+    covered: u64,
     generation: u64,
     valid: bool,
     scratch: Vec<Segment>,
@@ -88,17 +95,27 @@ impl RingArea {
             len: 0,
             access,
             segs: Vec::new(),
+            covered: 0,
             generation: 0,
             valid: false,
             scratch: Vec::new(),
         }
     }
 
-    /// Point the area at `addr..addr + len` (forgets the translation).
+    /// Point the area at `addr..addr + len`. The translation (whole or partial) is kept if
+    /// it is the same area, and forgotten otherwise.
     pub(crate) fn set(&mut self, addr: u64, len: u64) {
+        if addr == self.addr && len == self.len {
+            return;
+        }
         self.addr = addr;
         self.len = len;
+        self.forget();
+    }
+
+    fn forget(&mut self) {
         self.valid = false;
+        self.covered = 0;
         self.segs.clear();
     }
 
@@ -108,49 +125,84 @@ impl RingArea {
 
     /// Forget the translation (the next access translates again).
     pub(crate) fn invalidate(&mut self) {
-        self.valid = false;
+        self.forget();
     }
 
     /// Make sure the translation is current: translate again if it was never made or if the
-    /// translator reports a change overlapping the area since it was.
+    /// translator reports a change overlapping what was translated since. A miss keeps the
+    /// part before the missing byte; the next call goes on from there.
     pub(crate) fn ensure<T: Translator + ?Sized, M: GuestMemoryBackend>(
         &mut self,
         tr: &mut T,
         mem: &M,
     ) -> Result<(), RingError> {
         let now = tr.generation();
-        if self.valid && now != self.generation {
-            let range = IovaRange::from_size(self.addr, self.len).unwrap_or(IovaRange::FULL);
-            if tr.stale(self.generation, range) {
-                self.valid = false;
-            } else {
-                self.generation = now;
-            }
-        }
-        if self.valid {
+        if self.valid && now == self.generation {
             return Ok(());
         }
-        let fault = |fault| RingError::Fault {
-            addr: self.addr,
-            fault,
-        };
-        self.scratch.clear();
-        tr.translate(self.addr, self.len, self.access, &mut self.scratch)
-            .map_err(fault)?;
-        self.segs.clear();
-        let mut off = 0;
-        for s in &self.scratch {
-            if !mem.check_range(GuestAddress(s.addr), s.len as usize) {
-                return Err(fault(Fault::BadAddress {
-                    addr: s.addr,
-                    len: s.len,
-                }));
+        if self.covered > 0 && now != self.generation {
+            let range = IovaRange::from_size(self.addr, self.covered).unwrap_or(IovaRange::FULL);
+            if tr.stale(self.generation, range) {
+                self.forget();
             }
-            self.segs.push((off, *s));
-            off += s.len;
         }
         self.generation = now;
-        self.valid = true;
+        if self.covered >= self.len {
+            self.valid = true;
+            return Ok(());
+        }
+        let area = self.addr;
+        let fault = |fault| RingError::Fault { addr: area, fault };
+        let Some(cur) = self.addr.checked_add(self.covered) else {
+            return Err(fault(Fault::BadAddress {
+                addr: self.addr,
+                len: self.len,
+            }));
+        };
+        let left = self.len - self.covered;
+        self.scratch.clear();
+        match tr.translate(cur, left, self.access, &mut self.scratch) {
+            Ok(()) => {
+                self.keep(mem)?;
+                self.valid = true;
+                Ok(())
+            }
+            Err(Fault::Miss { iova, access }) => {
+                // Keep what lies before the missing byte, if it still translates now.
+                if iova > cur && iova - cur < left {
+                    self.scratch.clear();
+                    if tr
+                        .translate(cur, iova - cur, self.access, &mut self.scratch)
+                        .is_ok()
+                    {
+                        self.keep(mem)?;
+                    }
+                }
+                Err(fault(Fault::Miss { iova, access }))
+            }
+            Err(other) => Err(fault(other)),
+        }
+    }
+
+    /// Append the segments in `scratch` to the translation, checking they are guest memory.
+    fn keep<M: GuestMemoryBackend>(&mut self, mem: &M) -> Result<(), RingError> {
+        for s in &self.scratch {
+            if !mem.check_range(GuestAddress(s.addr), s.len as usize) {
+                let (addr, bad) = (self.addr, *s);
+                self.forget();
+                return Err(RingError::Fault {
+                    addr,
+                    fault: Fault::BadAddress {
+                        addr: bad.addr,
+                        len: bad.len,
+                    },
+                });
+            }
+        }
+        for s in &self.scratch {
+            self.segs.push((self.covered, *s));
+            self.covered += s.len;
+        }
         Ok(())
     }
 

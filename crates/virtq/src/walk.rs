@@ -158,8 +158,15 @@ impl Walk {
         }
     }
 
-    /// Start walking the chain at `head`, the entry at avail index `avail`.
-    pub(crate) fn start(&mut self, avail: Wrapping<u16>, head: u16, generation: u64) {
+    /// Start walking the chain at `head`, the entry at avail index `avail`, in the descriptor
+    /// table at IOVAs `table` (a change to it while the walk is parked starts it over too).
+    pub(crate) fn start(
+        &mut self,
+        avail: Wrapping<u16>,
+        head: u16,
+        generation: u64,
+        table: Option<IovaRange>,
+    ) {
         self.active = true;
         self.avail = avail;
         self.head = head;
@@ -169,6 +176,7 @@ impl Walk {
         self.total = 0;
         self.seen_writable = false;
         self.translated.clear();
+        self.translated.extend(table);
         self.generation = generation;
         self.chain.clear();
         self.chain.head = head;
@@ -278,6 +286,14 @@ impl Walk {
                 let entries = u64::from(d.len) / DESC_SIZE;
                 if d.len == 0 || u64::from(d.len) % DESC_SIZE != 0 || entries > MAX_INDIRECT {
                     return Err(Stop::Invalid(ChainError::IndirectLength { len: d.len }));
+                }
+                // A table holding more descriptors than a chain may have is refused before
+                // it is translated (up to 1 MiB of it otherwise: 256 MISSes for nothing).
+                let allowed = u64::from(a.limits.max_descriptors.saturating_sub(self.total));
+                if entries > allowed {
+                    return Err(Stop::Invalid(ChainError::TooManyDescriptors {
+                        limit: a.limits.max_descriptors,
+                    }));
                 }
                 let Ok(table) = IovaRange::from_size(d.addr, u64::from(d.len)) else {
                     return Err(Stop::Invalid(ChainError::BadAddress {

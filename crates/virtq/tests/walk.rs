@@ -254,3 +254,96 @@ fn the_device_limits_refuse_a_chain_before_translating_its_buffers() {
         );
     }
 }
+
+#[test]
+fn ring_areas_and_indirect_tables_larger_than_the_iotlb() {
+    // 8192 entries: the descriptor table is 32 pages, the used ring 17, the avail ring 5;
+    // with 16 IOTLB entries none of them can be cached whole at once. An indirect table of
+    // 2048 entries (8 pages) whose chain uses three, walked three times over.
+    let mut rig = Rig::new(8192, true, 16, 26);
+    let table = rig.buf(16 * 2048, false);
+    let header = rig.buf(16, false);
+    let data = rig.buf(3 * PAGE as u32, true);
+    let status = rig.buf(1, true);
+    let mut chain = Chain::new();
+    for round in 0..3 {
+        let head = rig
+            .driver
+            .add_chain(
+                &rig.mem,
+                &rig.space,
+                &[header, data, status],
+                Some(table.iova),
+            )
+            .unwrap();
+        // The table's length says 2048 entries although three are used.
+        let mut d = virtq::Descriptor::from_bytes(
+            rig.space
+                .read(
+                    &rig.mem,
+                    rig.driver.addresses().0 + 16 * u64::from(head),
+                    16,
+                )
+                .as_slice()
+                .try_into()
+                .unwrap(),
+        );
+        d.len = 16 * 2048;
+        rig.driver.write_desc(&rig.mem, &rig.space, head, d);
+        let (r, misses) = pop_counting(&mut rig, &mut chain, |_, _| {});
+        assert_eq!(r, Ok(true), "round {round}");
+        assert_eq!(chain.head(), head);
+        assert_eq!(
+            misses.len(),
+            distinct(&misses),
+            "round {round}: a page missed twice"
+        );
+        rig.complete(head, 0);
+        rig.driver.take_used(&rig.mem, &rig.space);
+    }
+    assert!(rig.iotlb.stats().evictions > 40);
+    // The same table refused before it is translated where the device allows 8 descriptors.
+    rig.queue.set_limits(ChainLimits {
+        max_descriptors: 8,
+        max_descriptor_len: u32::MAX,
+    });
+    let fresh = rig.buf(16 * 2048, false);
+    let head = rig
+        .driver
+        .add_chain(
+            &rig.mem,
+            &rig.space,
+            &[header, data, status],
+            Some(fresh.iova),
+        )
+        .unwrap();
+    let mut d = virtq::Descriptor::from_bytes(
+        rig.space
+            .read(
+                &rig.mem,
+                rig.driver.addresses().0 + 16 * u64::from(head),
+                16,
+            )
+            .as_slice()
+            .try_into()
+            .unwrap(),
+    );
+    d.len = 16 * 2048;
+    rig.driver.write_desc(&rig.mem, &rig.space, head, d);
+    let (r, misses) = pop_counting(&mut rig, &mut chain, |_, _| {});
+    assert!(
+        matches!(
+            r,
+            Err(PopError::Invalid {
+                reason: ChainError::TooManyDescriptors { limit: 8 },
+                ..
+            })
+        ),
+        "{r:?}"
+    );
+    let table_pages = fresh.iova..fresh.iova + 16 * 2048;
+    assert!(
+        !misses.iter().any(|(i, _)| table_pages.contains(i)),
+        "the refused table was translated"
+    );
+}

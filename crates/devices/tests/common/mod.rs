@@ -68,8 +68,21 @@ fn memfd(len: u64) -> OwnedFd {
 }
 
 impl Frontend {
-    /// Connect over `sock` and set up `queues` queues of `size`.
+    /// Connect over `sock` and set up `queues` queues of `size`, acking every device feature
+    /// offered (bits 0 to 15).
     pub fn connect(sock: UnixStream, queues: u16, size: u16, iommu: bool, seed: u64) -> Self {
+        Self::connect_acking(sock, queues, size, iommu, seed, 0xffff)
+    }
+
+    /// [`Frontend::connect`], acking only the offered device features in `device_mask`.
+    pub fn connect_acking(
+        sock: UnixStream,
+        queues: u16,
+        size: u16,
+        iommu: bool,
+        seed: u64,
+        device_mask: u64,
+    ) -> Self {
         let conn = Connection::new(sock);
         let ram = memfd(MEM);
         let region = MmapRegion::build(
@@ -118,7 +131,7 @@ impl Frontend {
             want |= device::ACCESS_PLATFORM;
         }
         assert_eq!(feats & want, want, "the back-end offers {feats:#x}");
-        f.request(FrontendRequest::SetFeatures(want | (feats & 0xffff)));
+        f.request(FrontendRequest::SetFeatures(want | (feats & device_mask)));
         let proto = f.get_u64(FrontendRequest::GetProtocolFeatures);
         let want_p = protocol::REPLY_ACK | protocol::BACKEND_REQ | protocol::CONFIG | protocol::MQ;
         assert_eq!(proto & want_p, want_p);
