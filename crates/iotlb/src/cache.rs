@@ -272,19 +272,11 @@ impl Iotlb {
         if since > self.generation {
             return None;
         }
-        if since < self.generation {
-            // The log holds consecutive generations; it must start at or before `since + 1`.
-            let (oldest, _) = *self.changes.front()?;
-            if oldest > since + 1 {
-                return None;
-            }
-        }
-        Some(
-            self.changes
-                .iter()
-                .filter(move |&&(g, _)| g > since)
-                .map(|&(_, r)| r),
-        )
+        // The log holds consecutive generations, newest last: the changes after `since` are
+        // its last `generation - since` entries (the whole log must reach back that far).
+        let newer = usize::try_from(self.generation - since).ok()?;
+        let first = self.changes.len().checked_sub(newer)?;
+        Some(self.changes.range(first..).map(|&(_, r)| r))
     }
 
     fn bump_generation(&mut self, range: IovaRange) {
