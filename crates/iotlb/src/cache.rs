@@ -509,15 +509,13 @@ impl Iotlb {
         // A remap of bytes a worker may hold, cached or evicted, takes their old translation
         // away: it is a change. Mapping unmapped bytes, or bytes evicted with this very
         // translation, is not.
-        let outcome = if self.cache_differs(range, target, perm)
-            || self.evicted.differs(range, target, perm)
-        {
+        let held_otherwise = self.evicted.take(range, target, perm);
+        let outcome = if held_otherwise || self.cache_differs(range, target, perm) {
             self.bump_generation(range);
             UpdateOutcome::Replaced
         } else {
             UpdateOutcome::Added
         };
-        self.evicted.remove(range);
         let tail = self.carve(range);
         self.make_room(1 + usize::from(tail.is_some()));
         self.insert(new, None);
@@ -556,11 +554,14 @@ impl Iotlb {
             self.clear_entries();
             return true;
         }
-        if !self.overlaps(range) && !self.evicted.overlaps(range) {
+        let held = self.evicted.overlaps(range);
+        if !held && !self.overlaps(range) {
             return false;
         }
         self.bump_generation(range);
-        self.evicted.remove(range);
+        if held {
+            self.evicted.remove(range);
+        }
         let tail = self.carve(range);
         if let Some((tail, from)) = tail {
             self.make_room(1);

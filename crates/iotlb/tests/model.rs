@@ -67,6 +67,14 @@ fn op() -> impl Strategy<Value = Op> {
         // way (which must not count as a change), or with another permission.
         4 => (range(), perm())
             .prop_map(|(r, p)| Op::Update(r, r.start().wrapping_sub(0x4000_0000), p)),
+        // Single aligned 4 KiB pages, as QEMU answers misses (the evicted set keeps those in
+        // a tier of their own), mapped and remapped, and whole pages invalidated.
+        4 => (0u64..8, perm(), any::<bool>()).prop_map(|(p, perm, moved)| {
+            let r = IovaRange::from_size(p * 0x1000, 0x1000).unwrap();
+            let target = p * 0x1000 + if moved { 0x7000_0000 } else { 0x4000_0000 };
+            Op::Update(r, target, perm)
+        }),
+        1 => (0u64..8).prop_map(|p| Op::Invalidate(IovaRange::from_size(p * 0x1000, 0x1000).unwrap())),
         3 => range().prop_map(Op::Invalidate),
         1 => Just(Op::InvalidateAll),
         // Up to 17 pages: a handle serves at most 16 from its per-page copies.
