@@ -82,6 +82,28 @@ impl QueueHandler for GatedQueue {
     }
 }
 
+/// Serve misses until the gated request is in `serve`.
+fn wait_in_serve(f: &mut Frontend, entered: &mpsc::Receiver<()>) {
+    let start = Instant::now();
+    while entered.try_recv().is_err() {
+        assert!(start.elapsed() < Duration::from_secs(10), "never served");
+        f.serve_misses();
+    }
+}
+
+/// The IOMMU side maps the page at `iova` to a fresh guest page and sends the UPDATE
+/// without waiting for its acknowledgement.
+fn remap(f: &mut Frontend, iova: u64) -> wire::vhost_user::Header {
+    let fresh = f.alloc.page();
+    f.space.map_page(iova, fresh, Perm::ReadWrite);
+    let (range, gpa, perm) = f.space.update_for(iova).unwrap();
+    f.iotlb_nowait(IotlbMsg::Update {
+        range,
+        uaddr: VA_BASE + gpa,
+        perm,
+    })
+}
+
 #[test]
 fn a_remap_of_evicted_bytes_a_request_holds_waits_for_the_request() {
     let (entered_tx, entered) = mpsc::channel();
@@ -121,22 +143,10 @@ fn a_remap_of_evicted_bytes_a_request_holds_waits_for_the_request() {
     let d = d.unwrap();
     gate.armed.store(true, Ordering::SeqCst);
     f.submit(0, &[h, d, st]);
-    let start = Instant::now();
-    while entered.try_recv().is_err() {
-        assert!(start.elapsed() < Duration::from_secs(10), "never served");
-        f.serve_misses();
-    }
+    wait_in_serve(&mut f, &entered);
 
     // The IOMMU side remaps data page 20 to another guest page while the write is in flight.
-    let page = d.iova + 20 * PAGE;
-    let fresh = f.alloc.page();
-    f.space.map_page(page, fresh, Perm::ReadWrite);
-    let (range, gpa, perm) = f.space.update_for(page).unwrap();
-    let sent = f.iotlb_nowait(IotlbMsg::Update {
-        range,
-        uaddr: VA_BASE + gpa,
-        perm,
-    });
+    let sent = remap(&mut f, d.iova + 20 * PAGE);
     assert!(
         !f.reply_within(Duration::from_millis(300)),
         "the remap was acknowledged while a request holding the old translation was in flight"
@@ -152,20 +162,8 @@ fn a_remap_of_evicted_bytes_a_request_holds_waits_for_the_request() {
     let (h, d, st) = blk_request(&mut f, VIRTIO_BLK_T_OUT, 0, &pattern(1, 512), 0);
     gate.armed.store(true, Ordering::SeqCst);
     f.submit(0, &[h, d.unwrap(), st]);
-    let start = Instant::now();
-    while entered.try_recv().is_err() {
-        assert!(start.elapsed() < Duration::from_secs(10), "never served");
-        f.serve_misses();
-    }
-    let unused = 0x6000_0000_0000;
-    let fresh = f.alloc.page();
-    f.space.map_page(unused, fresh, Perm::ReadWrite);
-    let (range, gpa, perm) = f.space.update_for(unused).unwrap();
-    let sent = f.iotlb_nowait(IotlbMsg::Update {
-        range,
-        uaddr: VA_BASE + gpa,
-        perm,
-    });
+    wait_in_serve(&mut f, &entered);
+    let sent = remap(&mut f, 0x6000_0000_0000);
     f.conn
         .socket()
         .set_read_timeout(Some(Duration::from_secs(5)))

@@ -360,23 +360,7 @@ impl Queue {
         let resume =
             self.walk.is_walking(self.next_avail) && self.walk.still_valid(&*tr, generation);
         if !resume {
-            let slot = u64::from(self.next_avail.0 % self.size);
-            let head = self
-                .avail
-                .load_u16(mem, 4 + 2 * slot, Ordering::Relaxed)
-                .map_err(|e| self.ring_error(e))?;
-            if head >= self.size {
-                // Nothing to complete with an error: the ring itself is wrong.
-                let why = ChainError::HeadOutOfRange {
-                    head,
-                    size: self.size,
-                }
-                .to_string();
-                tracing::warn!(error = %why, "virtq: ring broken");
-                self.broken = Some(why.clone());
-                self.walk.cancel();
-                return Err(PopError::Broken(why));
-            }
+            let head = self.next_head(mem)?;
             let table = IovaRange::from_size(self.desc.addr(), desc_table_len(self.size)).ok();
             self.walk.start(self.next_avail, head, generation, table);
         }
@@ -421,6 +405,28 @@ impl Queue {
         Err(consumed)
     }
 
+    /// The head in the avail slot of `next_avail`. One outside the descriptor table breaks the
+    /// queue: there is nothing to complete with an error, the ring itself is wrong.
+    fn next_head<M: GuestMemoryBackend>(&mut self, mem: &M) -> Result<u16, PopError> {
+        let slot = u64::from(self.next_avail.0 % self.size);
+        let head = self
+            .avail
+            .load_u16(mem, 4 + 2 * slot, Ordering::Relaxed)
+            .map_err(|e| self.ring_error(e))?;
+        if head >= self.size {
+            let why = ChainError::HeadOutOfRange {
+                head,
+                size: self.size,
+            }
+            .to_string();
+            tracing::warn!(error = %why, "virtq: ring broken");
+            self.broken = Some(why.clone());
+            self.walk.cancel();
+            return Err(PopError::Broken(why));
+        }
+        Ok(head)
+    }
+
     /// Give up on the chain at the head of the avail ring without translating its buffers
     /// (its miss was never answered): consume the entry and return its head, or `None` if
     /// nothing is available. A head outside the table breaks the queue (nothing to complete;
@@ -435,22 +441,8 @@ impl Queue {
         if avail_idx == self.next_avail {
             return Ok(None);
         }
-        let slot = u64::from(self.next_avail.0 % self.size);
-        let head = self
-            .avail
-            .load_u16(mem, 4 + 2 * slot, Ordering::Relaxed)
-            .map_err(|e| self.ring_error(e))?;
+        let head = self.next_head(mem)?;
         self.walk.cancel();
-        if head >= self.size {
-            let why = ChainError::HeadOutOfRange {
-                head,
-                size: self.size,
-            }
-            .to_string();
-            tracing::warn!(error = %why, "virtq: ring broken");
-            self.broken = Some(why.clone());
-            return Err(PopError::Broken(why));
-        }
         self.next_avail += 1;
         Ok(Some(head))
     }

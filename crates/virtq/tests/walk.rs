@@ -255,6 +255,15 @@ fn the_device_limits_refuse_a_chain_before_translating_its_buffers() {
     }
 }
 
+/// Make the indirect descriptor at `head` say its table has `entries` entries.
+fn widen_indirect(rig: &mut Rig, head: u16, entries: u32) {
+    let at = rig.driver.addresses().0 + 16 * u64::from(head);
+    let raw: [u8; 16] = rig.space.read(&rig.mem, at, 16).try_into().unwrap();
+    let mut d = virtq::Descriptor::from_bytes(&raw);
+    d.len = 16 * entries;
+    rig.driver.write_desc(&rig.mem, &rig.space, head, d);
+}
+
 #[test]
 fn ring_areas_and_indirect_tables_larger_than_the_iotlb() {
     // 8192 entries: the descriptor table is 32 pages, the used ring 17, the avail ring 5;
@@ -277,19 +286,7 @@ fn ring_areas_and_indirect_tables_larger_than_the_iotlb() {
             )
             .unwrap();
         // The table's length says 2048 entries although three are used.
-        let mut d = virtq::Descriptor::from_bytes(
-            rig.space
-                .read(
-                    &rig.mem,
-                    rig.driver.addresses().0 + 16 * u64::from(head),
-                    16,
-                )
-                .as_slice()
-                .try_into()
-                .unwrap(),
-        );
-        d.len = 16 * 2048;
-        rig.driver.write_desc(&rig.mem, &rig.space, head, d);
+        widen_indirect(&mut rig, head, 2048);
         let (r, misses) = pop_counting(&mut rig, &mut chain, |_, _| {});
         assert_eq!(r, Ok(true), "round {round}");
         assert_eq!(chain.head(), head);
@@ -317,19 +314,7 @@ fn ring_areas_and_indirect_tables_larger_than_the_iotlb() {
             Some(fresh.iova),
         )
         .unwrap();
-    let mut d = virtq::Descriptor::from_bytes(
-        rig.space
-            .read(
-                &rig.mem,
-                rig.driver.addresses().0 + 16 * u64::from(head),
-                16,
-            )
-            .as_slice()
-            .try_into()
-            .unwrap(),
-    );
-    d.len = 16 * 2048;
-    rig.driver.write_desc(&rig.mem, &rig.space, head, d);
+    widen_indirect(&mut rig, head, 2048);
     let (r, misses) = pop_counting(&mut rig, &mut chain, |_, _| {});
     assert!(
         matches!(
