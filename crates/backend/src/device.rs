@@ -61,13 +61,40 @@ pub trait Device: Send + Sync + 'static {
     fn handler(&self, index: u16) -> Self::Handler;
 }
 
+/// What serving a request came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Served {
+    /// Its outcome, success or the device's error status, is written for the driver; the
+    /// number of bytes written to its device-writable buffers (the used length).
+    Done(u32),
+    /// Parsed and checked, but its work is a call that touches no guest memory and may take
+    /// long (an fsync, a fallocate), which must not run while the engine's invalidations wait
+    /// (inside the quiescence section). The engine leaves the section and calls
+    /// [`QueueHandler::run_deferred`], then has the outcome written in a new section with
+    /// [`QueueHandler::report_deferred`], at the status byte translated anew.
+    Deferred,
+}
+
 /// Serves the requests of one queue.
 pub trait QueueHandler: Send + 'static {
-    /// Serve one request. `Ok` is the number of bytes written to its device-writable buffers
-    /// (the used length) once its outcome, success or the device's error status, is written
-    /// for the driver; [`Unreported`] if no outcome could be written (the engine then does
-    /// not complete it).
-    fn serve(&mut self, chain: &Chain, mem: &GuestMemoryMmap) -> Result<u32, Unreported>;
+    /// Serve one request, inside the engine's quiescence section (every guest address the
+    /// chain holds stays valid until it returns). [`Unreported`] if no outcome could be
+    /// written (the engine then does not complete it).
+    fn serve(&mut self, chain: &Chain, mem: &GuestMemoryMmap) -> Result<Served, Unreported>;
+
+    /// Do the work of the request [`QueueHandler::serve`] answered with [`Served::Deferred`],
+    /// outside every quiescence section: guest memory must not be touched here (what the
+    /// chain held may be unmapped meanwhile). Called once per deferred request, before
+    /// [`QueueHandler::report_deferred`].
+    fn run_deferred(&mut self) {}
+
+    /// Write the outcome of the deferred request at guest-physical `status` (the chain's last
+    /// device-writable byte, translated for writing in the current section). Returns the
+    /// used length, or [`Unreported`] if the write failed. A device that never defers keeps
+    /// the default, which reports the request as failed.
+    fn report_deferred(&mut self, status: u64, mem: &GuestMemoryMmap) -> Result<u32, Unreported> {
+        self.fail(status, mem)
+    }
 
     /// Report a request the engine could not serve (an access the IOMMU denied, a malformed
     /// chain or one beyond [`Device::chain_limits`], a miss never answered): write the

@@ -22,7 +22,7 @@ mod session;
 mod stats;
 mod worker;
 
-pub use device::{Device, QueueHandler, Unreported};
+pub use device::{Device, QueueHandler, Served, Unreported};
 pub use server::{wait_for_socket, ServeError, Server, ShutdownHandle};
 pub use session::{EngineConfig, SessionEnd, MIN_IOTLB_CAPACITY};
 pub use stats::{EngineCounters, Stats};

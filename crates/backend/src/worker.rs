@@ -22,7 +22,15 @@
 //! parking, sending misses and sleeping happen outside it. The segments a parked walk kept
 //! are checked against the IOTLB's changes at the start of the next section before any is
 //! used (see `virtq`'s walk); a failed request's status byte is translated and written in one
-//! section.
+//! section. A device's long call that touches no guest memory (an fsync) runs between two
+//! sections ([`Served::Deferred`]): the request is checked in one, and its status byte
+//! translated and written in the next.
+//!
+//! **The control thread never waits on a busy ring.** A drain serves at most
+//! `DRAIN_BUDGET_REQUESTS` requests (or `DRAIN_BUDGET_BYTES`) before going back to the wait
+//! loop, and looks at stop and enable between any two requests: GET_VRING_BASE,
+//! SET_VRING_ENABLE(0), a reset and a disconnect wait for the request being served at most
+//! (its disk I/O included, as QEMU's own block layer drains it), never for the ring to empty.
 //!
 //! **A completion is the truth** (design invariant 11). Every request the worker takes off the
 //! avail ring ends in one of three ways:
@@ -69,7 +77,7 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use wire::vhost_user::BackendRequest;
 use wire::IotlbMsg;
 
-use crate::device::{Device, QueueHandler, Unreported};
+use crate::device::{Device, QueueHandler, Served, Unreported};
 use crate::quiesce::{Section, WorkerEpoch};
 use crate::session::Shared;
 use crate::stats::EngineCounters;
@@ -263,8 +271,22 @@ struct Parked {
 enum Unfinished {
     /// Served; its completion missed (the used ring was invalidated in the middle of it).
     Complete { head: u16, len: u32 },
-    /// To be failed; its status byte (at this IOVA, or not found yet) is not translated yet.
-    Fail { head: u16, status: Option<u64> },
+    /// Its outcome is to be written (`outcome`); its status byte (at this IOVA, or not found
+    /// yet) is not translated yet.
+    Report {
+        head: u16,
+        status: Option<u64>,
+        outcome: Outcome,
+    },
+}
+
+/// Whose outcome a request's status byte gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// The engine could not serve it: the device's error status ([`QueueHandler::fail`]).
+    Failed,
+    /// The device did its deferred work ([`QueueHandler::report_deferred`]).
+    Deferred,
 }
 
 /// What one attempt at writing a failed request's status came to.
@@ -296,6 +318,10 @@ enum Drained {
     Empty,
     Parked(Parked),
     Broken,
+    /// It served its budget of requests, or saw a stop or a disable between two requests:
+    /// the queue may not be empty; the wait loop looks at stop and enable, then drains again
+    /// without waiting for a kick.
+    Yielded,
 }
 
 /// What one section of [`WorkerState::drain`] did.
@@ -311,6 +337,9 @@ enum Popped {
     },
     /// Taken off the ring, but the device could not write its outcome: never completed.
     Unreported { head: u16, popped: Instant },
+    /// Checked by the device, whose work runs outside the section
+    /// ([`Served::Deferred`]).
+    Deferred { head: u16, popped: Instant },
     /// A chain came in while notifications were being re-enabled.
     More,
     /// Nothing to do.
@@ -338,6 +367,15 @@ const KICK_LOOK_EVERY: u32 = 8;
 
 /// Completions between two driver notifications under sustained load.
 const NOTIFY_EVERY: u32 = 32;
+
+/// Requests one drain serves before it returns to the wait loop (which looks at stop and
+/// enable and the eventfds), whatever the guest keeps posting: Linux's vhost bounds a round
+/// the same way (`vhost_exceeds_weight`). Stop and enable are also looked at between any two
+/// requests, so this bounds only how long kicks and wake-ups wait to be consumed.
+const DRAIN_BUDGET_REQUESTS: u32 = 64;
+/// Bytes (readable and writable buffers) one drain serves before it returns: a few large
+/// requests are a round too.
+const DRAIN_BUDGET_BYTES: u64 = 16 << 20;
 
 impl<D: Device> WorkerState<D> {
     fn run(self) {
@@ -371,6 +409,9 @@ impl<D: Device> WorkerState<D> {
         };
         let mut parked: Option<Parked> = None;
         let mut broken = false;
+        // The last drain yielded with work possibly left: look at the eventfds without
+        // blocking, then drain again.
+        let mut more = false;
         tracing::debug!(
             queue = self.cfg.index,
             iommu = self.cfg.iommu,
@@ -385,7 +426,10 @@ impl<D: Device> WorkerState<D> {
             });
             // Completions a parked drain left unannounced (see `drain`) are announced before
             // blocking; a wait answered within the busy-poll window goes on without either.
-            if !(timeout.is_some() && self.spin_for_wake()) {
+            if std::mem::take(&mut more) && parked.is_none() {
+                // Consume the kicks that came meanwhile (their chains are what we drain).
+                self.sleep(Some(Duration::ZERO));
+            } else if !(timeout.is_some() && self.spin_for_wake()) {
                 if w.unnotified > 0 {
                     self.notify(&mut w, &mut *tr);
                 }
@@ -438,6 +482,7 @@ impl<D: Device> WorkerState<D> {
                     });
                 }
                 Drained::Broken => broken = self.break_queue(),
+                Drained::Yielded => more = true,
             }
             self.publish_base(&w);
         }
@@ -572,9 +617,21 @@ impl<D: Device> WorkerState<D> {
         f(mem.memory())
     }
 
-    /// Serve chains until the queue is empty, a miss parks it, or it breaks.
+    /// Serve chains until the queue is empty, a miss parks it, it breaks, or its budget is
+    /// spent (or a stop or a disable came: [`Drained::Yielded`]).
     fn drain(&self, w: &mut Work<D::Handler>, tr: &mut dyn Translator) -> Drained {
+        let (mut served, mut bytes) = (0u32, 0u64);
         let outcome = loop {
+            // Between two requests: a stop or a disable is seen here, never after the ring
+            // empties (a guest may keep it full for ever).
+            if served > 0
+                && (served >= DRAIN_BUDGET_REQUESTS
+                    || bytes >= DRAIN_BUDGET_BYTES
+                    || self.stop.load(Ordering::SeqCst)
+                    || !self.cfg.enabled.load(Ordering::SeqCst))
+            {
+                break Drained::Yielded;
+            }
             let popped = self.section(|gm| match w.queue.pop(tr, gm, &mut w.chain) {
                 Ok(true) => {
                     let head = w.chain.head();
@@ -584,7 +641,8 @@ impl<D: Device> WorkerState<D> {
                         u64::from(w.chain.readable_len()) + u64::from(w.chain.writable_len());
                     EngineCounters::max(&self.shared.stats.largest_request, bytes);
                     match w.handler.serve(&w.chain, gm) {
-                        Ok(len) => {
+                        Ok(Served::Deferred) => Ok(Popped::Deferred { head, popped }),
+                        Ok(Served::Done(len)) => {
                             let done = w.queue.complete(tr, gm, head, len);
                             Ok(Popped::Served {
                                 head,
@@ -613,9 +671,11 @@ impl<D: Device> WorkerState<D> {
                 Err(PopError::Miss { iova, access }) => {
                     self.progress(w, Some((*iova, *access)), Instant::now())
                 }
-                Ok(Popped::Served { popped, .. } | Popped::Unreported { popped, .. }) => {
-                    self.progress(w, None, *popped)
-                }
+                Ok(
+                    Popped::Served { popped, .. }
+                    | Popped::Unreported { popped, .. }
+                    | Popped::Deferred { popped, .. },
+                ) => self.progress(w, None, *popped),
                 _ => self.progress(w, None, Instant::now()),
             }
             match popped {
@@ -623,6 +683,8 @@ impl<D: Device> WorkerState<D> {
                     head, len, done, ..
                 }) => {
                     EngineCounters::add(&self.shared.stats.requests, 1);
+                    served += 1;
+                    bytes += u64::from(w.chain.readable_len()) + u64::from(w.chain.writable_len());
                     match done {
                         Ok(()) => self.completed(w, tr),
                         // The used ring was invalidated while the request was served (pop
@@ -642,6 +704,18 @@ impl<D: Device> WorkerState<D> {
                             tracing::warn!(queue = self.cfg.index, error = %e, "vhost-user: complete failed");
                             break Drained::Broken;
                         }
+                    }
+                }
+                Ok(Popped::Deferred { head, .. }) => {
+                    EngineCounters::add(&self.shared.stats.requests, 1);
+                    served += 1;
+                    // Outside any section: an invalidation or a memory table swap meanwhile
+                    // does not wait for it (the status byte is translated again after).
+                    w.handler.run_deferred();
+                    match self.report(w, tr, head, Outcome::Deferred) {
+                        Ok(None) => {}
+                        Ok(Some(p)) => break Drained::Parked(p),
+                        Err(()) => break Drained::Broken,
                     }
                 }
                 Ok(Popped::Unreported { head, .. }) => {
@@ -668,6 +742,7 @@ impl<D: Device> WorkerState<D> {
                     None => continue, // mapped meanwhile: retry
                 },
                 Err(PopError::Denied { head, iova, access }) => {
+                    served += 1;
                     EngineCounters::add(&self.shared.stats.access_failures, 1);
                     tracing::info!(
                         queue = self.cfg.index,
@@ -687,6 +762,7 @@ impl<D: Device> WorkerState<D> {
                     }
                 }
                 Err(PopError::Invalid { head, reason }) => {
+                    served += 1;
                     EngineCounters::add(&self.shared.stats.invalid_chains, 1);
                     tracing::warn!(
                         queue = self.cfg.index,
@@ -1005,11 +1081,18 @@ impl<D: Device> WorkerState<D> {
     ) -> Result<Option<Parked>, ()> {
         match u {
             Unfinished::Complete { head, len } => self.complete(w, tr, head, len),
-            Unfinished::Fail { head, status } => loop {
-                let step = self.section(|gm| Self::write_failure(w, tr, gm, head, status));
+            Unfinished::Report {
+                head,
+                status,
+                outcome,
+            } => loop {
+                let step =
+                    self.section(|gm| Self::write_outcome(w, tr, gm, head, status, outcome));
                 match step {
                     FailStep::Written(len) => {
-                        EngineCounters::add(&self.shared.stats.failed, 1);
+                        if outcome == Outcome::Failed {
+                            EngineCounters::add(&self.shared.stats.failed, 1);
+                        }
                         return self.complete(w, tr, head, len);
                     }
                     FailStep::Missing {
@@ -1017,8 +1100,12 @@ impl<D: Device> WorkerState<D> {
                         access,
                         status,
                     } => {
-                        if let Some(p) = self.park(iova, access, Unfinished::Fail { head, status })
-                        {
+                        let u = Unfinished::Report {
+                            head,
+                            status,
+                            outcome,
+                        };
+                        if let Some(p) = self.park(iova, access, u) {
                             return Ok(Some(p));
                         }
                     }
@@ -1027,7 +1114,7 @@ impl<D: Device> WorkerState<D> {
                             queue = self.cfg.index,
                             head,
                             reason = why,
-                            "vhost-user: a failed request's status cannot be written; not completing it"
+                            "vhost-user: a request's status cannot be written; not completing it"
                         );
                         return Err(());
                     }
@@ -1036,15 +1123,16 @@ impl<D: Device> WorkerState<D> {
         }
     }
 
-    /// Let the device write its error status for the consumed request `head`, inside the
-    /// caller's section: the status byte (the last device-writable byte, at `status` if it is
-    /// known already) is found, translated for writing and written there and then.
-    fn write_failure(
+    /// Let the device write `outcome` for the consumed request `head`, inside the caller's
+    /// section: the status byte (the last device-writable byte, at `status` if it is known
+    /// already) is found, translated for writing and written there and then.
+    fn write_outcome(
         w: &mut Work<D::Handler>,
         tr: &mut dyn Translator,
         gm: &GuestMemoryMmap,
         head: u16,
         status: Option<u64>,
+        outcome: Outcome,
     ) -> FailStep {
         let iova = match status {
             Some(iova) => iova,
@@ -1073,7 +1161,11 @@ impl<D: Device> WorkerState<D> {
         match tr.translate(iova, 1, Access::Write, &mut seg) {
             Ok(()) => match seg.first() {
                 Some(s) if gm.check_range(GuestAddress(s.addr), 1) => {
-                    match w.handler.fail(s.addr, gm) {
+                    let written = match outcome {
+                        Outcome::Failed => w.handler.fail(s.addr, gm),
+                        Outcome::Deferred => w.handler.report_deferred(s.addr, gm),
+                    };
+                    match written {
                         Ok(len) => FailStep::Written(len),
                         Err(Unreported) => FailStep::Unwritable("the device could not write it"),
                     }
@@ -1099,7 +1191,24 @@ impl<D: Device> WorkerState<D> {
         tr: &mut dyn Translator,
         head: u16,
     ) -> Result<Option<Parked>, ()> {
-        self.finish_now(w, tr, Unfinished::Fail { head, status: None })
+        self.report(w, tr, head, Outcome::Failed)
+    }
+
+    /// Write `outcome` into the consumed request `head`'s status byte and complete it (see
+    /// [`Self::fail`]).
+    fn report(
+        &self,
+        w: &mut Work<D::Handler>,
+        tr: &mut dyn Translator,
+        head: u16,
+        outcome: Outcome,
+    ) -> Result<Option<Parked>, ()> {
+        let u = Unfinished::Report {
+            head,
+            status: None,
+            outcome,
+        };
+        self.finish_now(w, tr, u)
     }
 
     /// Complete `head` with `len`. `Ok(Some)` when the used ring missed.
@@ -1193,7 +1302,7 @@ impl<D: Device> WorkerState<D> {
             }
             // Its status byte never got a translation: it cannot be reported, so it is not
             // completed.
-            Some(Unfinished::Fail { head, .. }) => {
+            Some(Unfinished::Report { head, .. }) => {
                 tracing::warn!(
                     queue = index,
                     head,

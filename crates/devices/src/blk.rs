@@ -8,6 +8,12 @@
 //! status byte is written last. Each queue has its own handler; all share the file
 //! (positioned I/O needs no lock).
 //!
+//! FLUSH, DISCARD and WRITE_ZEROES are parsed and checked inside the engine's quiescence
+//! section, and their system call (`fdatasync`, `fallocate`), which touches no guest memory
+//! and may take seconds, runs outside it ([`Served::Deferred`]): an INVALIDATE, an UPDATE or a
+//! new memory table is never acknowledged late because of one. Reads and writes move data
+//! into and out of guest memory, so theirs run inside.
+//!
 //! # What the driver is told
 //!
 //! The rule, from the virtio spec's device requirements (virtio 1.2, 5.2.6 and 2.1.2) and
@@ -35,15 +41,16 @@
 //! `seg_max + 2` descriptors (the data segments, the header and the status byte), none longer
 //! than `size_max`. So the largest request is `seg_max` MiB (254 MiB with 256-entry queues;
 //! Linux sends 1280 KiB by default, more once `max_sectors_kb` is raised). The IOTLB's size
-//! limits nothing. DISCARD and WRITE_ZEROES take one segment of at most
-//! `max_discard_sectors` / `max_write_zeroes_sectors`, as advertised.
+//! limits nothing. DISCARD and WRITE_ZEROES take exactly one segment (`max_discard_seg`,
+//! `max_write_zeroes_seg`) of at most `max_discard_sectors` / `max_write_zeroes_sectors`,
+//! inside the disk; anything else is `IOERR`.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use backend::{Device, QueueHandler, Unreported};
+use backend::{Device, QueueHandler, Served, Unreported};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
     VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
@@ -71,6 +78,8 @@ const CONFIG_SIZE: usize = 72;
 const SIZE_MAX: u32 = 1 << 20;
 /// Largest DISCARD and WRITE_ZEROES we advertise, in sectors.
 const MAX_DISCARD_SECTORS: u32 = u32::MAX / SECTOR as u32;
+/// Bytes of one DISCARD / WRITE_ZEROES segment.
+const SEGMENT: u64 = 16;
 /// `VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP`, the one flag of a DISCARD / WRITE_ZEROES segment.
 const FLAG_UNMAP: u32 = 1;
 
@@ -261,6 +270,7 @@ impl Device for Blk {
             read_only: self.config.read_only,
             serial: self.config.serial.clone(),
             iov: IoVecs::new(),
+            pending: None,
         }
     }
 }
@@ -273,12 +283,39 @@ pub struct BlkQueue {
     read_only: bool,
     serial: String,
     iov: IoVecs,
+    /// The request [`QueueHandler::serve`] deferred, until its status is written.
+    pending: Option<Pending>,
 }
 
 /// A request parsed from its header.
 struct Request {
     ty: u32,
     sector: u64,
+}
+
+/// What [`BlkQueue::run`] came to.
+enum Run {
+    /// Served (or refused) now: the status, and the bytes written before the status byte.
+    Now(u8, u32),
+    /// Checked; the call that does it touches no guest memory and may take long, so it runs
+    /// outside the engine's quiescence section ([`Served::Deferred`]).
+    Later(Op),
+}
+
+/// A request's work that runs outside the quiescence section.
+#[derive(Debug, Clone, Copy)]
+enum Op {
+    /// FLUSH: `fdatasync`.
+    Flush,
+    /// DISCARD or WRITE_ZEROES: one `fallocate`, of bytes checked to lie on the disk.
+    Fallocate { mode: i32, offset: u64, len: u64 },
+}
+
+/// A deferred request of a queue: its work, then its status.
+#[derive(Debug, Clone, Copy)]
+enum Pending {
+    ToRun(Op),
+    Ran(u8),
 }
 
 impl BlkQueue {
@@ -299,9 +336,9 @@ impl BlkQueue {
                 .is_some_and(|end| end <= self.sectors)
     }
 
-    /// Serve the request; returns (status, bytes written before the status byte).
-    fn run(&mut self, chain: &Chain, mem: &GuestMemoryMmap) -> (u8, u32) {
-        let ioerr = (VIRTIO_BLK_S_IOERR as u8, 0);
+    /// Serve the request, or check it and say what to do outside the section.
+    fn run(&mut self, chain: &Chain, mem: &GuestMemoryMmap) -> Run {
+        let ioerr = Run::Now(VIRTIO_BLK_S_IOERR as u8, 0);
         let Some(req) = Self::header(chain, mem) else {
             return ioerr;
         };
@@ -323,7 +360,7 @@ impl BlkQueue {
                 // SAFETY: the slices were pushed just above from `mem`, which this call
                 // borrows for its whole duration, so their memory is still mapped.
                 match unsafe { self.iov.preadv(&self.file, req.sector * SECTOR) } {
-                    Ok(n) if n as u64 == len => (VIRTIO_BLK_S_OK as u8, len as u32),
+                    Ok(n) if n as u64 == len => Run::Now(VIRTIO_BLK_S_OK as u8, len as u32),
                     Ok(_) | Err(_) => ioerr,
                 }
             }
@@ -340,14 +377,11 @@ impl BlkQueue {
                 }
                 // SAFETY: as for the read: pushed just above from the borrowed `mem`.
                 match unsafe { self.iov.pwritev(&self.file, req.sector * SECTOR) } {
-                    Ok(n) if n as u64 == len => (VIRTIO_BLK_S_OK as u8, 0),
+                    Ok(n) if n as u64 == len => Run::Now(VIRTIO_BLK_S_OK as u8, 0),
                     _ => ioerr,
                 }
             }
-            VIRTIO_BLK_T_FLUSH => match self.file.sync_data() {
-                Ok(()) => (VIRTIO_BLK_S_OK as u8, 0),
-                Err(_) => ioerr,
-            },
+            VIRTIO_BLK_T_FLUSH => Run::Later(Op::Flush),
             VIRTIO_BLK_T_GET_ID => {
                 let mut id = [0u8; ID_BYTES];
                 let s = self.serial.as_bytes();
@@ -355,7 +389,7 @@ impl BlkQueue {
                 id[..n].copy_from_slice(&s[..n]);
                 let len = (writable - 1).min(ID_BYTES as u64) as usize;
                 match chain.writer(mem).write_all(&id[..len]) {
-                    Ok(()) => (VIRTIO_BLK_S_OK as u8, len as u32),
+                    Ok(()) => Run::Now(VIRTIO_BLK_S_OK as u8, len as u32),
                     Err(_) => ioerr,
                 }
             }
@@ -363,45 +397,64 @@ impl BlkQueue {
                 if self.read_only {
                     return ioerr;
                 }
-                let mut r = chain.reader(mem);
-                if r.skip(HEADER).is_err() {
-                    return ioerr;
-                }
-                // Segments of { le64 sector; le32 num_sectors; le32 flags }: one, as advertised
-                // (max_discard_seg = max_write_zeroes_seg = 1).
-                if r.available() / 16 > 1 {
-                    return ioerr;
-                }
-                while r.available() >= 16 {
-                    let Ok(seg) = r.read_array::<16>() else {
-                        return ioerr;
-                    };
-                    let mut s = [0u8; 8];
-                    s.copy_from_slice(&seg[0..8]);
-                    let sector = u64::from_le_bytes(s);
-                    let num = u32::from_le_bytes([seg[8], seg[9], seg[10], seg[11]]);
-                    let flags = u32::from_le_bytes([seg[12], seg[13], seg[14], seg[15]]);
-                    let discard = req.ty == VIRTIO_BLK_T_DISCARD;
-                    if flags & !FLAG_UNMAP != 0 || (discard && flags & FLAG_UNMAP != 0) {
-                        return (VIRTIO_BLK_S_UNSUPP as u8, 0);
-                    }
-                    let num = u64::from(num);
-                    if num > u64::from(MAX_DISCARD_SECTORS) || !self.in_range(sector, num * SECTOR)
-                    {
-                        return ioerr;
-                    }
-                    let mode = if req.ty == VIRTIO_BLK_T_DISCARD {
-                        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
-                    } else {
-                        libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
-                    };
-                    if !fallocate(&self.file, mode, sector * SECTOR, num * SECTOR) {
-                        return ioerr;
-                    }
-                }
-                (VIRTIO_BLK_S_OK as u8, 0)
+                self.range_op(chain, mem, req.ty == VIRTIO_BLK_T_DISCARD)
             }
-            _ => (VIRTIO_BLK_S_UNSUPP as u8, 0),
+            _ => Run::Now(VIRTIO_BLK_S_UNSUPP as u8, 0),
+        }
+    }
+
+    /// Check a DISCARD or WRITE_ZEROES against everything the config space advertises and
+    /// say which `fallocate` does it.
+    fn range_op(&self, chain: &Chain, mem: &GuestMemoryMmap, discard: bool) -> Run {
+        let ioerr = Run::Now(VIRTIO_BLK_S_IOERR as u8, 0);
+        let mut r = chain.reader(mem);
+        if r.skip(HEADER).is_err() {
+            return ioerr;
+        }
+        // Segments of { le64 sector; le32 num_sectors; le32 flags }: a whole number of them,
+        // and exactly one, as advertised (max_discard_seg = max_write_zeroes_seg = 1).
+        if r.available() != SEGMENT {
+            return ioerr;
+        }
+        let Ok(seg) = r.read_array::<16>() else {
+            return ioerr;
+        };
+        let mut s = [0u8; 8];
+        s.copy_from_slice(&seg[0..8]);
+        let sector = u64::from_le_bytes(s);
+        let num = u32::from_le_bytes([seg[8], seg[9], seg[10], seg[11]]);
+        let flags = u32::from_le_bytes([seg[12], seg[13], seg[14], seg[15]]);
+        if flags & !FLAG_UNMAP != 0 || (discard && flags & FLAG_UNMAP != 0) {
+            return Run::Now(VIRTIO_BLK_S_UNSUPP as u8, 0);
+        }
+        // max_discard_sectors / max_write_zeroes_sectors; discard_sector_alignment is one
+        // sector, which every segment meets.
+        let num = u64::from(num);
+        if num > u64::from(MAX_DISCARD_SECTORS) || !self.in_range(sector, num * SECTOR) {
+            return ioerr;
+        }
+        let mode = if discard {
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+        } else {
+            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+        };
+        Run::Later(Op::Fallocate {
+            mode,
+            offset: sector * SECTOR,
+            len: num * SECTOR,
+        })
+    }
+
+    /// Do `op`: its status.
+    fn execute(&self, op: Op) -> u8 {
+        let ok = match op {
+            Op::Flush => self.file.sync_data().is_ok(),
+            Op::Fallocate { mode, offset, len } => fallocate(&self.file, mode, offset, len),
+        };
+        if ok {
+            VIRTIO_BLK_S_OK as u8
+        } else {
+            VIRTIO_BLK_S_IOERR as u8
         }
     }
 }
@@ -418,7 +471,7 @@ fn fallocate(file: &File, mode: i32, offset: u64, len: u64) -> bool {
 }
 
 impl QueueHandler for BlkQueue {
-    fn serve(&mut self, chain: &Chain, mem: &GuestMemoryMmap) -> Result<u32, Unreported> {
+    fn serve(&mut self, chain: &Chain, mem: &GuestMemoryMmap) -> Result<Served, Unreported> {
         if chain.writable_len() == 0 {
             // No status byte: nothing can be reported, so nothing is done.
             tracing::warn!(
@@ -427,7 +480,13 @@ impl QueueHandler for BlkQueue {
             );
             return Err(Unreported);
         }
-        let (status, written) = self.run(chain, mem);
+        let (status, written) = match self.run(chain, mem) {
+            Run::Now(status, written) => (status, written),
+            Run::Later(op) => {
+                self.pending = Some(Pending::ToRun(op));
+                return Ok(Served::Deferred);
+            }
+        };
         // The status byte, last, at the end of the writable bytes.
         let mut w = chain.writer(mem);
         let data = u64::from(chain.writable_len()) - 1;
@@ -437,7 +496,24 @@ impl QueueHandler for BlkQueue {
         if status != VIRTIO_BLK_S_OK as u8 {
             tracing::debug!(head = chain.head(), status, "virtio-blk: request failed");
         }
-        Ok(written + 1)
+        Ok(Served::Done(written + 1))
+    }
+
+    fn run_deferred(&mut self) {
+        if let Some(Pending::ToRun(op)) = self.pending {
+            self.pending = Some(Pending::Ran(self.execute(op)));
+        }
+    }
+
+    fn report_deferred(&mut self, status: u64, mem: &GuestMemoryMmap) -> Result<u32, Unreported> {
+        // Never ran (the engine calls run_deferred first): the request was not served.
+        let value = match self.pending.take() {
+            Some(Pending::Ran(value)) => value,
+            Some(Pending::ToRun(_)) | None => VIRTIO_BLK_S_IOERR as u8,
+        };
+        mem.write_obj(value, GuestAddress(status))
+            .map(|()| 1)
+            .map_err(|_| Unreported)
     }
 
     fn fail(&mut self, status: u64, mem: &GuestMemoryMmap) -> Result<u32, Unreported> {

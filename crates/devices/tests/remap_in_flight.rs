@@ -10,7 +10,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use backend::{Device, EngineConfig, QueueHandler, Server, Unreported};
+use backend::{Device, EngineConfig, QueueHandler, Served, Server, Unreported};
 use common::{blk_request, connect, disk, pattern, status, Frontend, VA_BASE};
 use devices::{Blk, BlkConfig, BlkQueue};
 use iotlb::Perm;
@@ -70,12 +70,18 @@ impl Device for Gated {
 }
 
 impl QueueHandler for GatedQueue {
-    fn serve(&mut self, chain: &Chain, mem: &GuestMemoryMmap) -> Result<u32, Unreported> {
+    fn serve(&mut self, chain: &Chain, mem: &GuestMemoryMmap) -> Result<Served, Unreported> {
         if self.gate.armed.swap(false, Ordering::SeqCst) {
             let _ = self.gate.entered.lock().unwrap().send(());
             let _ = self.gate.release.lock().unwrap().recv();
         }
         self.inner.serve(chain, mem)
+    }
+    fn run_deferred(&mut self) {
+        self.inner.run_deferred()
+    }
+    fn report_deferred(&mut self, status: u64, mem: &GuestMemoryMmap) -> Result<u32, Unreported> {
+        self.inner.report_deferred(status, mem)
     }
     fn fail(&mut self, status: u64, mem: &GuestMemoryMmap) -> Result<u32, Unreported> {
         self.inner.fail(status, mem)
