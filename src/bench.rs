@@ -283,6 +283,7 @@ impl OwnBackend {
                 iotlb_capacity: capacity,
                 miss_timeout: Duration::from_secs(1),
                 busy_poll,
+                ..EngineConfig::default()
             },
         ));
         let socket = dir.join(format!("{name}.sock"));

@@ -41,6 +41,11 @@ pub struct BlkArgs {
     /// once; more: lower miss latency for some CPU).
     #[arg(long, value_name = "US", default_value_t = 0)]
     busy_poll_us: u64,
+    /// Accept guest memory in a memfd that is not sealed against shrinking (F_SEAL_SHRINK).
+    /// By default such a region is refused: a front-end that truncates it would kill the
+    /// back-end with SIGBUS. QEMU's memory-backend-memfd seals by default (seal=on).
+    #[arg(long)]
+    allow_unsealed_memory: bool,
 }
 
 /// Run the back-end until SIGINT or SIGTERM.
@@ -79,6 +84,7 @@ pub fn run(args: &BlkArgs) -> Result<(), String> {
             iotlb_capacity: args.iotlb_capacity,
             miss_timeout: Duration::from_millis(args.miss_timeout.max(1)),
             busy_poll: Duration::from_micros(args.busy_poll_us),
+            allow_unsealed_memory: args.allow_unsealed_memory,
         },
     );
     let handle = server.shutdown_handle();

@@ -12,9 +12,11 @@
 //! - `worker` (private): queue workers, misses, timeouts, how a parked worker is woken;
 //! - [`quiesce`]: per-worker epochs behind invalidation acknowledgement;
 //! - [`memory`]: the memory table;
-//! - `device` ([`Device`], [`QueueHandler`]): what a device provides.
+//! - `device` ([`Device`], [`QueueHandler`]): what a device provides;
+//! - `eventfd` (private): the checks on kick, call and error fds.
 
 mod device;
+mod eventfd;
 pub mod memory;
 pub mod quiesce;
 pub mod server;

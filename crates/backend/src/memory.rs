@@ -10,6 +10,23 @@
 //!
 //! A table is immutable; a change builds a new one, and the old mappings go away when the
 //! last worker holding it lets go. This file never touches guest memory contents.
+//!
+//! # A file that shrinks under us
+//!
+//! Touching a mapped page past the end of its file raises SIGBUS, which kills the back-end.
+//! We refuse what could shrink rather than survive the signal: recovering from SIGBUS in the
+//! middle of a `preadv` or a volatile copy would need a handler that knows which access
+//! faulted and a way out of it for every code path that touches guest memory, and the
+//! front-ends we serve can all avoid the case. What is checked, once, when a region is mapped
+//! (SET_MEM_TABLE, ADD_MEM_REG):
+//! - every file: that it holds `mmap_offset + memory_size` bytes;
+//! - a memfd (what `/proc/self/fd` names `/memfd:...`): that it carries `F_SEAL_SHRINK`, so
+//!   that nobody can shrink it any more. QEMU's `memory-backend-memfd` seals by default
+//!   (`seal=on` adds `F_SEAL_SHRINK` and `F_SEAL_GROW`); [`MapOptions::allow_unsealed`] (the
+//!   CLI's `--allow-unsealed-memory`) accepts an unsealed one, trusting the front-end;
+//! - any other file (tmpfs, hugetlbfs, a disk file, e.g. QEMU's `memory-backend-file`) cannot
+//!   be sealed: it is trusted not to shrink after the check, as every vhost-user back-end
+//!   trusts it. A front-end that truncates it kills the back-end, not the guest's data.
 
 use std::fs::File;
 use std::sync::Arc;
@@ -75,13 +92,57 @@ pub struct MemTable {
 /// Most regions a table may hold.
 pub const MAX_REGIONS: usize = 32;
 
-fn map(info: &MemoryRegion, file: File) -> Result<GuestRegionMmap, MemError> {
+/// How regions are accepted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MapOptions {
+    /// Accept a memfd without `F_SEAL_SHRINK` (see the module documentation).
+    pub allow_unsealed: bool,
+}
+
+/// What `/proc/self/fd` names a memfd's link with.
+const MEMFD_LINK_PREFIX: &str = "/memfd:";
+
+/// Whether `file` is a memfd (its `/proc/self/fd` link names it so).
+fn is_memfd(file: &File) -> bool {
+    use std::os::fd::AsRawFd;
+    std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()))
+        .is_ok_and(|l| l.to_string_lossy().starts_with(MEMFD_LINK_PREFIX))
+}
+
+fn map(info: &MemoryRegion, file: File, opts: MapOptions) -> Result<GuestRegionMmap, MemError> {
     let err = |reason: String| MemError::Map {
         gpa: info.guest_phys_addr,
         size: info.memory_size,
         reason,
     };
+    if info.memory_size == 0 {
+        return Err(err("an empty region".into()));
+    }
+    // Both ends of the region in front-end and in guest-physical space must fit in 64 bits
+    // (the table computes the last byte of each).
+    if info
+        .userspace_addr
+        .checked_add(info.memory_size - 1)
+        .is_none()
+        || info
+            .guest_phys_addr
+            .checked_add(info.memory_size - 1)
+            .is_none()
+    {
+        return Err(err(
+            "the region runs past the end of the address space".into()
+        ));
+    }
     let size = usize::try_from(info.memory_size).map_err(|e| err(e.to_string()))?;
+    if !opts.allow_unsealed && is_memfd(&file) {
+        let seals = rustix::fs::fcntl_get_seals(&file).map_err(|e| err(e.to_string()))?;
+        if !seals.contains(rustix::fs::SealFlags::SHRINK) {
+            return Err(err(
+                "the memfd is not sealed against shrinking (F_SEAL_SHRINK): truncating it                  would kill the back-end; seal it (QEMU: memory-backend-memfd,seal=on, the                  default) or start the back-end with --allow-unsealed-memory"
+                    .into(),
+            ));
+        }
+    }
     // Mapping past the end of a file succeeds, but touching those pages raises SIGBUS: refuse
     // a region the file does not hold (a front-end that shrinks the file later can still do
     // that to us; nothing short of a SIGBUS handler prevents it).
@@ -111,7 +172,7 @@ fn map(info: &MemoryRegion, file: File) -> Result<GuestRegionMmap, MemError> {
 
 impl MemTable {
     /// Map `regions` (SET_MEM_TABLE).
-    pub fn new(regions: Vec<RegionFd>) -> Result<Self, MemError> {
+    pub fn new(regions: Vec<RegionFd>, opts: MapOptions) -> Result<Self, MemError> {
         if regions.len() > MAX_REGIONS {
             return Err(MemError::TooMany {
                 got: regions.len(),
@@ -120,7 +181,7 @@ impl MemTable {
         }
         let mut out = Vec::with_capacity(regions.len());
         for r in regions {
-            let mapped = map(&r.region, File::from(r.fd))?;
+            let mapped = map(&r.region, File::from(r.fd), opts)?;
             out.push(Region {
                 info: r.region,
                 mapped: Arc::new(mapped),
@@ -156,14 +217,14 @@ impl MemTable {
     }
 
     /// This table with one more region (ADD_MEM_REG).
-    pub fn with_region(&self, r: RegionFd) -> Result<Self, MemError> {
+    pub fn with_region(&self, r: RegionFd, opts: MapOptions) -> Result<Self, MemError> {
         if self.regions.len() >= MAX_REGIONS {
             return Err(MemError::TooMany {
                 got: self.regions.len() + 1,
                 max: MAX_REGIONS,
             });
         }
-        let mapped = map(&r.region, File::from(r.fd))?;
+        let mapped = map(&r.region, File::from(r.fd), opts)?;
         let mut regions = self.regions.clone();
         regions.push(Region {
             info: r.region,
@@ -261,8 +322,21 @@ mod tests {
     use std::os::fd::OwnedFd;
     use vm_memory::Bytes;
 
+    use rustix::fs::{memfd_create, MemfdFlags, SealFlags};
+
+    const SEALED: MapOptions = MapOptions {
+        allow_unsealed: false,
+    };
+
+    /// A memfd of `len` bytes, sealed as QEMU seals its own.
     fn memfd(len: u64) -> OwnedFd {
-        let fd = rustix::fs::memfd_create("memtable", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+        let fd = unsealed(len);
+        rustix::fs::fcntl_add_seals(&fd, SealFlags::SHRINK | SealFlags::GROW).unwrap();
+        fd
+    }
+
+    fn unsealed(len: u64) -> OwnedFd {
+        let fd = memfd_create("memtable", MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING).unwrap();
         rustix::fs::ftruncate(&fd, len).unwrap();
         fd
     }
@@ -279,16 +353,19 @@ mod tests {
     #[test]
     fn two_regions_of_one_memfd_like_qemu() {
         let fd = memfd(0x40_0000);
-        let t = MemTable::new(vec![
-            RegionFd {
-                region: region(0, 0x20_0000, 0x7f00_0000_0000, 0),
-                fd: fd.try_clone().unwrap(),
-            },
-            RegionFd {
-                region: region(0x100_0000, 0x20_0000, 0x7f00_0020_0000, 0x20_0000),
-                fd,
-            },
-        ])
+        let t = MemTable::new(
+            vec![
+                RegionFd {
+                    region: region(0, 0x20_0000, 0x7f00_0000_0000, 0),
+                    fd: fd.try_clone().unwrap(),
+                },
+                RegionFd {
+                    region: region(0x100_0000, 0x20_0000, 0x7f00_0020_0000, 0x20_0000),
+                    fd,
+                },
+            ],
+            SEALED,
+        )
         .unwrap();
         // Front-end addresses map across the two regions.
         assert_eq!(
@@ -309,10 +386,13 @@ mod tests {
         t.memory()
             .write_obj(0xabcdu16, GuestAddress(0x100_0010))
             .unwrap();
-        let again = t.with_region(RegionFd {
-            region: region(0x200_0000, 0x1000, 0x6000_0000, 0),
-            fd: memfd(0x1000),
-        });
+        let again = t.with_region(
+            RegionFd {
+                region: region(0x200_0000, 0x1000, 0x6000_0000, 0),
+                fd: memfd(0x1000),
+            },
+            SEALED,
+        );
         let again = again.unwrap();
         assert_eq!(again.len(), 3);
         assert_eq!(
@@ -335,7 +415,72 @@ mod tests {
             region: region(gpa, 0x1000, uaddr, 0),
             fd: memfd(0x1000),
         };
-        assert!(MemTable::new(vec![r(0, 0x10_0000), r(0x800, 0x20_0000)]).is_err());
-        assert!(MemTable::new(vec![r(0, 0x10_0000), r(0x10_0000, 0x10_0800)]).is_err());
+        assert!(MemTable::new(vec![r(0, 0x10_0000), r(0x800, 0x20_0000)], SEALED).is_err());
+        assert!(MemTable::new(vec![r(0, 0x10_0000), r(0x10_0000, 0x10_0800)], SEALED).is_err());
+    }
+
+    #[test]
+    fn regions_at_the_end_of_the_address_space_or_empty_are_refused() {
+        let r = |gpa, size, uaddr| RegionFd {
+            region: region(gpa, size, uaddr, 0),
+            fd: memfd(0x2000),
+        };
+        for (gpa, size, uaddr) in [
+            (0, 0, 0x1000),
+            (0, 0x2000, u64::MAX - 0xfff),
+            (u64::MAX - 0xfff, 0x2000, 0x1000),
+        ] {
+            assert!(
+                matches!(
+                    MemTable::new(vec![r(gpa, size, uaddr)], SEALED),
+                    Err(MemError::Map { .. })
+                ),
+                "{gpa:#x}+{size:#x} at {uaddr:#x}"
+            );
+        }
+        // Up to the last page of both spaces (vm-memory wants the end of a region to fit
+        // in 64 bits, so the very last page is out).
+        let near_end = u64::MAX - 0x1fff;
+        assert!(MemTable::new(vec![r(near_end, 0x1000, near_end)], SEALED).is_ok());
+    }
+
+    #[test]
+    fn an_unsealed_memfd_is_refused_unless_allowed() {
+        let r = |fd| RegionFd {
+            region: region(0, 0x1000, 0x1000_0000, 0),
+            fd,
+        };
+        let e = MemTable::new(vec![r(unsealed(0x1000))], SEALED).unwrap_err();
+        assert!(e.to_string().contains("F_SEAL_SHRINK"), "{e}");
+        // Created without sealing allowed: it can never be sealed, and is refused the same.
+        let plain = memfd_create("plain", MemfdFlags::CLOEXEC).unwrap();
+        rustix::fs::ftruncate(&plain, 0x1000).unwrap();
+        assert!(MemTable::new(vec![r(plain)], SEALED).is_err());
+        let allow = MapOptions {
+            allow_unsealed: true,
+        };
+        assert!(MemTable::new(vec![r(unsealed(0x1000))], allow).is_ok());
+        // Sealed against shrinking only: enough.
+        let shrink = unsealed(0x1000);
+        rustix::fs::fcntl_add_seals(&shrink, SealFlags::SHRINK).unwrap();
+        assert!(MemTable::new(vec![r(shrink)], SEALED).is_ok());
+        // A regular file is not a memfd: only its size is checked.
+        let dir = std::env::temp_dir().join(format!("memtable-{}", std::process::id()));
+        let f = std::fs::File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&dir)
+            .unwrap();
+        let _ = std::fs::remove_file(&dir);
+        f.set_len(0x800).unwrap();
+        let short = f.try_clone().unwrap();
+        assert!(
+            MemTable::new(vec![r(OwnedFd::from(short))], SEALED).is_err(),
+            "too short"
+        );
+        f.set_len(0x1000).unwrap();
+        assert!(MemTable::new(vec![r(OwnedFd::from(f))], SEALED).is_ok());
     }
 }

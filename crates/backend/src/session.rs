@@ -32,12 +32,13 @@ use parking_lot::{Mutex, RwLock};
 use wire::features::{check_acked, check_iommu_offer, device as dev_f, protocol};
 use wire::vhost_user::{
     reply_kind, Config, Connection, DecodeLimits, FrontendRequest, Header, RawMessage, Reply,
-    VringAddr, VringFile, VringState,
+    VringAddr, VringState,
 };
 use wire::{IotlbMsg, WireError};
 
 use crate::device::Device;
-use crate::memory::{MemTable, MAX_REGIONS};
+use crate::eventfd::checked_eventfd;
+use crate::memory::{MapOptions, MemTable, MAX_REGIONS};
 use crate::quiesce::Epochs;
 use crate::stats::EngineCounters;
 use crate::worker::{Worker, WorkerConfig};
@@ -70,6 +71,9 @@ pub struct EngineConfig {
     /// queue parked on a miss polls for its answer, before blocking. Zero blocks at once
     /// (no CPU spent waiting; each message then costs a thread wake-up).
     pub busy_poll: Duration,
+    /// Accept memfd regions not sealed against shrinking (see [`crate::memory`]): a
+    /// front-end that truncates one then kills the back-end with SIGBUS.
+    pub allow_unsealed_memory: bool,
 }
 
 impl Default for EngineConfig {
@@ -78,6 +82,7 @@ impl Default for EngineConfig {
             iotlb_capacity: iotlb::DEFAULT_CAPACITY,
             miss_timeout: Duration::from_secs(1),
             busy_poll: Duration::ZERO,
+            allow_unsealed_memory: false,
         }
     }
 }
@@ -107,6 +112,8 @@ struct Vring {
     /// The vring error eventfd (SET_VRING_ERR): signalled when the queue breaks.
     err: Arc<Mutex<Option<OwnedFd>>>,
     enabled: Arc<AtomicBool>,
+    /// The kick eventfd of the last SET_VRING_KICK: the queue runs (or is restarted) with it.
+    kick: Option<Arc<OwnedFd>>,
     worker: Option<Worker>,
 }
 
@@ -119,6 +126,7 @@ impl Vring {
             call: Arc::new(Mutex::new(None)),
             err: Arc::new(Mutex::new(None)),
             enabled: Arc::new(AtomicBool::new(false)),
+            kick: None,
             worker: None,
         }
     }
@@ -136,6 +144,8 @@ pub(crate) struct Session<D: Device> {
     deferred: Vec<(Header, bool)>,
     /// The IOTLB generation the deferred acknowledgements wait for, if any.
     deferred_gen: Option<u64>,
+    /// How memory regions are accepted.
+    map: MapOptions,
 }
 
 /// Why a session ended.
@@ -205,6 +215,9 @@ impl<D: Device> Session<D> {
             status: 0,
             deferred: Vec::new(),
             deferred_gen: None,
+            map: MapOptions {
+                allow_unsealed: config.allow_unsealed_memory,
+            },
         }
     }
 
@@ -358,6 +371,15 @@ impl<D: Device> Session<D> {
             R::SetFeatures(f) => {
                 check_acked(Self::offered_features(&dev), f).map_err(|e| e.to_string())?;
                 let toggled = (self.features ^ f) & dev_f::ACCESS_PLATFORM != 0;
+                // A change under running queues (their translator, notification mode and
+                // chain limits come from the features): they stop, the change applies, and
+                // they start again from where they stopped. The same features again change
+                // nothing.
+                let restart = if f != self.features {
+                    self.stop_running()
+                } else {
+                    Vec::new()
+                };
                 self.features = f;
                 dev.set_features(f);
                 // Every SET_FEATURES with ACCESS_PLATFORM starts from an empty IOTLB (QEMU
@@ -366,6 +388,11 @@ impl<D: Device> Session<D> {
                 if f & dev_f::ACCESS_PLATFORM != 0 || toggled {
                     self.invalidate(IovaRange::FULL);
                     self.shared.iotlb.clear_pending();
+                }
+                for index in restart {
+                    if let Err(why) = self.run_vring(index) {
+                        tracing::warn!(queue = index, error = %why, "vhost-user: queue not restarted after SET_FEATURES");
+                    }
                 }
                 None
             }
@@ -385,7 +412,7 @@ impl<D: Device> Session<D> {
             R::GetQueueNum => Some(Reply::U64(u64::from(dev.queues()))),
             R::GetMaxMemSlots => Some(Reply::U64(MAX_REGIONS as u64)),
             R::SetMemTable(regions) => {
-                let table = MemTable::new(regions).map_err(|e| e.to_string())?;
+                let table = MemTable::new(regions, self.map).map_err(|e| e.to_string())?;
                 self.set_memory(table);
                 None
             }
@@ -394,7 +421,7 @@ impl<D: Device> Session<D> {
                     .shared
                     .mem
                     .read()
-                    .with_region(region)
+                    .with_region(region, self.map)
                     .map_err(|e| e.to_string())?;
                 self.set_memory(table);
                 None
@@ -426,6 +453,9 @@ impl<D: Device> Session<D> {
             }
             R::SetVringBase(s) => {
                 let base = u16::try_from(s.num).map_err(|_| format!("vring base {}", s.num))?;
+                // A running queue stops (the front-end's base wins over where the worker
+                // was) and stays stopped until the next SET_VRING_KICK starts it from here.
+                self.stop(s.index)?;
                 self.vring(s.index)?.base = base;
                 None
             }
@@ -438,17 +468,22 @@ impl<D: Device> Session<D> {
                 }))
             }
             R::SetVringKick(f) => {
-                self.start(f)?;
+                let kick = f.fd.ok_or("polling mode (no kick fd) is not supported")?;
+                let kick = checked_eventfd(kick, "kick").map_err(|e| e.to_string())?;
+                self.vring(u32::from(f.index))?.kick = Some(Arc::new(kick));
+                self.run_vring(f.index)?;
                 None
             }
             R::SetVringCall(f) => {
-                let v = self.vring(u32::from(f.index))?;
-                *v.call.lock() = f.fd;
+                let fd = f.fd.map(|fd| checked_eventfd(fd, "call")).transpose();
+                let fd = fd.map_err(|e| e.to_string())?;
+                *self.vring(u32::from(f.index))?.call.lock() = fd;
                 None
             }
             R::SetVringErr(f) => {
-                let v = self.vring(u32::from(f.index))?;
-                *v.err.lock() = f.fd;
+                let fd = f.fd.map(|fd| checked_eventfd(fd, "err")).transpose();
+                let fd = fd.map_err(|e| e.to_string())?;
+                *self.vring(u32::from(f.index))?.err.lock() = fd;
                 None
             }
             R::SetVringEnable(s) => {
@@ -585,10 +620,21 @@ impl<D: Device> Session<D> {
         }
     }
 
-    /// SET_VRING_KICK: the queue starts.
-    fn start(&mut self, f: VringFile) -> Result<(), String> {
-        let index = f.index;
-        let kick = f.fd.ok_or("polling mode (no kick fd) is not supported")?;
+    /// Stop every running queue; returns their indices (to restart them).
+    fn stop_running(&mut self) -> Vec<u8> {
+        let running: Vec<u8> = (0..self.vrings.len())
+            .filter(|&i| self.vrings[i].worker.is_some())
+            .filter_map(|i| u8::try_from(i).ok())
+            .collect();
+        for &i in &running {
+            let _ = self.stop(u32::from(i));
+        }
+        running
+    }
+
+    /// Start queue `index` with its kick fd (SET_VRING_KICK, or a restart): from its base,
+    /// with the current features and ring addresses.
+    fn run_vring(&mut self, index: u8) -> Result<(), String> {
         // A running worker is replaced (QEMU may set a new kick fd).
         let base = self.stop(u32::from(index))?;
         let iommu = self.iommu();
@@ -597,6 +643,7 @@ impl<D: Device> Session<D> {
         let mem = self.shared.mem.read().clone();
         let shared = self.shared.clone();
         let v = self.vring(u32::from(index))?;
+        let kick = v.kick.clone().ok_or("no kick fd")?;
         let a = v.addr.ok_or("SET_VRING_KICK before SET_VRING_ADDR")?;
         let size = v.size;
         let areas = [

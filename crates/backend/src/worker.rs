@@ -94,7 +94,8 @@ pub(crate) struct WorkerConfig {
     pub base: u16,
     pub event_idx: bool,
     pub iommu: bool,
-    pub kick: OwnedFd,
+    /// The kick eventfd (shared with the session, which restarts the queue with it).
+    pub kick: Arc<OwnedFd>,
     pub call: Arc<Mutex<Option<OwnedFd>>>,
     /// The vring error eventfd (SET_VRING_ERR), signalled when the queue breaks.
     pub err: Arc<Mutex<Option<OwnedFd>>>,
@@ -546,14 +547,14 @@ impl<D: Device> WorkerState<D> {
     /// came. True if either did.
     fn poll_eventfds(&self, ts: Option<&Timespec>) -> rustix::io::Result<bool> {
         let mut fds = [
-            PollFd::new(&self.cfg.kick, PollFlags::IN),
+            PollFd::new(&*self.cfg.kick, PollFlags::IN),
             PollFd::new(&*self.wake, PollFlags::IN),
         ];
         poll(&mut fds, ts)?;
         let kicked = fds[0].revents().contains(PollFlags::IN);
         let woken = fds[1].revents().contains(PollFlags::IN);
         if kicked {
-            drain(&self.cfg.kick);
+            drain(&*self.cfg.kick);
         }
         if woken {
             drain(&*self.wake);
@@ -1086,8 +1087,7 @@ impl<D: Device> WorkerState<D> {
                 status,
                 outcome,
             } => loop {
-                let step =
-                    self.section(|gm| Self::write_outcome(w, tr, gm, head, status, outcome));
+                let step = self.section(|gm| Self::write_outcome(w, tr, gm, head, status, outcome));
                 match step {
                     FailStep::Written(len) => {
                         if outcome == Outcome::Failed {

@@ -55,6 +55,7 @@ fn server_polling(queues: u16, miss_timeout: Duration, busy_poll: Duration) -> A
             iotlb_capacity: 256,
             miss_timeout,
             busy_poll,
+            ..EngineConfig::default()
         },
     ))
 }

@@ -90,14 +90,26 @@ impl GuestRam {
                 "guest RAM of {size:#x} bytes: not a positive multiple of 4 KiB"
             )));
         }
-        let fd = rustix::fs::memfd_create("vhost-iotlb-guest-ram", rustix::fs::MemfdFlags::CLOEXEC)
-            .map_err(|e| FrontendError::Io {
-                what: "memfd_create",
-                source: e.into(),
-            })?;
+        use rustix::fs::{MemfdFlags, SealFlags};
+        let fd = rustix::fs::memfd_create(
+            "vhost-iotlb-guest-ram",
+            MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
+        )
+        .map_err(|e| FrontendError::Io {
+            what: "memfd_create",
+            source: e.into(),
+        })?;
         rustix::fs::ftruncate(&fd, size).map_err(|e| FrontendError::Io {
             what: "ftruncate guest RAM",
             source: e.into(),
+        })?;
+        // Sealed as QEMU seals its memfds: the back-end refuses memory that could shrink
+        // under it.
+        rustix::fs::fcntl_add_seals(&fd, SealFlags::SHRINK | SealFlags::GROW).map_err(|e| {
+            FrontendError::Io {
+                what: "seal guest RAM",
+                source: e.into(),
+            }
         })?;
         let file = std::fs::File::from(fd.try_clone().map_err(io("dup guest RAM fd"))?);
         let len = usize::try_from(size).map_err(|e| FrontendError::Invalid(e.to_string()))?;

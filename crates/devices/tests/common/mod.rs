@@ -61,9 +61,13 @@ pub struct Frontend {
     pub access_fails: Vec<(u64, Perm)>,
 }
 
+/// Guest RAM: a memfd sealed as QEMU seals its own (the back-end refuses unsealed ones).
 fn memfd(len: u64) -> OwnedFd {
-    let fd = rustix::fs::memfd_create("guest-ram", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+    use rustix::fs::{MemfdFlags, SealFlags};
+    let fd = rustix::fs::memfd_create("guest-ram", MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)
+        .unwrap();
     rustix::fs::ftruncate(&fd, len).unwrap();
+    rustix::fs::fcntl_add_seals(&fd, SealFlags::SHRINK | SealFlags::GROW).unwrap();
     fd
 }
 
