@@ -28,7 +28,8 @@ for mode in $MODES; do
     out=$(mktemp)
     set +e
     "$E2E/run-blk.sh" --keep --timeout "${E2E_TIMEOUT:-180}" \
-        --backend-cmd "$BIN blk --socket {socket} --disk {disk}" --iommu "$mode" >"$out" 2>&1
+        --backend-cmd "$BIN blk --socket {socket} --disk {disk} --json {socket}.json" \
+        --iommu "$mode" >"$out" 2>&1
     rc=$?
     set -e
     result=$(grep '^E2E-RESULT:' "$out" | tail -1 || true)
@@ -36,6 +37,11 @@ for mode in $MODES; do
     stats=''
     if [ -n "$work" ] && [ -f "$work/backend.log" ]; then
         stats=$(grep '^stats:' "$work/backend.log" | tail -1 || true)
+        # The same counters as JSON (`blk --json`), written on exit.
+        if [ "$rc" -eq 0 ] && ! grep -q '"access_fails_suppressed"' "$work"/*.sock.json 2>/dev/null; then
+            echo "e2e: $mode: the back-end wrote no stats JSON" >&2
+            rc=1
+        fi
     fi
     echo "e2e: $mode: ${result:-no result line}"
     [ -n "$stats" ] && echo "e2e: $mode: back-end $stats"

@@ -64,6 +64,8 @@ for name, w in doc.items():
     assert w["iops"] > 0, f"{name}: no I/O"
     assert set(w["miss_rtt_us"]) == {"p50", "p99"}, f"{name}: miss_rtt_us"
     assert w["verify_failures"] == 0 and w["poison_violations"] == 0, f"{name}: data check"
+    # Our back-end's counters, by their stats-line names (rate-limited ACCESS_FAILs too).
+    assert w["backend"]["requests"] > 0 and "access_fails_suppressed" in w["backend"], name
 for name in ["strict", "lazy", "thrash", "big", "small-tlb"]:
     assert doc[name]["miss_rtt_us"]["p50"] is not None, f"{name}: no miss measured"
 # A 1 MiB request is 256 pages plus header and status: every one of them misses once in

@@ -238,6 +238,8 @@ struct Row {
     poison_violations: u64,
     poison_checks: u64,
     errors: u64,
+    /// The back-end's counters of each round (ours only).
+    engine: Vec<Stats>,
 }
 
 fn us(d: Duration) -> f64 {
@@ -568,6 +570,7 @@ fn median(v: &[f64]) -> Option<f64> {
 /// of all rounds (a failure in any round is a failure).
 fn median_round(mut rounds: Vec<Row>) -> Option<Row> {
     let iops_rounds: Vec<f64> = rounds.iter().map(|r| r.iops).collect();
+    let engine: Vec<Stats> = rounds.iter().flat_map(|r| r.engine.clone()).collect();
     let (checks, verify, poison, errors) = rounds.iter().fold((0, 0, 0, 0), |a, r| {
         (
             a.0 + r.poison_checks,
@@ -580,6 +583,7 @@ fn median_round(mut rounds: Vec<Row>) -> Option<Row> {
     let mid = rounds.len() / 2;
     let mut r = rounds.into_iter().nth(mid)?;
     r.iops_rounds = iops_rounds;
+    r.engine = engine;
     r.poison_checks = checks;
     r.verify_failures = verify;
     r.poison_violations = poison;
@@ -631,6 +635,7 @@ fn row(
         poison_violations: r.poison_violations,
         poison_checks: r.poison_checks,
         errors: r.errors + r.bad_completions,
+        engine: stats.copied().into_iter().collect(),
     }
 }
 
@@ -734,10 +739,30 @@ fn to_json(rows: &[Row]) -> serde_json::Value {
                 "poison_checks": r.poison_checks,
                 "poison_violations": r.poison_violations,
                 "errors": r.errors,
+                "backend": backend_json(&r.engine),
             }),
         );
     }
     serde_json::Value::Object(m)
+}
+
+/// The back-end's counters summed over rounds (the largest request: the largest of any),
+/// by their stats-line names; `null` for a peer's back-end.
+fn backend_json(rounds: &[Stats]) -> serde_json::Value {
+    if rounds.is_empty() {
+        return serde_json::Value::Null;
+    }
+    let mut total: Vec<(&'static str, u64)> = rounds[0].fields().iter().map(|f| (f.0, 0)).collect();
+    for s in rounds {
+        for (t, (name, v)) in total.iter_mut().zip(s.fields()) {
+            t.1 = if name == "largest_request" {
+                t.1.max(v)
+            } else {
+                t.1 + v
+            };
+        }
+    }
+    crate::blk::stats_json_of(&total)
 }
 
 /// Two bar charts side by side: IOPS, and miss round trip p50/p99, per workload.

@@ -2,7 +2,7 @@
 //!
 //! Listens on `--socket`, serves one front-end at a time (reconnecting after a disconnect),
 //! stops cleanly on SIGINT or SIGTERM (the socket file is removed) and prints one stats line
-//! on exit. Logs go to stderr through `tracing` (`RUST_LOG=debug` for more).
+//! on exit (and, with `--json FILE`, writes the same counters as JSON). Logs go to stderr through `tracing` (`RUST_LOG=debug` for more).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -46,6 +46,9 @@ pub struct BlkArgs {
     /// back-end with SIGBUS. QEMU's memory-backend-memfd seals by default (seal=on).
     #[arg(long)]
     allow_unsealed_memory: bool,
+    /// On exit, also write the statistics (the stats line's counters) as JSON to FILE.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
 }
 
 /// Run the back-end until SIGINT or SIGTERM.
@@ -100,7 +103,27 @@ pub fn run(args: &BlkArgs) -> Result<(), String> {
         }
     });
     let result = server.serve(&args.socket).map_err(|e| e.to_string());
-    println!("{}", server.stats());
+    let stats = server.stats();
+    println!("{stats}");
+    if let Some(path) = &args.json {
+        let doc = stats_json(&stats);
+        let text = serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())?;
+        std::fs::write(path, text + "\n")
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
     drop(signal_thread); // detached: it exits with the process
     result
+}
+
+/// The back-end's counters as a JSON object, by their stats-line names.
+pub fn stats_json(stats: &backend::Stats) -> serde_json::Value {
+    stats_json_of(&stats.fields())
+}
+
+/// Named counters as a JSON object.
+pub fn stats_json_of(fields: &[(&'static str, u64)]) -> serde_json::Value {
+    let fields = fields
+        .iter()
+        .map(|&(name, value)| (name.to_string(), serde_json::Value::from(value)));
+    serde_json::Value::Object(fields.collect())
 }

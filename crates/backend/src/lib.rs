@@ -13,12 +13,14 @@
 //! - [`quiesce`]: per-worker epochs behind invalidation acknowledgement;
 //! - [`memory`]: the memory table;
 //! - `device` ([`Device`], [`QueueHandler`]): what a device provides;
-//! - `eventfd` (private): the checks on kick, call and error fds.
+//! - `eventfd` (private): the checks on kick, call and error fds;
+//! - `ratelimit` (private): how often a guest can make a queue warn or send ACCESS_FAIL.
 
 mod device;
 mod eventfd;
 pub mod memory;
 pub mod quiesce;
+mod ratelimit;
 pub mod server;
 mod session;
 mod stats;

@@ -14,8 +14,15 @@ use iotlb::Stats as IotlbStats;
 pub struct EngineCounters {
     /// Requests failed because their MISS was never answered.
     pub timeouts: AtomicU64,
-    /// Accesses the IOMMU denied (ACCESS_FAIL sent).
+    /// Accesses the IOMMU denied (each fails its request).
     pub access_failures: AtomicU64,
+    /// ACCESS_FAIL messages sent (at most one per page and direction a second per queue).
+    pub access_fails_sent: AtomicU64,
+    /// Denied accesses whose ACCESS_FAIL was held back by the rate limit.
+    pub access_fails_suppressed: AtomicU64,
+    /// Warnings a guest caused (malformed chains, denied accesses) held back by the rate
+    /// limit.
+    pub warnings_suppressed: AtomicU64,
     /// MISS messages sent.
     pub misses_sent: AtomicU64,
     /// Of which sent ahead for chains not reached yet.
@@ -69,8 +76,14 @@ pub struct Stats {
     pub updates: u64,
     /// Requests failed after an unanswered MISS.
     pub timeouts: u64,
-    /// ACCESS_FAILs.
+    /// Accesses the IOMMU denied.
     pub access_failures: u64,
+    /// ACCESS_FAIL messages sent.
+    pub access_fails_sent: u64,
+    /// ACCESS_FAILs held back by the rate limit.
+    pub access_fails_suppressed: u64,
+    /// Guest-caused warnings held back by the rate limit.
+    pub warnings_suppressed: u64,
     /// MISS messages sent.
     pub misses_sent: u64,
     /// Of which sent ahead for chains not reached yet.
@@ -87,6 +100,8 @@ pub struct Stats {
     pub quiesce_us: u64,
     /// Bytes of the largest request served.
     pub largest_request: u64,
+    /// Connections that ended.
+    pub connections: u64,
 }
 
 impl Stats {
@@ -101,6 +116,9 @@ impl Stats {
         self.updates += t.updates;
         self.timeouts += get(&e.timeouts);
         self.access_failures += get(&e.access_failures);
+        self.access_fails_sent += get(&e.access_fails_sent);
+        self.access_fails_suppressed += get(&e.access_fails_suppressed);
+        self.warnings_suppressed += get(&e.warnings_suppressed);
         self.misses_sent += get(&e.misses_sent);
         self.prefetched += get(&e.prefetched);
         self.requests += get(&e.requests);
@@ -109,33 +127,44 @@ impl Stats {
         self.broken_queues += get(&e.broken_queues);
         self.quiesce_us += get(&e.quiesce_us);
         self.largest_request = self.largest_request.max(get(&e.largest_request));
+        self.connections += 1;
+    }
+}
+
+impl Stats {
+    /// Every counter by the name the stats line and JSON give it, in the stats line's order.
+    pub fn fields(&self) -> [(&'static str, u64); 20] {
+        [
+            ("requests", self.requests),
+            ("hits", self.hits),
+            ("misses", self.misses),
+            ("coalesced", self.coalesced),
+            ("misses_sent", self.misses_sent),
+            ("prefetched", self.prefetched),
+            ("evictions", self.evictions),
+            ("updates", self.updates),
+            ("invalidations", self.invalidations),
+            ("timeouts", self.timeouts),
+            ("access_failures", self.access_failures),
+            ("access_fails_sent", self.access_fails_sent),
+            ("access_fails_suppressed", self.access_fails_suppressed),
+            ("invalid_chains", self.invalid_chains),
+            ("warnings_suppressed", self.warnings_suppressed),
+            ("failed", self.failed),
+            ("broken_queues", self.broken_queues),
+            ("quiesce_us", self.quiesce_us),
+            ("largest_request", self.largest_request),
+            ("connections", self.connections),
+        ]
     }
 }
 
 impl fmt::Display for Stats {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "stats: requests={} hits={} misses={} coalesced={} misses_sent={} prefetched={} \
-             evictions={} \
-             updates={} invalidations={} timeouts={} access_failures={} invalid_chains={} \
-             failed={} broken_queues={} quiesce_us={} largest_request={}",
-            self.requests,
-            self.hits,
-            self.misses,
-            self.coalesced,
-            self.misses_sent,
-            self.prefetched,
-            self.evictions,
-            self.updates,
-            self.invalidations,
-            self.timeouts,
-            self.access_failures,
-            self.invalid_chains,
-            self.failed,
-            self.broken_queues,
-            self.quiesce_us,
-            self.largest_request
-        )
+        f.write_str("stats:")?;
+        for (name, value) in self.fields() {
+            write!(f, " {name}={value}")?;
+        }
+        Ok(())
     }
 }

@@ -15,7 +15,9 @@
 //! entries than the IOTLB holds still finishes. A MISS not answered within the timeout is
 //! sent once more; if that one is not answered either, the request fails with the device's
 //! error status and the queue moves on. A denied access sends ACCESS_FAIL and fails that
-//! request.
+//! request. A guest can loop on a denied access or a malformed chain: a queue logs at most
+//! 10 such warnings a second, and sends one ACCESS_FAIL per page and direction a second, 16 a
+//! second in all (see [`crate::ratelimit`]); what it holds back is counted.
 //!
 //! Every unit of work that translates and touches guest memory runs inside the worker's
 //! epoch (see [`crate::quiesce`]), and reads the memory table only once inside it;
@@ -79,6 +81,7 @@ use wire::IotlbMsg;
 
 use crate::device::{Device, QueueHandler, Served, Unreported};
 use crate::quiesce::{Section, WorkerEpoch};
+use crate::ratelimit::{AccessFailLimit, Limit, WARNINGS_PER_WINDOW};
 use crate::session::Shared;
 use crate::stats::EngineCounters;
 
@@ -407,6 +410,8 @@ impl<D: Device> WorkerState<D> {
             unnotified: 0,
             held_since: None,
             rtt: None,
+            warnings: Limit::new(WARNINGS_PER_WINDOW),
+            access_fails: AccessFailLimit::new(),
         };
         let mut parked: Option<Parked> = None;
         let mut broken = false;
@@ -745,16 +750,27 @@ impl<D: Device> WorkerState<D> {
                 Err(PopError::Denied { head, iova, access }) => {
                     served += 1;
                     EngineCounters::add(&self.shared.stats.access_failures, 1);
-                    tracing::info!(
-                        queue = self.cfg.index,
-                        iova = %format_args!("{iova:#x}"),
-                        %access,
-                        "vhost-user: access denied by the IOMMU; request failed"
-                    );
-                    self.send(IotlbMsg::AccessFail {
-                        iova,
-                        perm: access.as_perm(),
-                    });
+                    if let Some(suppressed) = self.may_warn(w) {
+                        tracing::info!(
+                            queue = self.cfg.index,
+                            iova = %format_args!("{iova:#x}"),
+                            %access,
+                            suppressed,
+                            "vhost-user: access denied by the IOMMU; request failed"
+                        );
+                    }
+                    // A guest may loop on a denied access; the front-end hears of each page
+                    // and direction once per window, and of a bounded number per queue.
+                    let page = iova & !(PAGE - 1);
+                    if w.access_fails.allow(page, access, Instant::now()) {
+                        EngineCounters::add(&self.shared.stats.access_fails_sent, 1);
+                        self.send(IotlbMsg::AccessFail {
+                            iova,
+                            perm: access.as_perm(),
+                        });
+                    } else {
+                        EngineCounters::add(&self.shared.stats.access_fails_suppressed, 1);
+                    }
                     w.open = Some(head);
                     match self.fail(w, tr, head) {
                         Ok(None) => {}
@@ -765,12 +781,15 @@ impl<D: Device> WorkerState<D> {
                 Err(PopError::Invalid { head, reason }) => {
                     served += 1;
                     EngineCounters::add(&self.shared.stats.invalid_chains, 1);
-                    tracing::warn!(
-                        queue = self.cfg.index,
-                        head,
-                        %reason,
-                        "vhost-user: chain refused; request failed"
-                    );
+                    if let Some(suppressed) = self.may_warn(w) {
+                        tracing::warn!(
+                            queue = self.cfg.index,
+                            head,
+                            %reason,
+                            suppressed,
+                            "vhost-user: chain refused; request failed"
+                        );
+                    }
                     w.open = Some(head);
                     match self.fail(w, tr, head) {
                         Ok(None) => {}
@@ -813,6 +832,18 @@ impl<D: Device> WorkerState<D> {
                     .miss_rtt
                     .record(at.saturating_duration_since(sent));
                 w.rtt = None;
+            }
+        }
+    }
+
+    /// Whether a warning the guest caused (and can cause in a loop) may be logged now: `Some`
+    /// with the number held back since the last one logged; `None` (counted) if not.
+    fn may_warn(&self, w: &mut Work<D::Handler>) -> Option<u64> {
+        match w.warnings.allow(Instant::now()) {
+            Ok(held) => Some(held),
+            Err(()) => {
+                EngineCounters::add(&self.shared.stats.warnings_suppressed, 1);
+                None
             }
         }
     }
@@ -1348,6 +1379,10 @@ struct Work<H> {
     held_since: Option<Instant>,
     /// The MISS this queue sent and waits for: when, and the address that missed.
     rtt: Option<(Instant, u64, Access)>,
+    /// Warnings the guest causes (malformed chains, denied accesses), rate-limited.
+    warnings: Limit,
+    /// ACCESS_FAILs sent, rate-limited per page and in all.
+    access_fails: AccessFailLimit,
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ use common::{blk_request, blk_server, connect, status, Frontend, MEM};
 use devices::BlkConfig;
 use rustix::event::{eventfd, EventfdFlags};
 use rustix::fs::{memfd_create, MemfdFlags};
-use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN};
+use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN};
 use wire::features::device;
 use wire::vhost_user::{
     BackendRequest, FrontendRequest, MemoryRegion, RegionFd, VringFile, VringState,
@@ -247,4 +247,51 @@ fn set_vring_base_on_a_running_queue_is_where_the_next_kick_starts_it() {
         0,
         "the base the front-end set, not the old worker's"
     );
+}
+
+#[test]
+fn a_guest_looping_on_a_denied_access_gets_few_access_fails_and_every_request_fails() {
+    let s = blk_server(DISK, BlkConfig::default(), EngineConfig::default());
+    let (sock, t) = connect(&s);
+    let mut f = Frontend::connect(sock, 1, 64, true, 9);
+    // One page the IOMMU maps read-only, used again and again as a device-writable buffer.
+    let iova = 0x30_0000_0000;
+    let gpa = f.alloc.page();
+    f.space.map_page(iova, gpa, iotlb::Perm::ReadOnly);
+    let start = Instant::now();
+    let (rounds, per_round) = (5, 16);
+    for _ in 0..rounds {
+        let mut statuses = Vec::new();
+        for _ in 0..per_round {
+            let (h, _, st) = blk_request(&mut f, VIRTIO_BLK_T_IN, 0, &[], 0);
+            let data = virtq::testing::Buf {
+                iova,
+                len: 4096,
+                write: true,
+            };
+            f.submit(0, &[h, data, st]);
+            statuses.push(st);
+        }
+        f.wait_used(0, per_round, Duration::from_secs(10));
+        for st in statuses {
+            assert_eq!(status(&f, &st), VIRTIO_BLK_S_IOERR as u8);
+        }
+    }
+    let secs = start.elapsed().as_secs() + 1;
+    f.serve_misses();
+    let denied = (rounds * per_round) as u64;
+    // One per page and direction a second (the test may straddle a few seconds).
+    assert!(
+        (1..=secs as usize + 1).contains(&f.access_fails.len()),
+        "{} ACCESS_FAILs for {denied} denied accesses in {secs} s",
+        f.access_fails.len()
+    );
+    drop(f);
+    t.join().unwrap();
+    let st = s.stats();
+    assert_eq!(st.access_failures, denied);
+    assert_eq!(st.access_fails_sent + st.access_fails_suppressed, denied);
+    assert!(st.access_fails_suppressed >= denied - secs - 1, "{st}");
+    // Each denied access is a warning too: at most 10 a second of them are logged.
+    assert!(st.warnings_suppressed >= denied - 10 * (secs + 1), "{st}");
 }
