@@ -449,7 +449,15 @@ impl BlkQueue {
     fn execute(&self, op: Op) -> u8 {
         let ok = match op {
             Op::Flush => self.file.sync_data().is_ok(),
-            Op::Fallocate { mode, offset, len } => fallocate(&self.file, mode, offset, len),
+            Op::Fallocate { mode, offset, len } => match fallocate(&self.file, mode, offset, len) {
+                // A file system without ZERO_RANGE (tmpfs, a memfd) zeroes by punching a
+                // hole: the range reads back as zeros all the same.
+                Err(libc::EOPNOTSUPP) if mode & libc::FALLOC_FL_ZERO_RANGE != 0 => {
+                    let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+                    fallocate(&self.file, punch, offset, len).is_ok()
+                }
+                r => r.is_ok(),
+            },
         };
         if ok {
             VIRTIO_BLK_S_OK as u8
@@ -459,15 +467,22 @@ impl BlkQueue {
     }
 }
 
-fn fallocate(file: &File, mode: i32, offset: u64, len: u64) -> bool {
+/// `fallocate(2)`; the errno on failure.
+fn fallocate(file: &File, mode: i32, offset: u64, len: u64) -> Result<(), i32> {
     let (Ok(off), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
-        return false;
+        return Err(libc::EINVAL);
     };
     if len == 0 {
-        return true;
+        return Ok(());
     }
     // SAFETY: fallocate on an fd we own, with plain integer arguments; no memory is passed.
-    unsafe { libc::fallocate(file.as_raw_fd(), mode, off, len) == 0 }
+    if unsafe { libc::fallocate(file.as_raw_fd(), mode, off, len) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EIO))
+    }
 }
 
 impl QueueHandler for BlkQueue {

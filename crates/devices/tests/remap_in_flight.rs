@@ -5,97 +5,17 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
-use backend::{Device, EngineConfig, QueueHandler, Served, Server, Unreported};
+use backend::{EngineConfig, Server};
+use common::gated::{GateControl, Stop};
 use common::{blk_request, connect, disk, pattern, status, Frontend, VA_BASE};
-use devices::{Blk, BlkConfig, BlkQueue};
+use devices::{Blk, BlkConfig};
 use iotlb::Perm;
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_OK, VIRTIO_BLK_T_OUT};
 use virtq::testing::PAGE;
-use virtq::{Chain, ChainLimits};
-use vm_memory::GuestMemoryMmap;
 use wire::IotlbMsg;
-
-/// Holds the next request in `serve` until released.
-struct Gate {
-    armed: AtomicBool,
-    entered: Mutex<mpsc::Sender<()>>,
-    release: Mutex<mpsc::Receiver<()>>,
-}
-
-/// virtio-blk whose handlers stop at the gate.
-struct Gated {
-    blk: Blk,
-    gate: Arc<Gate>,
-}
-
-struct GatedQueue {
-    inner: BlkQueue,
-    gate: Arc<Gate>,
-}
-
-impl Device for Gated {
-    type Handler = GatedQueue;
-    fn features(&self) -> u64 {
-        self.blk.features()
-    }
-    fn protocol_features(&self) -> u64 {
-        self.blk.protocol_features()
-    }
-    fn queues(&self) -> u16 {
-        self.blk.queues()
-    }
-    fn max_queue_size(&self) -> u16 {
-        self.blk.max_queue_size()
-    }
-    fn read_config(&self, offset: u32, buf: &mut [u8]) {
-        self.blk.read_config(offset, buf)
-    }
-    fn write_config(&self, offset: u32, data: &[u8]) -> bool {
-        self.blk.write_config(offset, data)
-    }
-    fn chain_limits(&self) -> ChainLimits {
-        self.blk.chain_limits()
-    }
-    fn handler(&self, index: u16) -> GatedQueue {
-        GatedQueue {
-            inner: self.blk.handler(index),
-            gate: self.gate.clone(),
-        }
-    }
-}
-
-impl QueueHandler for GatedQueue {
-    fn serve(&mut self, chain: &Chain, mem: &GuestMemoryMmap) -> Result<Served, Unreported> {
-        if self.gate.armed.swap(false, Ordering::SeqCst) {
-            let _ = self.gate.entered.lock().unwrap().send(());
-            let _ = self.gate.release.lock().unwrap().recv();
-        }
-        self.inner.serve(chain, mem)
-    }
-    fn run_deferred(&mut self) {
-        self.inner.run_deferred()
-    }
-    fn report_deferred(&mut self, status: u64, mem: &GuestMemoryMmap) -> Result<u32, Unreported> {
-        self.inner.report_deferred(status, mem)
-    }
-    fn fail(&mut self, status: u64, mem: &GuestMemoryMmap) -> Result<u32, Unreported> {
-        self.inner.fail(status, mem)
-    }
-}
-
-/// Serve misses until the gated request is in `serve`.
-fn wait_in_serve(f: &mut Frontend, entered: &mpsc::Receiver<()>) {
-    let start = Instant::now();
-    while entered.try_recv().is_err() {
-        assert!(start.elapsed() < Duration::from_secs(10), "never served");
-        f.serve_misses();
-    }
-}
 
 /// The IOMMU side maps the page at `iova` to a fresh guest page and sends the UPDATE
 /// without waiting for its acknowledgement.
@@ -112,13 +32,7 @@ fn remap(f: &mut Frontend, iova: u64) -> wire::vhost_user::Header {
 
 #[test]
 fn a_remap_of_evicted_bytes_a_request_holds_waits_for_the_request() {
-    let (entered_tx, entered) = mpsc::channel();
-    let (release, release_rx) = mpsc::channel();
-    let gate = Arc::new(Gate {
-        armed: AtomicBool::new(false),
-        entered: Mutex::new(entered_tx),
-        release: Mutex::new(release_rx),
-    });
+    let gate = GateControl::new();
     let blk = Blk::new(
         disk(4 << 20),
         BlkConfig {
@@ -128,10 +42,7 @@ fn a_remap_of_evicted_bytes_a_request_holds_waits_for_the_request() {
     )
     .unwrap();
     let s = Arc::new(Server::new(
-        Gated {
-            blk,
-            gate: gate.clone(),
-        },
+        gate.device(blk),
         EngineConfig {
             iotlb_capacity: backend::MIN_IOTLB_CAPACITY,
             miss_timeout: Duration::from_secs(10),
@@ -147,9 +58,9 @@ fn a_remap_of_evicted_bytes_a_request_holds_waits_for_the_request() {
     let data = pattern(6, 40 * PAGE as usize);
     let (h, d, st) = blk_request(&mut f, VIRTIO_BLK_T_OUT, 0, &data, 0);
     let d = d.unwrap();
-    gate.armed.store(true, Ordering::SeqCst);
+    gate.arm(Stop::InServe);
     f.submit(0, &[h, d, st]);
-    wait_in_serve(&mut f, &entered);
+    gate.wait_stopped(&mut f);
 
     // The IOMMU side remaps data page 20 to another guest page while the write is in flight.
     let sent = remap(&mut f, d.iova + 20 * PAGE);
@@ -157,7 +68,7 @@ fn a_remap_of_evicted_bytes_a_request_holds_waits_for_the_request() {
         !f.reply_within(Duration::from_millis(300)),
         "the remap was acknowledged while a request holding the old translation was in flight"
     );
-    release.send(()).unwrap();
+    gate.release();
     f.conn.recv_ack(&sent).unwrap();
     let used = f.wait_used(0, 1, Duration::from_secs(10));
     assert_eq!(used.len(), 1);
@@ -166,16 +77,16 @@ fn a_remap_of_evicted_bytes_a_request_holds_waits_for_the_request() {
     // An UPDATE of bytes nobody ever had mapped waits for nothing, even while a request is in
     // flight.
     let (h, d, st) = blk_request(&mut f, VIRTIO_BLK_T_OUT, 0, &pattern(1, 512), 0);
-    gate.armed.store(true, Ordering::SeqCst);
+    gate.arm(Stop::InServe);
     f.submit(0, &[h, d.unwrap(), st]);
-    wait_in_serve(&mut f, &entered);
+    gate.wait_stopped(&mut f);
     let sent = remap(&mut f, 0x6000_0000_0000);
     f.conn
         .socket()
         .set_read_timeout(Some(Duration::from_secs(5)))
         .unwrap();
     let acked = f.conn.recv_ack(&sent);
-    release.send(()).unwrap();
+    gate.release();
     acked.expect("an UPDATE of fresh bytes waited for the request in flight");
     f.wait_used(0, 1, Duration::from_secs(10));
     drop(f);

@@ -5,6 +5,8 @@
 
 #![allow(dead_code)]
 
+pub mod gated;
+
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
