@@ -191,6 +191,10 @@ impl MemTable {
     }
 
     fn from_regions(mut regions: Vec<Region>) -> Result<Self, MemError> {
+        // vm-memory refuses a memory of no region; REM_MEM_REG of the last one leaves that.
+        if regions.is_empty() {
+            return Ok(Self::empty());
+        }
         regions.sort_by_key(|r| r.info.guest_phys_addr);
         let mem =
             GuestMemoryMmap::from_arc_regions(regions.iter().map(|r| r.mapped.clone()).collect())
@@ -407,6 +411,20 @@ mod tests {
             .unwrap();
         assert_eq!(less.len(), 2);
         assert!(less.without_region(&region(0x999_0000, 1, 0, 0)).is_err());
+        // Down to no region at all (REM_MEM_REG of the last), and back.
+        let none = less
+            .without_region(&region(0, 0x20_0000, 0, 0))
+            .and_then(|t| t.without_region(&region(0x100_0000, 0x20_0000, 0, 0)))
+            .unwrap();
+        assert!(none.is_empty());
+        let one = none.with_region(
+            RegionFd {
+                region: region(0, 0x1000, 0x6000_0000, 0),
+                fd: memfd(0x1000),
+            },
+            SEALED,
+        );
+        assert_eq!(one.unwrap().len(), 1);
     }
 
     #[test]
