@@ -16,6 +16,16 @@
 //!   sent together after one quiescence; any other request first flushes them (replies stay
 //!   in request order).
 //!
+//! What the front-end hands us is checked before it is used: kick, call and error fds must
+//! be eventfds ([`crate::eventfd`]), memory regions must fit in 64 bits and a memfd must be
+//! sealed against shrinking ([`crate::memory`]).
+//!
+//! Changes under a running queue restart it: a SET_FEATURES that changes the features stops
+//! every running queue, applies, and starts them again from where they stopped (with the new
+//! translator, notification mode and chain limits); a SET_VRING_BASE stops a running queue,
+//! and the next SET_VRING_KICK starts it from that base. Ring sizes and addresses take
+//! effect at the next start too.
+//!
 //! Reset hygiene: GET_VRING_BASE stops that queue and drops its pending misses; every
 //! SET_FEATURES with ACCESS_PLATFORM empties the IOTLB (QEMU re-sends it after a guest reset
 //! without forwarding the unmaps of the old rings); a new memory table empties it too; the
