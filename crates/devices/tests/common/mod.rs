@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod gated;
+pub mod liveness;
 
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
