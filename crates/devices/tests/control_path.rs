@@ -295,3 +295,29 @@ fn a_guest_looping_on_a_denied_access_gets_few_access_fails_and_every_request_fa
     // Each denied access is a warning too: at most 10 a second of them are logged.
     assert!(st.warnings_suppressed >= denied - 10 * (secs + 1), "{st}");
 }
+
+#[test]
+fn switching_event_idx_off_under_a_running_queue_restarts_it_in_the_new_mode() {
+    let (mut f, _t) = frontend(false);
+    let (_, _, used) = f.queues[0].driver.addresses();
+    // avail_event: the u16 after the used ring's 64 elements (size 64 here).
+    let avail_event = used + 4 + 8 * 64;
+    assert_eq!(read_one(&mut f), VIRTIO_BLK_S_OK as u8);
+    let written = |f: &Frontend| {
+        let b = f.space.read(&f.mem, avail_event, 2);
+        u16::from_le_bytes([b[0], b[1]])
+    };
+    assert_eq!(
+        written(&f),
+        1,
+        "with EVENT_IDX the device asks for a kick at index 1"
+    );
+    let feats = device::VERSION_1 | device::PROTOCOL_FEATURES;
+    assert!(accepted(&mut f, FrontendRequest::SetFeatures(feats)));
+    // Without EVENT_IDX the device never writes avail_event: a queue left in the old mode
+    // would write it again after the next request.
+    f.space.write(&f.mem, avail_event, &[0, 0]);
+    assert_eq!(read_one(&mut f), VIRTIO_BLK_S_OK as u8);
+    assert_eq!(read_one(&mut f), VIRTIO_BLK_S_OK as u8);
+    assert_eq!(written(&f), 0, "the queue still runs with EVENT_IDX");
+}
