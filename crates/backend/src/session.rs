@@ -51,7 +51,7 @@ use crate::eventfd::checked_eventfd;
 use crate::memory::{MapOptions, MemTable, MAX_REGIONS};
 use crate::quiesce::Epochs;
 use crate::stats::EngineCounters;
-use crate::worker::{Worker, WorkerConfig};
+use crate::worker::{QueueConfig, Worker};
 
 /// Most IOTLB acknowledgements held back to be sent together (see `Session::deferred`).
 const MAX_DEFERRED_ACKS: usize = 128;
@@ -676,7 +676,7 @@ impl<D: Device> Session<D> {
         if !protocol_features {
             v.enabled.store(true, Ordering::SeqCst);
         }
-        let cfg = WorkerConfig {
+        let cfg = QueueConfig {
             index: u16::from(index),
             size,
             desc: addrs[0],

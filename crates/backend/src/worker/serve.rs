@@ -1,0 +1,494 @@
+//! Serving the ring: pop a chain (translated whole before it is consumed), let the device
+//! serve it, complete it, and notify the driver; fail a request the engine cannot serve by
+//! writing the device's error status into it, and never complete one whose status cannot be
+//! written. Each step that touches guest memory runs in its own quiescence section. Waiting
+//! and the miss lifecycle are elsewhere (`run`, `miss`).
+
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use iotlb::Access;
+use virtq::{Fault, PopError, Translator};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use wire::IotlbMsg;
+
+use super::miss::{Parked, Unfinished};
+use super::wake::signal;
+use super::{QueueState, Runner, PAGE};
+use crate::device::{Device, QueueHandler, Served, Unreported};
+use crate::stats::EngineCounters;
+
+/// Completions between two driver notifications under sustained load.
+pub(super) const NOTIFY_EVERY: u32 = 32;
+
+/// Requests one drain serves before it returns to the wait loop (which looks at stop and
+/// enable and the eventfds), whatever the guest keeps posting: Linux's vhost bounds a round
+/// the same way (`vhost_exceeds_weight`). Stop and enable are also looked at between any two
+/// requests, so this bounds only how long kicks and wake-ups wait to be consumed.
+pub(super) const DRAIN_BUDGET_REQUESTS: u32 = 64;
+/// Bytes (readable and writable buffers) one drain serves before it returns: a few large
+/// requests are a round too.
+pub(super) const DRAIN_BUDGET_BYTES: u64 = 16 << 20;
+
+/// How a drain ended.
+pub(super) enum Drained {
+    Empty,
+    Parked(Parked),
+    Broken,
+    /// It served its budget of requests, or saw a stop or a disable between two requests:
+    /// the queue may not be empty; the wait loop looks at stop and enable, then drains again
+    /// without waiting for a kick.
+    Yielded,
+}
+
+/// What one section of [`Runner::drain`] did.
+pub(super) enum Popped {
+    /// Served `head`; `done` is how completing it went.
+    Served {
+        head: u16,
+        len: u32,
+        done: Result<(), PopError>,
+        /// When it was popped: the queue got past any miss it waited for (the round trip
+        /// ends there, not after the device served the request).
+        popped: Instant,
+    },
+    /// Taken off the ring, but the device could not write its outcome: never completed.
+    Unreported { head: u16, popped: Instant },
+    /// Checked by the device, whose work runs outside the section
+    /// ([`Served::Deferred`]).
+    Deferred { head: u16, popped: Instant },
+    /// A chain came in while notifications were being re-enabled.
+    More,
+    /// Nothing to do.
+    Empty,
+}
+
+/// Whose outcome a request's status byte gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Outcome {
+    /// The engine could not serve it: the device's error status ([`QueueHandler::fail`]).
+    Failed,
+    /// The device did its deferred work ([`QueueHandler::report_deferred`]).
+    Deferred,
+}
+
+/// What one attempt at writing a failed request's status came to.
+pub(super) enum FailStep {
+    /// Written; the used length.
+    Written(u32),
+    /// A translation on the way is missing (the status byte's, with its IOVA, or an indirect
+    /// table's while looking for it).
+    Missing {
+        iova: u64,
+        access: Access,
+        status: Option<u64>,
+    },
+    /// It cannot be written at all.
+    Unwritable(&'static str),
+}
+
+impl<D: Device> Runner<D> {
+    /// Serve chains until the queue is empty, a miss parks it, it breaks, or its budget is
+    /// spent (or a stop or a disable came: [`Drained::Yielded`]).
+    pub(super) fn serve_ring(
+        &self,
+        w: &mut QueueState<D::Handler>,
+        tr: &mut dyn Translator,
+    ) -> Drained {
+        let (mut served, mut bytes) = (0u32, 0u64);
+        let outcome = loop {
+            // Between two requests: a stop or a disable is seen here, never after the ring
+            // empties (a guest may keep it full for ever).
+            if served > 0
+                && (served >= DRAIN_BUDGET_REQUESTS
+                    || bytes >= DRAIN_BUDGET_BYTES
+                    || self.stop.load(Ordering::SeqCst)
+                    || !self.cfg.enabled.load(Ordering::SeqCst))
+            {
+                break Drained::Yielded;
+            }
+            let popped = self.section(|gm| match w.queue.pop(tr, gm, &mut w.chain) {
+                Ok(true) => {
+                    let head = w.chain.head();
+                    let popped = Instant::now();
+                    w.open = Some(head);
+                    let bytes =
+                        u64::from(w.chain.readable_len()) + u64::from(w.chain.writable_len());
+                    EngineCounters::max(&self.shared.stats.largest_request, bytes);
+                    match w.handler.serve(&w.chain, gm) {
+                        Ok(Served::Deferred) => Ok(Popped::Deferred { head, popped }),
+                        Ok(Served::Done(len)) => {
+                            let done = w.queue.complete(tr, gm, head, len);
+                            Ok(Popped::Served {
+                                head,
+                                len,
+                                done,
+                                popped,
+                            })
+                        }
+                        Err(Unreported) => Ok(Popped::Unreported { head, popped }),
+                    }
+                }
+                // Ask for a kick at the next avail index (with EVENT_IDX the driver kicks
+                // only where avail_event says), then look once more: a chain that came in
+                // between would otherwise wait for a kick that is not coming.
+                Ok(false) => w.queue.set_notification(tr, gm, true).map(|more| {
+                    if more {
+                        Popped::More
+                    } else {
+                        Popped::Empty
+                    }
+                }),
+                Err(e) => Err(e),
+            });
+            // A walk that got further than the address it was parked on: that miss is over.
+            match &popped {
+                Err(PopError::Miss { iova, access }) => {
+                    self.progress(w, Some((*iova, *access)), Instant::now())
+                }
+                Ok(
+                    Popped::Served { popped, .. }
+                    | Popped::Unreported { popped, .. }
+                    | Popped::Deferred { popped, .. },
+                ) => self.progress(w, None, *popped),
+                _ => self.progress(w, None, Instant::now()),
+            }
+            match popped {
+                Ok(Popped::Served {
+                    head, len, done, ..
+                }) => {
+                    EngineCounters::add(&self.shared.stats.requests, 1);
+                    served += 1;
+                    bytes += u64::from(w.chain.readable_len()) + u64::from(w.chain.writable_len());
+                    match done {
+                        Ok(()) => self.count_completion(w, tr),
+                        // The used ring was invalidated while the request was served (pop
+                        // translated it first): park until it is mapped again, then
+                        // complete. The request is not served twice.
+                        Err(PopError::Miss { iova, access }) => {
+                            match self.park(iova, access, Unfinished::Complete { head, len }) {
+                                Some(p) => break Drained::Parked(p),
+                                None => match self.put_used(w, tr, head, len) {
+                                    Ok(None) => {}
+                                    Ok(Some(p)) => break Drained::Parked(p),
+                                    Err(()) => break Drained::Broken,
+                                },
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(queue = self.cfg.index, error = %e, "vhost-user: complete failed");
+                            break Drained::Broken;
+                        }
+                    }
+                }
+                Ok(Popped::Deferred { head, .. }) => {
+                    EngineCounters::add(&self.shared.stats.requests, 1);
+                    served += 1;
+                    // Outside any section: an invalidation or a memory table swap meanwhile
+                    // does not wait for it (the status byte is translated again after).
+                    w.handler.run_deferred();
+                    match self.report(w, tr, head, Outcome::Deferred) {
+                        Ok(None) => {}
+                        Ok(Some(p)) => break Drained::Parked(p),
+                        Err(()) => break Drained::Broken,
+                    }
+                }
+                Ok(Popped::Unreported { head, .. }) => {
+                    EngineCounters::add(&self.shared.stats.requests, 1);
+                    tracing::warn!(
+                        queue = self.cfg.index,
+                        head,
+                        "vhost-user: the device could not write a request's status; not completing it"
+                    );
+                    break Drained::Broken;
+                }
+                Ok(Popped::More) => continue,
+                Ok(Popped::Empty) => break Drained::Empty,
+                Err(PopError::Miss { iova, access }) => match self.miss(iova, access) {
+                    Some(p) => {
+                        if let Some(sent) = p.sent {
+                            w.rtt = Some((sent, iova, access));
+                            // A new miss: ask at once for every other page the next chains
+                            // will miss on, rather than one round trip each.
+                            self.prefetch(w, tr, iova);
+                        }
+                        break Drained::Parked(p);
+                    }
+                    None => continue, // mapped meanwhile: retry
+                },
+                Err(PopError::Denied { head, iova, access }) => {
+                    served += 1;
+                    EngineCounters::add(&self.shared.stats.access_failures, 1);
+                    if let Some(suppressed) = self.may_warn(w) {
+                        tracing::info!(
+                            queue = self.cfg.index,
+                            iova = %format_args!("{iova:#x}"),
+                            %access,
+                            suppressed,
+                            "vhost-user: access denied by the IOMMU; request failed"
+                        );
+                    }
+                    // A guest may loop on a denied access; the front-end hears of each page
+                    // and direction once per window, and of a bounded number per queue.
+                    let page = iova & !(PAGE - 1);
+                    if w.access_fails.allow(page, access, Instant::now()) {
+                        EngineCounters::add(&self.shared.stats.access_fails_sent, 1);
+                        self.send(IotlbMsg::AccessFail {
+                            iova,
+                            perm: access.as_perm(),
+                        });
+                    } else {
+                        EngineCounters::add(&self.shared.stats.access_fails_suppressed, 1);
+                    }
+                    w.open = Some(head);
+                    match self.fail(w, tr, head) {
+                        Ok(None) => {}
+                        Ok(Some(p)) => break Drained::Parked(p),
+                        Err(()) => break Drained::Broken,
+                    }
+                }
+                Err(PopError::Invalid { head, reason }) => {
+                    served += 1;
+                    EngineCounters::add(&self.shared.stats.invalid_chains, 1);
+                    if let Some(suppressed) = self.may_warn(w) {
+                        tracing::warn!(
+                            queue = self.cfg.index,
+                            head,
+                            %reason,
+                            suppressed,
+                            "vhost-user: chain refused; request failed"
+                        );
+                    }
+                    w.open = Some(head);
+                    match self.fail(w, tr, head) {
+                        Ok(None) => {}
+                        Ok(Some(p)) => break Drained::Parked(p),
+                        Err(()) => break Drained::Broken,
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(queue = self.cfg.index, error = %e, "vhost-user: queue broken until reset");
+                    break Drained::Broken;
+                }
+            }
+        };
+        // A drain that parked on a miss does not interrupt the driver for the few completions
+        // before it: the answer usually comes within the busy-poll window, and the queue goes
+        // on then; an interrupt now would wake the driver's thread to compete for the CPU
+        // with the threads the answer needs. They are held for one busy-poll window at most
+        // (counted from the first of them, across misses and kicks), announced before the
+        // worker blocks or stops, and at NOTIFY_EVERY as always.
+        if w.unnotified > 0 {
+            let held_too_long = w
+                .held_since
+                .is_some_and(|t| t.elapsed() >= self.shared.busy_poll);
+            if matches!(outcome, Drained::Parked(_)) && !held_too_long {
+                w.held_since.get_or_insert_with(Instant::now);
+            } else {
+                self.notify(w, tr);
+            }
+        }
+        outcome
+    }
+
+    /// Whether a warning the guest caused (and can cause in a loop) may be logged now: `Some`
+    /// with the number held back since the last one logged; `None` (counted) if not.
+    pub(super) fn may_warn(&self, w: &mut QueueState<D::Handler>) -> Option<u64> {
+        match w.warnings.allow(Instant::now()) {
+            Ok(held) => Some(held),
+            Err(()) => {
+                EngineCounters::add(&self.shared.stats.warnings_suppressed, 1);
+                None
+            }
+        }
+    }
+
+    /// A request was completed: notify the driver now and then under sustained load, not
+    /// only when the queue runs dry.
+    pub(super) fn count_completion(&self, w: &mut QueueState<D::Handler>, tr: &mut dyn Translator) {
+        w.open = None;
+        w.unnotified += 1;
+        if w.unnotified >= NOTIFY_EVERY {
+            self.notify(w, tr);
+        }
+    }
+
+    /// Fail the consumed request `head`: write the device's error status into its status byte
+    /// and complete it; if the byte's translation is missing, park until it comes; if the
+    /// status cannot be written, `Err` (the queue breaks: the request is never completed).
+    pub(super) fn fail(
+        &self,
+        w: &mut QueueState<D::Handler>,
+        tr: &mut dyn Translator,
+        head: u16,
+    ) -> Result<Option<Parked>, ()> {
+        self.report(w, tr, head, Outcome::Failed)
+    }
+
+    /// Write `outcome` into the consumed request `head`'s status byte and complete it (see
+    /// [`Self::fail`]).
+    pub(super) fn report(
+        &self,
+        w: &mut QueueState<D::Handler>,
+        tr: &mut dyn Translator,
+        head: u16,
+        outcome: Outcome,
+    ) -> Result<Option<Parked>, ()> {
+        let u = Unfinished::Report {
+            head,
+            status: None,
+            outcome,
+        };
+        self.finish_now(w, tr, u)
+    }
+
+    /// Try to finish `u` now.
+    pub(super) fn finish_now(
+        &self,
+        w: &mut QueueState<D::Handler>,
+        tr: &mut dyn Translator,
+        u: Unfinished,
+    ) -> Result<Option<Parked>, ()> {
+        match u {
+            Unfinished::Complete { head, len } => self.put_used(w, tr, head, len),
+            Unfinished::Report {
+                head,
+                status,
+                outcome,
+            } => loop {
+                let step = self.section(|gm| Self::write_outcome(w, tr, gm, head, status, outcome));
+                match step {
+                    FailStep::Written(len) => {
+                        if outcome == Outcome::Failed {
+                            EngineCounters::add(&self.shared.stats.failed, 1);
+                        }
+                        return self.put_used(w, tr, head, len);
+                    }
+                    FailStep::Missing {
+                        iova,
+                        access,
+                        status,
+                    } => {
+                        let u = Unfinished::Report {
+                            head,
+                            status,
+                            outcome,
+                        };
+                        if let Some(p) = self.park(iova, access, u) {
+                            return Ok(Some(p));
+                        }
+                    }
+                    FailStep::Unwritable(why) => {
+                        tracing::warn!(
+                            queue = self.cfg.index,
+                            head,
+                            reason = why,
+                            "vhost-user: a request's status cannot be written; not completing it"
+                        );
+                        return Err(());
+                    }
+                }
+            },
+        }
+    }
+
+    /// Let the device write `outcome` for the consumed request `head`, inside the caller's
+    /// section: the status byte (the last device-writable byte, at `status` if it is known
+    /// already) is found, translated for writing and written there and then.
+    pub(super) fn write_outcome(
+        w: &mut QueueState<D::Handler>,
+        tr: &mut dyn Translator,
+        gm: &GuestMemoryMmap,
+        head: u16,
+        status: Option<u64>,
+        outcome: Outcome,
+    ) -> FailStep {
+        let iova = match status {
+            Some(iova) => iova,
+            None => match w.queue.last_writable(tr, gm, head) {
+                // The buffer's bounds come from the guest: no overflow.
+                Ok(Some((addr, len))) => match u64::from(len)
+                    .checked_sub(1)
+                    .and_then(|last| addr.checked_add(last))
+                {
+                    Some(iova) => iova,
+                    None => return FailStep::Unwritable("status byte past the end of the space"),
+                },
+                Ok(None) => return FailStep::Unwritable("no device-writable descriptor"),
+                // An indirect table not translated yet.
+                Err(PopError::Miss { iova, access }) => {
+                    return FailStep::Missing {
+                        iova,
+                        access,
+                        status: None,
+                    }
+                }
+                Err(_) => return FailStep::Unwritable("the chain cannot be read"),
+            },
+        };
+        let mut seg = Vec::with_capacity(1);
+        match tr.translate(iova, 1, Access::Write, &mut seg) {
+            Ok(()) => match seg.first() {
+                Some(s) if gm.check_range(GuestAddress(s.addr), 1) => {
+                    let written = match outcome {
+                        Outcome::Failed => w.handler.fail(s.addr, gm),
+                        Outcome::Deferred => w.handler.report_deferred(s.addr, gm),
+                    };
+                    match written {
+                        Ok(len) => FailStep::Written(len),
+                        Err(Unreported) => FailStep::Unwritable("the device could not write it"),
+                    }
+                }
+                _ => FailStep::Unwritable("outside guest memory"),
+            },
+            Err(Fault::Miss { iova: at, access }) => FailStep::Missing {
+                iova: at,
+                access,
+                status: Some(iova),
+            },
+            Err(Fault::Denied { .. }) => FailStep::Unwritable("mapped without write permission"),
+            Err(Fault::BadAddress { .. }) => FailStep::Unwritable("outside guest memory"),
+        }
+    }
+
+    /// Complete `head` with `len`. `Ok(Some)` when the used ring missed.
+    pub(super) fn put_used(
+        &self,
+        w: &mut QueueState<D::Handler>,
+        tr: &mut dyn Translator,
+        head: u16,
+        len: u32,
+    ) -> Result<Option<Parked>, ()> {
+        loop {
+            let done = self.section(|gm| w.queue.complete(tr, gm, head, len));
+            match done {
+                Ok(()) => {
+                    self.count_completion(w, tr);
+                    return Ok(None);
+                }
+                Err(PopError::Miss { iova, access }) => {
+                    if let Some(p) = self.park(iova, access, Unfinished::Complete { head, len }) {
+                        return Ok(Some(p));
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(queue = self.cfg.index, error = %e, "vhost-user: complete failed");
+                    return Err(());
+                }
+            }
+        }
+    }
+
+    pub(super) fn notify(&self, w: &mut QueueState<D::Handler>, tr: &mut dyn Translator) {
+        w.unnotified = 0;
+        w.held_since = None;
+        let wants = self.section(|gm| w.queue.needs_notification(tr, gm));
+        // When the driver's wish cannot be read, notify anyway: a spurious interrupt is
+        // harmless, a missing one hangs the driver.
+        if matches!(wants, Ok(true) | Err(_)) {
+            if let Some(call) = self.cfg.call.lock().as_ref() {
+                signal(call);
+            }
+        }
+    }
+}
