@@ -27,6 +27,24 @@ pub(super) struct Parked {
     pub(super) unfinished: Option<Unfinished>,
 }
 
+/// Where a step on a request the queue took off the ring left it.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Next {
+    /// Done with it: the queue goes on.
+    Go,
+    /// Waiting for a translation (the queue parks).
+    Parked(Parked),
+    /// The queue cannot go on (broken until the front-end restarts it).
+    Broken,
+}
+
+impl Next {
+    /// Parked if `p` is there, else go on.
+    pub(super) fn waiting(p: Option<Parked>) -> Next {
+        p.map_or(Next::Go, Next::Parked)
+    }
+}
+
 /// A request consumed from the avail ring whose completion waits for a translation.
 #[derive(Debug, Clone, Copy)]
 pub(super) enum Unfinished {
@@ -131,29 +149,30 @@ impl<D: Device> Runner<D> {
     }
 
     /// Woken, or timed out, while parked: finish what waits, and deal with a miss whose time
-    /// is up. `Ok(None)`: go on draining the queue.
+    /// is up. [`Next::Go`]: go on serving the ring.
     pub(super) fn resume(
         &self,
         w: &mut QueueState<D::Handler>,
         tr: &mut dyn Translator,
         p: Parked,
-    ) -> Result<Option<Parked>, ()> {
+    ) -> Next {
         let p = match p.unfinished {
-            Some(u) => match self.finish_now(w, tr, u)? {
-                None => return Ok(None),
+            Some(u) => match self.finish_now(w, tr, u) {
+                Next::Go => return Next::Go,
+                Next::Broken => return Next::Broken,
                 // Still waiting: on the same miss, the clock keeps running.
-                Some(again) if again.iova == p.iova && again.access == p.access => Parked {
+                Next::Parked(again) if again.iova == p.iova && again.access == p.access => Parked {
                     since: p.since,
                     sent: p.sent,
                     ..again
                 },
-                Some(again) => again,
+                Next::Parked(again) => again,
             },
             None => p,
         };
         if p.since.elapsed() < self.shared.miss_timeout {
             // Not answered yet (a request in progress waits; a queue re-walks its chain).
-            return Ok(p.unfinished.map(|_| p));
+            return Next::waiting(p.unfinished.map(|_| p));
         }
         self.on_timeout(w, tr, p)
     }
@@ -164,7 +183,7 @@ impl<D: Device> Runner<D> {
         w: &mut QueueState<D::Handler>,
         tr: &mut dyn Translator,
         p: Parked,
-    ) -> Result<Option<Parked>, ()> {
+    ) -> Next {
         let now = Instant::now();
         let index = self.cfg.index;
         let mine = self
@@ -178,7 +197,7 @@ impl<D: Device> Runner<D> {
         let Some(m) = mine else {
             // Resolved, cancelled, or resent by another queue not long ago: a queue re-walks
             // its chain; a request in progress waits once more, from now.
-            return Ok(p.unfinished.map(|_| Parked { since: now, ..p }));
+            return Next::waiting(p.unfinished.map(|_| Parked { since: now, ..p }));
         };
         if m.sends < 2 {
             tracing::info!(
@@ -192,7 +211,7 @@ impl<D: Device> Runner<D> {
             });
             EngineCounters::add(&self.shared.stats.misses_sent, 1);
             self.shared.iotlb.miss_resent(m.page, m.access, now);
-            return Ok(Some(Parked { since: now, ..p }));
+            return Next::Parked(Parked { since: now, ..p });
         }
         tracing::warn!(
             queue = index,
@@ -212,10 +231,10 @@ impl<D: Device> Runner<D> {
                         w.open = Some(head);
                         self.fail(w, tr, head)
                     }
-                    Ok(None) => Ok(None),
+                    Ok(None) => Next::Go,
                     Err(e) => {
                         tracing::warn!(queue = index, error = %e, "vhost-user: queue broken until reset");
-                        Err(())
+                        Next::Broken
                     }
                 }
             }
@@ -227,7 +246,7 @@ impl<D: Device> Runner<D> {
                     head,
                     "vhost-user: a failed request's status byte was never mapped; not completing it"
                 );
-                Err(())
+                Next::Broken
             }
             // The used ring itself cannot be written: nothing more can be done on this ring.
             Some(Unfinished::Complete { .. }) => {
@@ -235,7 +254,7 @@ impl<D: Device> Runner<D> {
                     queue = index,
                     "vhost-user: used ring unreachable; queue broken until reset"
                 );
-                Err(())
+                Next::Broken
             }
         }
     }

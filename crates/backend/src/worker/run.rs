@@ -10,7 +10,7 @@ use rustix::event::{poll, PollFd, PollFlags, Timespec};
 use virtq::{Chain, GpaTranslator, IotlbTranslator, Queue, Translator};
 use vm_memory::GuestMemoryMmap;
 
-use super::miss::Parked;
+use super::miss::{Next, Parked};
 use super::serve::Drained;
 use super::wake::{consume, signal};
 use super::{QueueState, Runner};
@@ -91,13 +91,13 @@ impl<D: Device> Runner<D> {
             let prev = parked.take();
             if let Some(p) = prev {
                 match self.resume(&mut w, &mut *tr, p) {
-                    Ok(Some(again)) => {
+                    Next::Parked(again) => {
                         parked = Some(again);
                         self.publish_base(&w);
                         continue;
                     }
-                    Ok(None) => {}
-                    Err(()) => {
+                    Next::Go => {}
+                    Next::Broken => {
                         broken = self.break_queue();
                         self.publish_base(&w);
                         continue;

@@ -12,7 +12,7 @@ use virtq::{Fault, PopError, Translator};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use wire::IotlbMsg;
 
-use super::miss::{Parked, Unfinished};
+use super::miss::{Next, Parked, Unfinished};
 use super::wake::signal;
 use super::{QueueState, Runner, PAGE};
 use crate::device::{Device, QueueHandler, Served, Unreported};
@@ -169,9 +169,9 @@ impl<D: Device> Runner<D> {
                             match self.park(iova, access, Unfinished::Complete { head, len }) {
                                 Some(p) => break Drained::Parked(p),
                                 None => match self.put_used(w, tr, head, len) {
-                                    Ok(None) => {}
-                                    Ok(Some(p)) => break Drained::Parked(p),
-                                    Err(()) => break Drained::Broken,
+                                    Next::Go => {}
+                                    Next::Parked(p) => break Drained::Parked(p),
+                                    Next::Broken => break Drained::Broken,
                                 },
                             }
                         }
@@ -188,9 +188,9 @@ impl<D: Device> Runner<D> {
                     // does not wait for it (the status byte is translated again after).
                     w.handler.run_deferred();
                     match self.report(w, tr, head, Outcome::Deferred) {
-                        Ok(None) => {}
-                        Ok(Some(p)) => break Drained::Parked(p),
-                        Err(()) => break Drained::Broken,
+                        Next::Go => {}
+                        Next::Parked(p) => break Drained::Parked(p),
+                        Next::Broken => break Drained::Broken,
                     }
                 }
                 Ok(Popped::Unreported { head, .. }) => {
@@ -242,9 +242,9 @@ impl<D: Device> Runner<D> {
                     }
                     w.open = Some(head);
                     match self.fail(w, tr, head) {
-                        Ok(None) => {}
-                        Ok(Some(p)) => break Drained::Parked(p),
-                        Err(()) => break Drained::Broken,
+                        Next::Go => {}
+                        Next::Parked(p) => break Drained::Parked(p),
+                        Next::Broken => break Drained::Broken,
                     }
                 }
                 Err(PopError::Invalid { head, reason }) => {
@@ -261,9 +261,9 @@ impl<D: Device> Runner<D> {
                     }
                     w.open = Some(head);
                     match self.fail(w, tr, head) {
-                        Ok(None) => {}
-                        Ok(Some(p)) => break Drained::Parked(p),
-                        Err(()) => break Drained::Broken,
+                        Next::Go => {}
+                        Next::Parked(p) => break Drained::Parked(p),
+                        Next::Broken => break Drained::Broken,
                     }
                 }
                 Err(e) => {
@@ -315,13 +315,13 @@ impl<D: Device> Runner<D> {
 
     /// Fail the consumed request `head`: write the device's error status into its status byte
     /// and complete it; if the byte's translation is missing, park until it comes; if the
-    /// status cannot be written, `Err` (the queue breaks: the request is never completed).
+    /// status cannot be written, [`Next::Broken`] (the queue breaks: the request is never completed).
     pub(super) fn fail(
         &self,
         w: &mut QueueState<D::Handler>,
         tr: &mut dyn Translator,
         head: u16,
-    ) -> Result<Option<Parked>, ()> {
+    ) -> Next {
         self.report(w, tr, head, Outcome::Failed)
     }
 
@@ -333,7 +333,7 @@ impl<D: Device> Runner<D> {
         tr: &mut dyn Translator,
         head: u16,
         outcome: Outcome,
-    ) -> Result<Option<Parked>, ()> {
+    ) -> Next {
         let u = Unfinished::Report {
             head,
             status: None,
@@ -348,7 +348,7 @@ impl<D: Device> Runner<D> {
         w: &mut QueueState<D::Handler>,
         tr: &mut dyn Translator,
         u: Unfinished,
-    ) -> Result<Option<Parked>, ()> {
+    ) -> Next {
         match u {
             Unfinished::Complete { head, len } => self.put_used(w, tr, head, len),
             Unfinished::Report {
@@ -375,7 +375,7 @@ impl<D: Device> Runner<D> {
                             outcome,
                         };
                         if let Some(p) = self.park(iova, access, u) {
-                            return Ok(Some(p));
+                            return Next::Parked(p);
                         }
                     }
                     FailStep::Unwritable(why) => {
@@ -385,7 +385,7 @@ impl<D: Device> Runner<D> {
                             reason = why,
                             "vhost-user: a request's status cannot be written; not completing it"
                         );
-                        return Err(());
+                        return Next::Broken;
                     }
                 }
             },
@@ -451,29 +451,29 @@ impl<D: Device> Runner<D> {
         }
     }
 
-    /// Complete `head` with `len`. `Ok(Some)` when the used ring missed.
+    /// Complete `head` with `len` (parked when the used ring missed).
     pub(super) fn put_used(
         &self,
         w: &mut QueueState<D::Handler>,
         tr: &mut dyn Translator,
         head: u16,
         len: u32,
-    ) -> Result<Option<Parked>, ()> {
+    ) -> Next {
         loop {
             let done = self.section(|gm| w.queue.complete(tr, gm, head, len));
             match done {
                 Ok(()) => {
                     self.count_completion(w, tr);
-                    return Ok(None);
+                    return Next::Go;
                 }
                 Err(PopError::Miss { iova, access }) => {
                     if let Some(p) = self.park(iova, access, Unfinished::Complete { head, len }) {
-                        return Ok(Some(p));
+                        return Next::Parked(p);
                     }
                 }
                 Err(e) => {
                     tracing::warn!(queue = self.cfg.index, error = %e, "vhost-user: complete failed");
-                    return Err(());
+                    return Next::Broken;
                 }
             }
         }
