@@ -12,10 +12,12 @@
 //! - `worker` (private): queue workers, misses, timeouts, how a parked worker is woken;
 //! - [`quiesce`]: per-worker epochs behind invalidation acknowledgement;
 //! - [`memory`]: the memory table;
+//! - `channel` (private): the back-end channel, the one place MISS and ACCESS_FAIL go out;
 //! - `device` ([`Device`], [`QueueHandler`]): what a device provides;
 //! - `eventfd` (private): the checks on kick, call and error fds;
 //! - `ratelimit` (private): how often a guest can make a queue warn or send ACCESS_FAIL.
 
+mod channel;
 mod device;
 mod eventfd;
 pub mod memory;

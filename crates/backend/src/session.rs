@@ -46,6 +46,7 @@ use wire::vhost_user::{
 };
 use wire::{IotlbMsg, WireError};
 
+use crate::channel::BackendChannel;
 use crate::device::Device;
 use crate::eventfd::checked_eventfd;
 use crate::memory::{MapOptions, MemTable, MAX_REGIONS};
@@ -102,7 +103,7 @@ pub(crate) struct Shared<D: Device> {
     pub dev: Arc<D>,
     pub mem: RwLock<Arc<MemTable>>,
     pub iotlb: SharedIotlb<u16>,
-    pub backend_chan: RwLock<Option<Arc<Connection>>>,
+    pub channel: BackendChannel,
     pub epochs: Epochs,
     pub stats: EngineCounters,
     pub miss_timeout: Duration,
@@ -203,7 +204,7 @@ impl<D: Device> Session<D> {
                 dev,
                 mem: RwLock::new(Arc::new(MemTable::empty())),
                 iotlb,
-                backend_chan: RwLock::new(None),
+                channel: BackendChannel::default(),
                 epochs: Epochs::default(),
                 stats: EngineCounters {
                     miss_rtt,
@@ -505,8 +506,7 @@ impl<D: Device> Session<D> {
                 None
             }
             R::SetBackendReqFd(fd) => {
-                let chan = Connection::backend_channel(UnixStream::from(fd));
-                *self.shared.backend_chan.write() = Some(Arc::new(chan));
+                self.shared.channel.connect(UnixStream::from(fd));
                 None
             }
             R::IotlbMsg(m) => {
@@ -597,11 +597,11 @@ impl<D: Device> Session<D> {
                             w.wake();
                         }
                     }
+                    // Misses the UPDATE covered only in part: asked again for the rest.
                     for (iova, access) in res.resend {
-                        self.send_backend(IotlbMsg::Miss {
-                            iova,
-                            perm: access.as_perm(),
-                        });
+                        self.shared
+                            .channel
+                            .miss(&self.shared.stats, None, iova, access);
                     }
                     iova = iova.wrapping_add(len);
                 }
@@ -615,18 +615,6 @@ impl<D: Device> Session<D> {
             other => Err(format!(
                 "unexpected IOTLB message from the front-end: {other:?}"
             )),
-        }
-    }
-
-    /// Send on the back-end channel without blocking: the front-end may be waiting for this
-    /// thread's reply and not reading. A dropped MISS is sent again on timeout.
-    fn send_backend(&self, msg: IotlbMsg) {
-        if let Some(chan) = self.shared.backend_chan.read().clone() {
-            match chan.try_send_backend_request(&wire::vhost_user::BackendRequest::IotlbMsg(msg)) {
-                Ok(true) => {}
-                Ok(false) => tracing::debug!("vhost-user: back-end channel full; MISS dropped"),
-                Err(e) => tracing::warn!(error = %e, "vhost-user: back-end channel send failed"),
-            }
         }
     }
 
@@ -724,7 +712,7 @@ impl<D: Device> Session<D> {
         self.stop_all();
         self.shared.iotlb.invalidate_all();
         self.shared.iotlb.clear_pending();
-        *self.shared.backend_chan.write() = None;
+        self.shared.channel.disconnect();
         *self.shared.mem.write() = Arc::new(MemTable::empty());
     }
 }

@@ -7,8 +7,6 @@ use std::time::Instant;
 
 use iotlb::{Access, MissOutcome};
 use virtq::Translator;
-use wire::vhost_user::BackendRequest;
-use wire::IotlbMsg;
 
 use super::serve::Outcome;
 use super::{QueueState, Runner, PAGE};
@@ -104,11 +102,10 @@ impl<D: Device> Runner<D> {
                     %access,
                     "vhost-user: MISS"
                 );
-                self.send(IotlbMsg::Miss {
-                    iova,
-                    perm: access.as_perm(),
-                });
-                EngineCounters::add(&self.shared.stats.misses_sent, 1);
+                let queue = Some(self.cfg.index);
+                self.shared
+                    .channel
+                    .miss(&self.shared.stats, queue, iova, access);
                 Some(Parked {
                     sent: Some(now),
                     ..parked
@@ -123,29 +120,6 @@ impl<D: Device> Runner<D> {
             unfinished: Some(u),
             ..p
         })
-    }
-
-    /// Send on the back-end channel without ever blocking: a worker must not wait for a
-    /// front-end that is busy waiting for us. A message that does not fit now is dropped; the
-    /// miss timeout sends it again.
-    pub(super) fn send(&self, msg: IotlbMsg) {
-        let chan = self.shared.backend_chan.read().clone();
-        match chan {
-            Some(chan) => match chan.try_send_backend_request(&BackendRequest::IotlbMsg(msg)) {
-                Ok(true) => {}
-                Ok(false) => tracing::debug!(
-                    queue = self.cfg.index,
-                    "vhost-user: back-end channel full; the message will be sent again on timeout"
-                ),
-                Err(e) => {
-                    tracing::warn!(queue = self.cfg.index, error = %e, "vhost-user: back-end channel send failed")
-                }
-            },
-            None => tracing::warn!(
-                queue = self.cfg.index,
-                "vhost-user: no back-end channel (SET_BACKEND_REQ_FD) to report a miss on"
-            ),
-        }
     }
 
     /// Woken, or timed out, while parked: finish what waits, and deal with a miss whose time
@@ -205,11 +179,9 @@ impl<D: Device> Runner<D> {
                 iova = %format_args!("{:#x}", m.miss_iova),
                 "vhost-user: MISS unanswered, sending it again"
             );
-            self.send(IotlbMsg::Miss {
-                iova: m.miss_iova,
-                perm: m.access.as_perm(),
-            });
-            EngineCounters::add(&self.shared.stats.misses_sent, 1);
+            self.shared
+                .channel
+                .miss(&self.shared.stats, Some(index), m.miss_iova, m.access);
             self.shared.iotlb.miss_resent(m.page, m.access, now);
             return Next::Parked(Parked { since: now, ..p });
         }

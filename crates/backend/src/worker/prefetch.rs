@@ -2,17 +2,13 @@
 //! (without consuming them), so that the front-end answers a burst in one round trip; a
 //! bounded share of the IOTLB, so that the answers do not evict one another.
 
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::time::Instant;
 
 use iotlb::Access;
 use virtq::{Fault, Translator};
-use wire::vhost_user::BackendRequest;
-use wire::IotlbMsg;
 
 use super::{QueueState, Runner, PAGE};
 use crate::device::Device;
-use crate::stats::EngineCounters;
 
 /// Available chains looked at for misses to send ahead.
 pub(super) const PREFETCH_CHAINS: u16 = 32;
@@ -26,17 +22,6 @@ pub(super) const PREFETCH_SHARE: usize = 4;
 /// MISSes one of `queues` queues may send ahead with an IOTLB of `capacity` entries.
 pub(super) fn prefetch_budget(capacity: usize, queues: u16) -> usize {
     (capacity / (PREFETCH_SHARE * usize::from(queues.max(1)))).clamp(1, PREFETCH_MISSES)
-}
-
-/// What we sent on a socket that the peer has not read yet (`SIOCOUTQ`; for a Unix stream
-/// socket the size of the buffers holding it, not the byte count: zero exactly when the
-/// peer has read everything); `None` if the socket cannot tell.
-pub(super) fn unread_by_peer(sock: BorrowedFd<'_>) -> Option<usize> {
-    let mut n: libc::c_int = 0;
-    // SAFETY: SIOCOUTQ (= TIOCOUTQ) on a socket writes one int through the pointer, which
-    // points to `n`, live and writable for the call; the fd is borrowed, so it is open.
-    let r = unsafe { libc::ioctl(sock.as_raw_fd(), libc::TIOCOUTQ, &mut n as *mut libc::c_int) };
-    (r == 0).then(|| usize::try_from(n).ok()).flatten()
 }
 
 impl<D: Device> Runner<D> {
@@ -130,8 +115,7 @@ impl<D: Device> Runner<D> {
         // it have it now, not after registering and sending the rest. On the 2-core bench
         // this takes the round trip p50 from about 30 us to under 20 us in the runs where
         // the scheduler put the two threads together, for about 5 % of lazy and thrash IOPS.
-        let chan = self.shared.backend_chan.read().clone();
-        if chan.is_some_and(|c| unread_by_peer(c.as_fd()).is_some_and(|n| n > 0)) {
+        if self.shared.channel.peer_behind() {
             std::thread::yield_now();
         }
         let now = Instant::now();
@@ -143,44 +127,16 @@ impl<D: Device> Runner<D> {
             new = wanted.len(),
             "vhost-user: misses ahead"
         );
-        let msgs: Vec<BackendRequest> = wanted
-            .iter()
-            .map(|&(iova, access)| {
-                BackendRequest::IotlbMsg(IotlbMsg::Miss {
-                    iova,
-                    perm: access.as_perm(),
-                })
-            })
-            .collect();
-        if msgs.is_empty() {
+        if wanted.is_empty() {
             return;
         }
         // One write for all of them, never blocking. A batch that did not go out is
         // forgotten, so the queue sends each MISS itself when it reaches the page.
-        let chan = self.shared.backend_chan.read().clone();
-        let sent = match chan {
-            Some(chan) => match chan.try_send_backend_requests(&msgs) {
-                Ok(sent) => {
-                    if !sent {
-                        tracing::debug!(
-                            queue = self.cfg.index,
-                            "vhost-user: back-end channel full; MISSes not sent ahead"
-                        );
-                    }
-                    sent
-                }
-                Err(e) => {
-                    tracing::warn!(queue = self.cfg.index, error = %e, "vhost-user: back-end channel send failed");
-                    false
-                }
-            },
-            None => false,
-        };
-        if sent {
-            let n = msgs.len() as u64;
-            EngineCounters::add(&self.shared.stats.misses_sent, n);
-            EngineCounters::add(&self.shared.stats.prefetched, n);
-        } else {
+        let sent = self
+            .shared
+            .channel
+            .misses_ahead(&self.shared.stats, self.cfg.index, &wanted);
+        if !sent {
             // A queue that joined one of them meanwhile waits for a MISS that never went
             // out: wake it to walk again and send its own.
             let wakers = self.shared.wakers.read();
@@ -192,24 +148,5 @@ impl<D: Device> Runner<D> {
                 }
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn unread_by_peer_is_zero_once_the_peer_has_read() {
-        use std::io::{Read, Write};
-        let (mut a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
-        assert_eq!(unread_by_peer(a.as_fd()), Some(0));
-        a.write_all(&[7u8; 60]).unwrap();
-        assert!(unread_by_peer(a.as_fd()).is_some_and(|n| n > 0));
-        let mut buf = [0u8; 60];
-        b.read_exact(&mut buf).unwrap();
-        assert_eq!(unread_by_peer(a.as_fd()), Some(0));
-        let f = std::fs::File::open("/dev/null").unwrap();
-        assert_eq!(unread_by_peer(f.as_fd()), None, "not a socket");
     }
 }

@@ -10,11 +10,10 @@ use std::time::Instant;
 use iotlb::Access;
 use virtq::{Fault, PopError, Translator};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
-use wire::IotlbMsg;
 
 use super::miss::{Next, Parked, Unfinished};
 use super::wake::signal;
-use super::{QueueState, Runner, PAGE};
+use super::{QueueState, Runner};
 use crate::device::{Device, QueueHandler, Served, Unreported};
 use crate::stats::EngineCounters;
 
@@ -230,16 +229,11 @@ impl<D: Device> Runner<D> {
                     }
                     // A guest may loop on a denied access; the front-end hears of each page
                     // and direction once per window, and of a bounded number per queue.
-                    let page = iova & !(PAGE - 1);
-                    if w.access_fails.allow(page, access, Instant::now()) {
-                        EngineCounters::add(&self.shared.stats.access_fails_sent, 1);
-                        self.send(IotlbMsg::AccessFail {
-                            iova,
-                            perm: access.as_perm(),
-                        });
-                    } else {
-                        EngineCounters::add(&self.shared.stats.access_fails_suppressed, 1);
-                    }
+                    let (stats, index) = (&self.shared.stats, self.cfg.index);
+                    let limit = &mut w.access_fails;
+                    self.shared
+                        .channel
+                        .access_fail(stats, index, limit, iova, access);
                     w.open = Some(head);
                     match self.fail(w, tr, head) {
                         Next::Go => {}

@@ -1,0 +1,180 @@
+//! The back-end channel (SET_BACKEND_REQ_FD): the one place MISS and ACCESS_FAIL messages
+//! are sent from, and counted.
+//!
+//! Nothing here ever blocks: the front-end may be busy waiting for one of our replies and not
+//! reading, so a message that does not fit in the socket now is dropped (a MISS is sent again
+//! on the miss timeout; an ACCESS_FAIL is only news). ACCESS_FAILs go through the sending
+//! queue's rate limit ([`AccessFailLimit`]). This file decides nothing about misses: when to
+//! send one is the worker's business.
+
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+
+use iotlb::Access;
+use parking_lot::RwLock;
+use wire::vhost_user::{BackendRequest, Connection};
+use wire::IotlbMsg;
+
+use crate::ratelimit::AccessFailLimit;
+use crate::stats::EngineCounters;
+
+/// IOTLB pages (MISSes and ACCESS_FAILs are limited per 4 KiB page).
+const PAGE: u64 = 4096;
+
+/// The back-end channel of a connection, once the front-end has given one.
+#[derive(Debug, Default)]
+pub(crate) struct BackendChannel {
+    conn: RwLock<Option<Arc<Connection>>>,
+}
+
+impl BackendChannel {
+    /// SET_BACKEND_REQ_FD: from now on, messages go to `sock` (a new one replaces the old).
+    pub(crate) fn connect(&self, sock: UnixStream) {
+        *self.conn.write() = Some(Arc::new(Connection::backend_channel(sock)));
+    }
+
+    /// The connection ended.
+    pub(crate) fn disconnect(&self) {
+        *self.conn.write() = None;
+    }
+
+    /// Send a MISS for `iova` (counted in `misses_sent` whether or not it fitted: the miss
+    /// timeout sends a dropped one again). `queue` is for the logs.
+    pub(crate) fn miss(
+        &self,
+        stats: &EngineCounters,
+        queue: Option<u16>,
+        iova: u64,
+        access: Access,
+    ) {
+        EngineCounters::add(&stats.misses_sent, 1);
+        let msg = IotlbMsg::Miss {
+            iova,
+            perm: access.as_perm(),
+        };
+        self.send(queue, &msg, "a miss");
+    }
+
+    /// Send MISSes for the chains ahead of the one that missed, in one write. True if they
+    /// went out (then counted in `misses_sent` and `prefetched`); false if the socket had no
+    /// room for all of them, or there is no channel (nothing sent).
+    pub(crate) fn misses_ahead(
+        &self,
+        stats: &EngineCounters,
+        queue: u16,
+        misses: &[(u64, Access)],
+    ) -> bool {
+        let msgs: Vec<BackendRequest> = misses
+            .iter()
+            .map(|&(iova, access)| {
+                BackendRequest::IotlbMsg(IotlbMsg::Miss {
+                    iova,
+                    perm: access.as_perm(),
+                })
+            })
+            .collect();
+        let Some(conn) = self.conn.read().clone() else {
+            return false;
+        };
+        let sent = match conn.try_send_backend_requests(&msgs) {
+            Ok(true) => true,
+            Ok(false) => {
+                tracing::debug!(
+                    queue,
+                    "vhost-user: back-end channel full; MISSes not sent ahead"
+                );
+                false
+            }
+            Err(e) => {
+                tracing::warn!(queue, error = %e, "vhost-user: back-end channel send failed");
+                false
+            }
+        };
+        if sent {
+            let n = msgs.len() as u64;
+            EngineCounters::add(&stats.misses_sent, n);
+            EngineCounters::add(&stats.prefetched, n);
+        }
+        sent
+    }
+
+    /// An access the IOMMU denied to `queue`: send ACCESS_FAIL unless the queue's `limit`
+    /// holds it back (one per page and direction a second, a bounded number in all); counted
+    /// in `access_fails_sent` or `access_fails_suppressed`.
+    pub(crate) fn access_fail(
+        &self,
+        stats: &EngineCounters,
+        queue: u16,
+        limit: &mut AccessFailLimit,
+        iova: u64,
+        access: Access,
+    ) {
+        if !limit.allow(iova & !(PAGE - 1), access, std::time::Instant::now()) {
+            EngineCounters::add(&stats.access_fails_suppressed, 1);
+            return;
+        }
+        EngineCounters::add(&stats.access_fails_sent, 1);
+        let msg = IotlbMsg::AccessFail {
+            iova,
+            perm: access.as_perm(),
+        };
+        self.send(Some(queue), &msg, "an access failure");
+    }
+
+    /// Whether the front-end has not read everything we sent it yet.
+    pub(crate) fn peer_behind(&self) -> bool {
+        self.conn
+            .read()
+            .as_ref()
+            .is_some_and(|c| unread_by_peer(c.as_fd()).is_some_and(|n| n > 0))
+    }
+
+    fn send(&self, queue: Option<u16>, msg: &IotlbMsg, what: &str) {
+        let Some(conn) = self.conn.read().clone() else {
+            tracing::warn!(
+                queue,
+                "vhost-user: no back-end channel (SET_BACKEND_REQ_FD) to report {what} on"
+            );
+            return;
+        };
+        match conn.try_send_backend_request(&BackendRequest::IotlbMsg(*msg)) {
+            Ok(true) => {}
+            Ok(false) => tracing::debug!(
+                queue,
+                "vhost-user: back-end channel full; {what} not reported (a MISS goes again on timeout)"
+            ),
+            Err(e) => tracing::warn!(queue, error = %e, "vhost-user: back-end channel send failed"),
+        }
+    }
+}
+
+/// What we sent on a socket that the peer has not read yet (`SIOCOUTQ`; for a Unix stream
+/// socket the size of the buffers holding it, not the byte count: zero exactly when the
+/// peer has read everything); `None` if the socket cannot tell.
+fn unread_by_peer(sock: BorrowedFd<'_>) -> Option<usize> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ (= TIOCOUTQ) on a socket writes one int through the pointer, which
+    // points to `n`, live and writable for the call; the fd is borrowed, so it is open.
+    let r = unsafe { libc::ioctl(sock.as_raw_fd(), libc::TIOCOUTQ, &mut n as *mut libc::c_int) };
+    (r == 0).then(|| usize::try_from(n).ok()).flatten()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unread_by_peer_is_zero_once_the_peer_has_read() {
+        use std::io::{Read, Write};
+        let (mut a, mut b) = UnixStream::pair().unwrap();
+        assert_eq!(unread_by_peer(a.as_fd()), Some(0));
+        a.write_all(&[7u8; 60]).unwrap();
+        assert!(unread_by_peer(a.as_fd()).is_some_and(|n| n > 0));
+        let mut buf = [0u8; 60];
+        b.read_exact(&mut buf).unwrap();
+        assert_eq!(unread_by_peer(a.as_fd()), Some(0));
+        let f = std::fs::File::open("/dev/null").unwrap();
+        assert_eq!(unread_by_peer(f.as_fd()), None, "not a socket");
+    }
+}
