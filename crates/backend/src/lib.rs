@@ -9,6 +9,8 @@
 //!
 //! - [`server`]: the listening socket, one front-end at a time, reconnects;
 //! - `session` (private): one connection's state machine, on the connection thread;
+//! - `shared` (private): what the connection thread and the workers share, and
+//!   [`EngineConfig`];
 //! - `worker` (private): queue workers, misses, timeouts, how a parked worker is woken;
 //! - [`quiesce`]: per-worker epochs behind invalidation acknowledgement;
 //! - [`memory`]: the memory table;
@@ -25,10 +27,12 @@ pub mod quiesce;
 mod ratelimit;
 pub mod server;
 mod session;
+mod shared;
 mod stats;
 mod worker;
 
 pub use device::{Device, QueueHandler, Served, Unreported};
 pub use server::{wait_for_socket, ServeError, Server, ShutdownHandle};
-pub use session::{EngineConfig, SessionEnd, MIN_IOTLB_CAPACITY};
+pub use session::SessionEnd;
+pub use shared::{EngineConfig, MIN_IOTLB_CAPACITY};
 pub use stats::{EngineCounters, Stats};

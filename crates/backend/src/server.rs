@@ -16,7 +16,8 @@ use parking_lot::Mutex;
 use rustix::event::{poll, PollFd, PollFlags, Timespec};
 
 use crate::device::Device;
-use crate::session::{EngineConfig, Session, SessionEnd};
+use crate::session::{Session, SessionEnd};
+use crate::shared::EngineConfig;
 use crate::stats::Stats;
 use iotlb::hist::Histogram;
 

@@ -35,7 +35,6 @@ use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use iotlb::{Iotlb, IovaRange, SharedIotlb};
 use parking_lot::{Mutex, RwLock};
@@ -51,68 +50,12 @@ use crate::device::Device;
 use crate::eventfd::checked_eventfd;
 use crate::memory::{MapOptions, MemTable, MAX_REGIONS};
 use crate::quiesce::Epochs;
+use crate::shared::{EngineConfig, Shared, Wakers, MIN_ENTRIES_PER_QUEUE, MIN_IOTLB_CAPACITY};
 use crate::stats::EngineCounters;
 use crate::worker::{QueueConfig, Worker};
 
 /// Most IOTLB acknowledgements held back to be sent together (see `Session::deferred`).
 const MAX_DEFERRED_ACKS: usize = 128;
-
-/// Smallest IOTLB the engine is built and tested for. A chain needs no room in the IOTLB
-/// beyond the page it is translating (a walk keeps what it translated), but the answers to
-/// several queues' misses must not evict one another before the queues that wait for them
-/// look: the IOTLB protects its newest `min(capacity / 2, 32)` entries, and the MISSes a
-/// queue sends ahead are kept to a quarter of the capacity shared among the queues.
-pub const MIN_IOTLB_CAPACITY: usize = 16;
-
-/// IOTLB entries per queue below which the MISS bound (one per page a request touches) may
-/// not hold: the IOTLB protects its newest `min(capacity / 2, 32)` entries, and every queue
-/// may have one answer and its MISSes sent ahead arriving at once.
-const MIN_ENTRIES_PER_QUEUE: usize = 4;
-
-/// Settings of the engine.
-#[derive(Debug, Clone, Copy)]
-pub struct EngineConfig {
-    /// IOTLB entries, within [`MIN_IOTLB_CAPACITY`]`..=`[`iotlb::MAX_CAPACITY`] (a value
-    /// outside is brought inside, with a warning).
-    pub iotlb_capacity: usize,
-    /// How long a MISS may stay unanswered before it is sent again (and, the second time,
-    /// before the request fails).
-    pub miss_timeout: Duration,
-    /// Busy-poll window: how long the connection thread polls for the next message, and a
-    /// queue parked on a miss polls for its answer, before blocking. Zero blocks at once
-    /// (no CPU spent waiting; each message then costs a thread wake-up).
-    pub busy_poll: Duration,
-    /// Accept memfd regions not sealed against shrinking (see [`crate::memory`]): a
-    /// front-end that truncates one then kills the back-end with SIGBUS.
-    pub allow_unsealed_memory: bool,
-}
-
-impl Default for EngineConfig {
-    fn default() -> Self {
-        EngineConfig {
-            iotlb_capacity: iotlb::DEFAULT_CAPACITY,
-            miss_timeout: Duration::from_secs(1),
-            busy_poll: Duration::ZERO,
-            allow_unsealed_memory: false,
-        }
-    }
-}
-
-/// What the connection thread shares with the workers.
-pub(crate) struct Shared<D: Device> {
-    pub dev: Arc<D>,
-    pub mem: RwLock<Arc<MemTable>>,
-    pub iotlb: SharedIotlb<u16>,
-    pub channel: BackendChannel,
-    pub epochs: Epochs,
-    pub stats: EngineCounters,
-    pub miss_timeout: Duration,
-    pub busy_poll: Duration,
-    pub iotlb_capacity: usize,
-    /// Each running worker's wake-up eventfd, by queue index (a worker wakes another whose
-    /// miss it failed to send).
-    pub wakers: RwLock<Vec<Option<Arc<crate::worker::Waker>>>>,
-}
 
 /// The connection thread's view of one vring.
 struct Vring {
@@ -213,7 +156,7 @@ impl<D: Device> Session<D> {
                 miss_timeout: config.miss_timeout,
                 busy_poll: config.busy_poll,
                 iotlb_capacity: capacity,
-                wakers: RwLock::new(vec![None; queues]),
+                wakers: Wakers::new(queues),
             }),
             conn: {
                 let c = Connection::new(sock);
@@ -500,21 +443,16 @@ impl<D: Device> Session<D> {
             R::SetVringEnable(s) => {
                 let v = self.vring(s.index)?;
                 v.enabled.store(s.num != 0, Ordering::SeqCst);
-                if let Some(w) = &v.worker {
-                    w.wake();
-                }
+                self.shared.wakers.wake(s.index as u16);
                 None
             }
             R::SetBackendReqFd(fd) => {
                 self.shared.channel.connect(UnixStream::from(fd));
                 None
             }
-            R::IotlbMsg(m) => {
-                if let Some(g) = self.iotlb_msg(m)? {
-                    self.quiesce(g);
-                }
-                None
-            }
+            // Applied, and acknowledged in bursts, by `Session::deferred`, which `handle` hands
+            // every IOTLB message to before this is reached.
+            R::IotlbMsg(_) => return Err("IOTLB messages are not applied here".into()),
             R::GetConfig(c) => {
                 let mut data = vec![0u8; c.data.len()];
                 dev.read_config(c.offset, &mut data);
@@ -589,13 +527,7 @@ impl<D: Device> Session<D> {
                         .map_err(|e| e.to_string())?;
                     replaces |= res.replaced;
                     for q in res.woken {
-                        if let Some(w) = self
-                            .vrings
-                            .get(usize::from(q))
-                            .and_then(|v| v.worker.as_ref())
-                        {
-                            w.wake();
-                        }
+                        self.shared.wakers.wake(q);
                     }
                     // Misses the UPDATE covered only in part: asked again for the rest.
                     for (iova, access) in res.resend {

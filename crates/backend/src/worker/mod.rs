@@ -90,7 +90,7 @@ use virtq::{Chain, Queue};
 use crate::device::Device;
 use crate::quiesce::WorkerEpoch;
 use crate::ratelimit::{AccessFailLimit, Limit};
-use crate::session::Shared;
+use crate::shared::Shared;
 
 pub(crate) use wake::Waker;
 
@@ -156,9 +156,7 @@ impl Worker {
                 return Err(e);
             }
         };
-        if let Some(slot) = epochs.wakers.write().get_mut(usize::from(index)) {
-            *slot = Some(wake.clone());
-        }
+        epochs.wakers.register(index, &wake);
         Ok(Worker {
             thread: Some(thread),
             stop,
@@ -168,18 +166,9 @@ impl Worker {
         })
     }
 
-    /// Wake it (an UPDATE covered its miss).
-    pub(crate) fn wake(&self) {
-        self.wake.wake();
-    }
-
     /// Stop it and return where the queue resumes (for GET_VRING_BASE).
     pub(crate) fn stop<D: Device>(mut self, shared: &Shared<D>) -> u16 {
-        for slot in shared.wakers.write().iter_mut() {
-            if slot.as_ref().is_some_and(|w| Arc::ptr_eq(w, &self.wake)) {
-                *slot = None;
-            }
-        }
+        shared.wakers.unregister(&self.wake);
         self.stop.store(true, Ordering::SeqCst);
         self.wake.wake();
         if let Some(t) = self.thread.take() {

@@ -139,12 +139,9 @@ impl<D: Device> Runner<D> {
         if !sent {
             // A queue that joined one of them meanwhile waits for a MISS that never went
             // out: wake it to walk again and send its own.
-            let wakers = self.shared.wakers.read();
             for &(iova, access) in &wanted {
                 for q in self.shared.iotlb.unregister_ahead(iova, access) {
-                    if let Some(Some(w)) = wakers.get(usize::from(q)) {
-                        w.wake();
-                    }
+                    self.shared.wakers.wake(q);
                 }
             }
         }
