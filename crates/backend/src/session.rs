@@ -57,6 +57,60 @@ use crate::worker::{QueueConfig, Worker};
 /// Most IOTLB acknowledgements held back to be sent together (see `Session::deferred`).
 const MAX_DEFERRED_ACKS: usize = 128;
 
+/// Why a front-end request was refused (logged, and answered with a failure status when the
+/// request asks for one).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum RequestError {
+    /// Features or protocol features not offered.
+    #[error(transparent)]
+    Negotiation(#[from] wire::features::NegotiationError),
+    /// A memory table or region refused.
+    #[error(transparent)]
+    Memory(#[from] crate::memory::MemError),
+    /// A kick, call or error fd refused.
+    #[error(transparent)]
+    SignalFd(#[from] crate::eventfd::SignalFdError),
+    /// An IOTLB UPDATE the cache refused.
+    #[error(transparent)]
+    Update(#[from] iotlb::UpdateError),
+    /// A range that cannot be represented.
+    #[error(transparent)]
+    Range(#[from] iotlb::RangeError),
+    /// A queue index the device does not have.
+    #[error("no queue {0}")]
+    NoQueue(u32),
+    /// A queue size over the device's largest.
+    #[error("queue size {0}")]
+    QueueSize(u32),
+    /// A vring base that is not a 16-bit index.
+    #[error("vring base {0}")]
+    VringBase(u32),
+    /// SET_VRING_KICK without a fd (polling mode).
+    #[error("polling mode (no kick fd) is not supported")]
+    NoKickFd,
+    /// A queue started before its ring addresses were given.
+    #[error("SET_VRING_KICK before SET_VRING_ADDR")]
+    NoRingAddress,
+    /// A queue worker could not be started.
+    #[error("cannot start the queue worker: {0}")]
+    Worker(std::io::Error),
+    /// An UPDATE of all 2^64 bytes.
+    #[error("an UPDATE of the whole space")]
+    WholeSpace,
+    /// An IOTLB message only a back-end sends (MISS, ACCESS_FAIL).
+    #[error("unexpected IOTLB message from the front-end: {0:?}")]
+    UnexpectedIotlb(IotlbMsg),
+    /// An IOTLB message reached the wrong handler (they are applied by `Session::deferred`).
+    #[error("IOTLB messages are not applied here")]
+    IotlbElsewhere,
+    /// Dirty logging (SET_LOG_BASE, SET_LOG_FD): not offered.
+    #[error("dirty logging is not offered")]
+    NoLogging,
+    /// A config-space write the device refused.
+    #[error("config write refused")]
+    ConfigRefused,
+}
+
 /// The connection thread's view of one vring.
 struct Vring {
     size: u16,
@@ -317,13 +371,13 @@ impl<D: Device> Session<D> {
     }
 
     /// Apply one request; `Ok(Some)` is its reply when it has one of its own.
-    fn apply(&mut self, req: FrontendRequest) -> Result<Option<Reply>, String> {
+    fn apply(&mut self, req: FrontendRequest) -> Result<Option<Reply>, RequestError> {
         use FrontendRequest as R;
         let dev = self.shared.dev.clone();
         Ok(match req {
             R::GetFeatures => Some(Reply::U64(Self::offered_features(&dev))),
             R::SetFeatures(f) => {
-                check_acked(Self::offered_features(&dev), f).map_err(|e| e.to_string())?;
+                check_acked(Self::offered_features(&dev), f)?;
                 let toggled = (self.features ^ f) & dev_f::ACCESS_PLATFORM != 0;
                 // A change under running queues (their translator, notification mode and
                 // chain limits come from the features): they stop, the change applies, and
@@ -352,7 +406,7 @@ impl<D: Device> Session<D> {
             }
             R::GetProtocolFeatures => Some(Reply::U64(Self::offered_protocol(&dev))),
             R::SetProtocolFeatures(p) => {
-                check_acked(Self::offered_protocol(&dev), p).map_err(|e| e.to_string())?;
+                check_acked(Self::offered_protocol(&dev), p)?;
                 self.protocol = p;
                 None
             }
@@ -366,38 +420,28 @@ impl<D: Device> Session<D> {
             R::GetQueueNum => Some(Reply::U64(u64::from(dev.queues()))),
             R::GetMaxMemSlots => Some(Reply::U64(MAX_REGIONS as u64)),
             R::SetMemTable(regions) => {
-                let table = MemTable::new(regions, self.map).map_err(|e| e.to_string())?;
+                let table = MemTable::new(regions, self.map)?;
                 self.set_memory(table);
                 None
             }
             R::AddMemReg(region) => {
-                let table = self
-                    .shared
-                    .mem
-                    .read()
-                    .with_region(region, self.map)
-                    .map_err(|e| e.to_string())?;
+                let table = self.shared.mem.read().with_region(region, self.map)?;
                 self.set_memory(table);
                 None
             }
             R::RemMemReg(region) => {
-                let table = self
-                    .shared
-                    .mem
-                    .read()
-                    .without_region(&region)
-                    .map_err(|e| e.to_string())?;
+                let table = self.shared.mem.read().without_region(&region)?;
                 self.set_memory(table);
                 None
             }
             R::SetLogBase { .. } | R::SetLogFd(_) => {
-                return Err("dirty logging is not offered".into());
+                return Err(RequestError::NoLogging);
             }
             R::SetVringNum(s) => {
                 let size = u16::try_from(s.num)
                     .ok()
                     .filter(|n| *n <= dev.max_queue_size())
-                    .ok_or_else(|| format!("queue size {}", s.num))?;
+                    .ok_or(RequestError::QueueSize(s.num))?;
                 self.vring(s.index)?.size = size;
                 None
             }
@@ -406,7 +450,7 @@ impl<D: Device> Session<D> {
                 None
             }
             R::SetVringBase(s) => {
-                let base = u16::try_from(s.num).map_err(|_| format!("vring base {}", s.num))?;
+                let base = u16::try_from(s.num).map_err(|_| RequestError::VringBase(s.num))?;
                 // A running queue stops (the front-end's base wins over where the worker
                 // was) and stays stopped until the next SET_VRING_KICK starts it from here.
                 self.stop(s.index)?;
@@ -422,21 +466,21 @@ impl<D: Device> Session<D> {
                 }))
             }
             R::SetVringKick(f) => {
-                let kick = f.fd.ok_or("polling mode (no kick fd) is not supported")?;
-                let kick = checked_eventfd(kick, "kick").map_err(|e| e.to_string())?;
+                let kick = f.fd.ok_or(RequestError::NoKickFd)?;
+                let kick = checked_eventfd(kick, "kick")?;
                 self.vring(u32::from(f.index))?.kick = Some(Arc::new(kick));
                 self.run_vring(f.index)?;
                 None
             }
             R::SetVringCall(f) => {
                 let fd = f.fd.map(|fd| checked_eventfd(fd, "call")).transpose();
-                let fd = fd.map_err(|e| e.to_string())?;
+                let fd = fd?;
                 *self.vring(u32::from(f.index))?.call.lock() = fd;
                 None
             }
             R::SetVringErr(f) => {
                 let fd = f.fd.map(|fd| checked_eventfd(fd, "err")).transpose();
-                let fd = fd.map_err(|e| e.to_string())?;
+                let fd = fd?;
                 *self.vring(u32::from(f.index))?.err.lock() = fd;
                 None
             }
@@ -452,7 +496,7 @@ impl<D: Device> Session<D> {
             }
             // Applied, and acknowledged in bursts, by `Session::deferred`, which `handle` hands
             // every IOTLB message to before this is reached.
-            R::IotlbMsg(_) => return Err("IOTLB messages are not applied here".into()),
+            R::IotlbMsg(_) => return Err(RequestError::IotlbElsewhere),
             R::GetConfig(c) => {
                 let mut data = vec![0u8; c.data.len()];
                 dev.read_config(c.offset, &mut data);
@@ -464,7 +508,7 @@ impl<D: Device> Session<D> {
             }
             R::SetConfig(c) => {
                 if !dev.write_config(c.offset, &c.data) {
-                    return Err("config write refused".into());
+                    return Err(RequestError::ConfigRefused);
                 }
                 None
             }
@@ -476,11 +520,11 @@ impl<D: Device> Session<D> {
         })
     }
 
-    fn vring(&mut self, index: u32) -> Result<&mut Vring, String> {
+    fn vring(&mut self, index: u32) -> Result<&mut Vring, RequestError> {
         usize::try_from(index)
             .ok()
             .and_then(|i| self.vrings.get_mut(i))
-            .ok_or_else(|| format!("no queue {index}"))
+            .ok_or(RequestError::NoQueue(index))
     }
 
     /// Empty the IOTLB and swap the memory table in.
@@ -506,25 +550,16 @@ impl<D: Device> Session<D> {
     /// (an INVALIDATE of mapped bytes, or an UPDATE remapping them; see
     /// [`iotlb::UpdateOutcome`]), and must not be acknowledged before the workers have
     /// quiesced for that generation.
-    fn iotlb_msg(&mut self, m: IotlbMsg) -> Result<Option<u64>, String> {
+    fn iotlb_msg(&mut self, m: IotlbMsg) -> Result<Option<u64>, RequestError> {
         match m {
             IotlbMsg::Update { range, uaddr, perm } => {
-                let size = range.size().ok_or("an UPDATE of the whole space")?;
-                let pieces = self
-                    .shared
-                    .mem
-                    .read()
-                    .va_to_gpa(uaddr, size)
-                    .map_err(|e| e.to_string())?;
+                let size = range.size().ok_or(RequestError::WholeSpace)?;
+                let pieces = self.shared.mem.read().va_to_gpa(uaddr, size)?;
                 let mut replaces = false;
                 let mut iova = range.start();
                 for (gpa, len) in pieces {
-                    let piece = IovaRange::from_size(iova, len).map_err(|e| e.to_string())?;
-                    let res = self
-                        .shared
-                        .iotlb
-                        .update(piece, gpa, perm)
-                        .map_err(|e| e.to_string())?;
+                    let piece = IovaRange::from_size(iova, len)?;
+                    let res = self.shared.iotlb.update(piece, gpa, perm)?;
                     replaces |= res.replaced;
                     for q in res.woken {
                         self.shared.wakers.wake(q);
@@ -544,9 +579,7 @@ impl<D: Device> Session<D> {
                 Ok(replaces.then(|| self.shared.iotlb.generation()))
             }
             IotlbMsg::Invalidate { range } => Ok(self.shared.iotlb.invalidate(range)),
-            other => Err(format!(
-                "unexpected IOTLB message from the front-end: {other:?}"
-            )),
+            other => Err(RequestError::UnexpectedIotlb(other)),
         }
     }
 
@@ -564,7 +597,7 @@ impl<D: Device> Session<D> {
 
     /// Start queue `index` with its kick fd (SET_VRING_KICK, or a restart): from its base,
     /// with the current features and ring addresses.
-    fn run_vring(&mut self, index: u8) -> Result<(), String> {
+    fn run_vring(&mut self, index: u8) -> Result<(), RequestError> {
         // A running worker is replaced (QEMU may set a new kick fd).
         let base = self.stop(u32::from(index))?;
         let iommu = self.iommu();
@@ -573,8 +606,8 @@ impl<D: Device> Session<D> {
         let mem = self.shared.mem.read().clone();
         let shared = self.shared.clone();
         let v = self.vring(u32::from(index))?;
-        let kick = v.kick.clone().ok_or("no kick fd")?;
-        let a = v.addr.ok_or("SET_VRING_KICK before SET_VRING_ADDR")?;
+        let kick = v.kick.clone().ok_or(RequestError::NoKickFd)?;
+        let a = v.addr.ok_or(RequestError::NoRingAddress)?;
         let size = v.size;
         let areas = [
             (a.descriptor, virtq::desc_table_len(size)),
@@ -587,8 +620,7 @@ impl<D: Device> Session<D> {
             *out = if iommu {
                 addr
             } else {
-                mem.va_to_gpa_contiguous(addr, len)
-                    .map_err(|e| e.to_string())?
+                mem.va_to_gpa_contiguous(addr, len)?
             };
         }
         // Without PROTOCOL_FEATURES a ring is enabled when it starts; with them it waits
@@ -610,13 +642,13 @@ impl<D: Device> Session<D> {
             err: v.err.clone(),
             enabled: v.enabled.clone(),
         };
-        let worker = Worker::start(shared, cfg).map_err(|e| e.to_string())?;
+        let worker = Worker::start(shared, cfg).map_err(RequestError::Worker)?;
         v.worker = Some(worker);
         Ok(())
     }
 
     /// Stop queue `index` (GET_VRING_BASE): returns its next avail index.
-    fn stop(&mut self, index: u32) -> Result<u16, String> {
+    fn stop(&mut self, index: u32) -> Result<u16, RequestError> {
         let shared = self.shared.clone();
         let v = self.vring(index)?;
         let base = match v.worker.take() {
