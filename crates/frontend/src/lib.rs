@@ -5,6 +5,8 @@
 //! - [`vhost_user`]: a vhost-user front-end that shares guest RAM as a memfd, places vrings at
 //!   IOVAs, answers MISS messages from the vIOMMU and forwards its unmaps, with the back-end
 //!   channel served on its own thread so that it never deadlocks against a waiting back-end;
+//! - [`kernel`]: the kernel transport: a `/dev/vhost-*` fd driven by the same vIOMMU (its
+//!   ioctls, `vhost_msg_v2` reads and writes, MISSes deduplicated);
 //! - [`driver`]: a virtio-blk guest-driver simulator over the split ring in that memory.
 //!
 //! This crate plays the guest and the VMM; it never reaches into the back-end's state.
