@@ -19,8 +19,8 @@ use wire::IotlbMsg;
 use crate::ratelimit::AccessFailLimit;
 use crate::stats::EngineCounters;
 
-/// IOTLB pages (MISSes and ACCESS_FAILs are limited per 4 KiB page).
-const PAGE: u64 = 4096;
+/// IOTLB pages (ACCESS_FAILs are limited per page, as MISSes are keyed).
+const PAGE: u64 = iotlb::MISS_PAGE_SIZE;
 
 /// The back-end channel of a connection, once the front-end has given one.
 #[derive(Debug, Default)]

@@ -13,8 +13,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use backend::{EngineConfig, Server};
-use common::{blk_request, pattern, status, Frontend};
-use devices::{Blk, BlkConfig};
+use common::{blk_request, connect, pattern, status, Frontend};
+use devices::Blk;
 use iotlb::IovaRange;
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
@@ -23,49 +23,19 @@ use virtq::testing::PAGE;
 
 const DISK: u64 = 4 << 20;
 
-fn disk() -> std::fs::File {
-    let fd = rustix::fs::memfd_create("disk", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
-    rustix::fs::ftruncate(&fd, DISK).unwrap();
-    std::fs::File::from(fd)
-}
-
 fn server(queues: u16, miss_timeout: Duration) -> Arc<Server<Blk>> {
     server_polling(queues, miss_timeout, Duration::ZERO)
 }
 
 /// With the threads busy-polling for `busy_poll` before they block.
 fn server_polling(queues: u16, miss_timeout: Duration, busy_poll: Duration) -> Arc<Server<Blk>> {
-    // `RUST_LOG=backend=trace` shows the back-end's side of a failing test.
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
-    let blk = Blk::new(
-        disk(),
-        BlkConfig {
-            queues,
-            queue_size: 64,
-            ..BlkConfig::default()
-        },
-    )
-    .unwrap();
-    Arc::new(Server::new(
-        blk,
-        EngineConfig {
-            iotlb_capacity: 256,
-            miss_timeout,
-            busy_poll,
-            ..EngineConfig::default()
-        },
-    ))
-}
-
-/// Serve one connection on a thread; returns our end.
-fn connect(s: &Arc<Server<Blk>>) -> (UnixStream, std::thread::JoinHandle<()>) {
-    let (a, b) = UnixStream::pair().unwrap();
-    let s = s.clone();
-    let t = std::thread::spawn(move || s.serve_connection(b));
-    (a, t)
+    let engine = EngineConfig {
+        iotlb_capacity: 256,
+        miss_timeout,
+        busy_poll,
+        ..EngineConfig::default()
+    };
+    common::blk_queues(DISK, queues, engine)
 }
 
 /// Write `data` at `sector` then read it back, through queue `q`.

@@ -6,13 +6,12 @@
 
 mod common;
 
-use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use backend::{EngineConfig, Server};
-use common::{blk_request, pattern, status, Frontend};
-use devices::{Blk, BlkConfig};
+use common::{blk_request, connect, pattern, status, Frontend};
+use devices::Blk;
 use iotlb::IovaRange;
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
@@ -21,37 +20,13 @@ use virtq::testing::PAGE;
 
 const DISK: u64 = 4 << 20;
 
-fn disk() -> std::fs::File {
-    let fd = rustix::fs::memfd_create("disk", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
-    rustix::fs::ftruncate(&fd, DISK).unwrap();
-    std::fs::File::from(fd)
-}
-
 fn server(queues: u16, miss_timeout: Duration) -> Arc<Server<Blk>> {
-    let blk = Blk::new(
-        disk(),
-        BlkConfig {
-            queues,
-            queue_size: 64,
-            ..BlkConfig::default()
-        },
-    )
-    .unwrap();
-    Arc::new(Server::new(
-        blk,
-        EngineConfig {
-            iotlb_capacity: 256,
-            miss_timeout,
-            ..EngineConfig::default()
-        },
-    ))
-}
-
-fn connect(s: &Arc<Server<Blk>>) -> (UnixStream, std::thread::JoinHandle<()>) {
-    let (a, b) = UnixStream::pair().unwrap();
-    let s = s.clone();
-    let t = std::thread::spawn(move || s.serve_connection(b));
-    (a, t)
+    let engine = EngineConfig {
+        iotlb_capacity: 256,
+        miss_timeout,
+        ..EngineConfig::default()
+    };
+    common::blk_queues(DISK, queues, engine)
 }
 
 /// CPU ticks (utime + stime) of every thread of this process named `name`.

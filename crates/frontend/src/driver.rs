@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 use iotlb::hist::Histogram;
 use iotlb::Perm;
 use rustix::event::{poll, PollFd, PollFlags, Timespec};
+use virtq::testing::Rng;
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::vhost_user::{FrontendError, GuestRam, Notifiers, RingSetup, VhostUserFrontend};
@@ -158,29 +159,6 @@ impl DriverReport {
             && self.verify_failures == 0
             && self.poison_violations == 0
             && self.bad_completions == 0
-    }
-}
-
-/// A small deterministic generator (xorshift*).
-#[derive(Debug, Clone)]
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
-    }
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        if n == 0 {
-            0
-        } else {
-            self.next() % n
-        }
     }
 }
 

@@ -25,8 +25,8 @@ use std::hash::{BuildHasherDefault, Hasher};
 
 use crate::range::{IovaRange, Perm};
 
-/// The page of the hash tier.
-const PAGE: u64 = 4096;
+/// The page of the hash tier: the page MISSes are keyed by, which QEMU answers with.
+const PAGE: u64 = crate::pending::MISS_PAGE_SIZE;
 
 /// One evicted range: its last byte and, unless merged, its translation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

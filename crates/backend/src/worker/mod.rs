@@ -209,5 +209,5 @@ struct QueueState<H> {
     access_fails: AccessFailLimit,
 }
 
-/// IOTLB pages (MISSes are per 4 KiB page).
-const PAGE: u64 = 4096;
+/// IOTLB pages (MISSes are per page).
+const PAGE: u64 = iotlb::MISS_PAGE_SIZE;

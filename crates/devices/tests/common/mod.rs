@@ -485,6 +485,21 @@ pub fn blk_server(
     std::sync::Arc::new(backend::Server::new(dev, engine))
 }
 
+/// A block back-end on a fresh in-memory disk of `disk_len` bytes with `queues` queues of 64
+/// entries and `engine`.
+pub fn blk_queues(
+    disk_len: u64,
+    queues: u16,
+    engine: backend::EngineConfig,
+) -> std::sync::Arc<backend::Server<devices::Blk>> {
+    let blk = devices::BlkConfig {
+        queues,
+        queue_size: 64,
+        ..devices::BlkConfig::default()
+    };
+    blk_server(disk_len, blk, engine)
+}
+
 /// Serve one connection of `s` on a thread; returns our end.
 pub fn connect<D: backend::Device>(
     s: &std::sync::Arc<backend::Server<D>>,
