@@ -16,6 +16,7 @@
 //! - [`memory`]: the memory table;
 //! - `channel` (private): the back-end channel, the one place MISS and ACCESS_FAIL go out;
 //! - `device` ([`Device`], [`QueueHandler`]): what a device provides;
+//! - `testing` (feature `testing`): a scripted front-end, a null device, test helpers;
 //! - `eventfd` (private): the checks on kick, call and error fds;
 //! - `ratelimit` (private): how often a guest can make a queue warn or send ACCESS_FAIL.
 
@@ -29,6 +30,8 @@ pub mod server;
 mod session;
 mod shared;
 mod stats;
+#[cfg(feature = "testing")]
+pub mod testing;
 mod worker;
 
 pub use device::{Device, QueueHandler, Served, Unreported};

@@ -2,31 +2,31 @@
 //! must neither spin nor hang, kicks must not postpone a miss's timeout, a broken chain must
 //! not wedge invalidations, and GET_VRING_BASE must hand back a request it could not
 //! complete. A spinning worker is caught by its CPU time: an idle thread uses none, a
-//! spinning one a whole core.
-
-mod common;
+//! spinning one a whole core. The device is the engine's null device: these are the
+//! engine's properties, whatever serves the requests.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use backend::testing::{
+    connect, null_server, pattern, request as blk_request, status, Frontend, NullDevice,
+};
 use backend::{EngineConfig, Server};
-use common::{blk_request, connect, pattern, status, Frontend};
-use devices::Blk;
 use iotlb::IovaRange;
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 };
 use virtq::testing::PAGE;
 
-const DISK: u64 = 4 << 20;
-
-fn server(queues: u16, miss_timeout: Duration) -> Arc<Server<Blk>> {
+/// The null device reports as virtio-blk does (`OK` 0, `IOERR` 1), so the requests are
+/// written in virtio-blk's layout.
+fn server(queues: u16, miss_timeout: Duration) -> Arc<Server<NullDevice>> {
     let engine = EngineConfig {
         iotlb_capacity: 256,
         miss_timeout,
         ..EngineConfig::default()
     };
-    common::blk_queues(DISK, queues, engine)
+    null_server(queues, engine)
 }
 
 /// CPU ticks (utime + stime) of every thread of this process named `name`.
