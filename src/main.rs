@@ -5,7 +5,7 @@
 //!   real socket); `bench --iotlb` runs the IOTLB micro-benchmark instead.
 //! - `blk`: serve a file or block device as a vhost-user-blk back-end with a device IOTLB.
 //! - `kernel-net`: drive the kernel's `/dev/vhost-net` behind our vIOMMU (in a throwaway
-//!   guest: it creates a tap device).
+//!   guest: it creates a tap device); the cases and the measurement live in `kernel-net`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -15,7 +15,6 @@ use clap::{Args, Parser, Subcommand};
 mod bench;
 mod bench_iotlb;
 mod blk;
-mod kernel_net;
 
 #[derive(Parser)]
 #[command(

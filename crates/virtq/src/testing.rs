@@ -6,9 +6,10 @@
 //!   a test answers misses from it ([`IovaSpace::update_for`]).
 //! - [`PageAllocator`]: hands out guest-physical pages, shuffled, so mappings are
 //!   non-identity and fragmented.
-//! - [`DriverQueue`]: lays out the three ring areas, builds chains (direct or indirect) and
-//!   reads back the used ring, like a virtio driver would. Raw setters let hostile-ring tests
-//!   write anything.
+//! - [`DriverQueue`]: lays out the three ring areas (or takes areas the caller placed,
+//!   [`DriverQueue::at`]), builds chains (direct or indirect, one at a time or several
+//!   published together) and reads back the used ring, like a virtio driver would. Raw setters
+//!   let hostile-ring tests write anything.
 //!
 //! Test code: it panics on misuse rather than returning errors.
 
@@ -281,7 +282,19 @@ impl DriverQueue {
         space.map_new(alloc, desc, pages(desc_table_len(size)), Perm::ReadWrite);
         space.map_new(alloc, avail, pages(avail_ring_len(size)), Perm::ReadWrite);
         space.map_new(alloc, used, pages(used_ring_len(size)), Perm::ReadWrite);
-        let q = DriverQueue {
+        let q = DriverQueue::at(size, desc, avail, used);
+        // Zeroed rings.
+        space.write(mem, desc, &vec![0u8; desc_table_len(size) as usize]);
+        space.write(mem, avail, &vec![0u8; avail_ring_len(size) as usize]);
+        space.write(mem, used, &vec![0u8; used_ring_len(size) as usize]);
+        q
+    }
+
+    /// Rings of `size` entries over areas the caller placed, mapped in the driver's space and
+    /// zeroed: the descriptor table at `desc`, the avail ring at `avail`, the used ring at
+    /// `used`, anywhere (for a device that must see them at chosen addresses). Writes nothing.
+    pub fn at(size: u16, desc: u64, avail: u64, used: u64) -> Self {
+        DriverQueue {
             size,
             desc,
             avail,
@@ -291,12 +304,7 @@ impl DriverQueue {
             avail_idx: 0,
             last_used: 0,
             event_idx: false,
-        };
-        // Zeroed rings.
-        space.write(mem, desc, &vec![0u8; desc_table_len(size) as usize]);
-        space.write(mem, avail, &vec![0u8; avail_ring_len(size) as usize]);
-        space.write(mem, used, &vec![0u8; used_ring_len(size) as usize]);
-        q
+        }
     }
 
     /// Descriptor table, avail and used ring addresses.
@@ -332,11 +340,35 @@ impl DriverQueue {
 
     /// Put `head` in the next avail slot and publish it.
     pub fn publish<M: GuestMemoryBackend>(&mut self, mem: &M, space: &IovaSpace, head: u16) {
-        let slot = u64::from(self.avail_idx % self.size);
-        space.write(mem, self.avail + 4 + 2 * slot, &head.to_le_bytes());
-        self.avail_idx = self.avail_idx.wrapping_add(1);
+        self.publish_all(mem, space, &[head]);
+    }
+
+    /// Put `heads` in the next avail slots, in order, and publish them with one index write
+    /// (after a release fence: the device sees all of them or none).
+    pub fn publish_all<M: GuestMemoryBackend>(
+        &mut self,
+        mem: &M,
+        space: &IovaSpace,
+        heads: &[u16],
+    ) {
+        for &head in heads {
+            let slot = u64::from(self.avail_idx % self.size);
+            space.write(mem, self.avail + 4 + 2 * slot, &head.to_le_bytes());
+            self.avail_idx = self.avail_idx.wrapping_add(1);
+        }
         std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
         space.write(mem, self.avail + 2, &self.avail_idx.to_le_bytes());
+    }
+
+    /// The avail index the driver has published.
+    pub fn avail_idx(&self) -> u16 {
+        self.avail_idx
+    }
+
+    /// The device's used index as it is now in memory.
+    pub fn used_idx<M: GuestMemoryBackend>(&self, mem: &M, space: &IovaSpace) -> u16 {
+        let b = space.read(mem, self.used + 2, 2);
+        u16::from_le_bytes([b[0], b[1]])
     }
 
     /// Set the avail index raw (for hostile rings).
@@ -375,6 +407,41 @@ impl DriverQueue {
     /// indirect table placed at `indirect_at` (an IOVA the caller mapped). Publishes it and
     /// returns its head, or `None` if descriptors ran out.
     pub fn add_chain<M: GuestMemoryBackend>(
+        &mut self,
+        mem: &M,
+        space: &IovaSpace,
+        bufs: &[Buf],
+        indirect_at: Option<u64>,
+    ) -> Option<u16> {
+        let head = self.build_chain(mem, space, bufs, indirect_at)?;
+        self.publish(mem, space, head);
+        Some(head)
+    }
+
+    /// Build direct chains, one per element of `chains`, and publish them all with one avail
+    /// index write, in order; returns their heads, or `None` (having written nothing) if the
+    /// free descriptors do not cover them all or a chain is empty.
+    pub fn add_chains<M: GuestMemoryBackend>(
+        &mut self,
+        mem: &M,
+        space: &IovaSpace,
+        chains: &[&[Buf]],
+    ) -> Option<Vec<u16>> {
+        let needed: usize = chains.iter().map(|c| c.len()).sum();
+        if needed > self.free.len() || chains.iter().any(|c| c.is_empty()) {
+            return None;
+        }
+        let heads = chains
+            .iter()
+            .map(|bufs| self.build_chain(mem, space, bufs, None))
+            .collect::<Option<Vec<u16>>>()?;
+        self.publish_all(mem, space, &heads);
+        Some(heads)
+    }
+
+    /// Write the descriptors of a chain (see [`DriverQueue::add_chain`]) without publishing
+    /// it; returns its head.
+    fn build_chain<M: GuestMemoryBackend>(
         &mut self,
         mem: &M,
         space: &IovaSpace,
@@ -426,7 +493,6 @@ impl DriverQueue {
                 indices[0]
             }
         };
-        self.publish(mem, space, head);
         Some(head)
     }
 
@@ -437,8 +503,7 @@ impl DriverQueue {
         mem: &M,
         space: &IovaSpace,
     ) -> Vec<(u16, u32)> {
-        let b = space.read(mem, self.used + 2, 2);
-        let used_idx = u16::from_le_bytes([b[0], b[1]]);
+        let used_idx = self.used_idx(mem, space);
         std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
         let mut out = Vec::new();
         while self.last_used != used_idx {
@@ -471,5 +536,60 @@ pub fn access_of(b: &Buf) -> Access {
         Access::Write
     } else {
         Access::Read
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::GuestMemoryMmap;
+
+    /// Rings at chosen addresses; several chains published with one index write; the used
+    /// entries read back and their descriptors freed.
+    #[test]
+    fn rings_at_chosen_addresses_and_batches() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x20000)]).unwrap();
+        let space = IovaSpace::identity();
+        let (desc, avail, used) = (0x6000, 0x11000, 0x3000);
+        let mut q = DriverQueue::at(8, desc, avail, used);
+        assert_eq!(q.addresses(), (desc, avail, used));
+        let a = [Buf {
+            iova: 0x1000,
+            len: 64,
+            write: false,
+        }];
+        let b = [
+            Buf {
+                iova: 0x2000,
+                len: 16,
+                write: false,
+            },
+            Buf {
+                iova: 0x4000,
+                len: 32,
+                write: true,
+            },
+        ];
+        let heads = q.add_chains(&mem, &space, &[&a, &b]).unwrap();
+        assert_eq!(heads, vec![0, 1]);
+        assert_eq!(q.avail_idx(), 2);
+        assert_eq!(space.read(&mem, avail + 2, 2), 2u16.to_le_bytes());
+        assert_eq!(space.read(&mem, avail + 4, 4), [0, 0, 1, 0]);
+        let d = space.read(&mem, desc + 16, 16);
+        assert_eq!(d[..8], 0x2000u64.to_le_bytes());
+        assert_eq!(u16::from_le_bytes([d[12], d[13]]), DESC_F_NEXT);
+        assert_eq!(u16::from_le_bytes([d[14], d[15]]), 2);
+        assert_eq!(q.free_descriptors(), 5);
+        // Too many descriptors: nothing written.
+        let big = [a[0]; 6];
+        assert!(q.add_chains(&mem, &space, &[&big]).is_none());
+        assert!(q.add_chains(&mem, &space, &[&[]]).is_none());
+        assert_eq!(q.avail_idx(), 2);
+        // The device completes the second chain.
+        space.write(&mem, used + 4, &[1, 0, 0, 0, 32, 0, 0, 0]);
+        space.write(&mem, used + 2, &1u16.to_le_bytes());
+        assert_eq!(q.used_idx(&mem, &space), 1);
+        assert_eq!(q.take_used(&mem, &space), vec![(1, 32)]);
+        assert_eq!(q.free_descriptors(), 7);
     }
 }

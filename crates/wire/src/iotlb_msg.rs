@@ -68,6 +68,20 @@ pub struct VhostIotlbMsg {
     pub padding: [u8; 6],
 }
 
+impl VhostIotlbMsg {
+    /// The raw fields as given, unvalidated (what a test of a peer's checks sends).
+    pub fn raw(ty: u8, iova: u64, size: u64, uaddr: u64, perm: u8) -> Self {
+        VhostIotlbMsg {
+            iova,
+            size,
+            uaddr,
+            perm,
+            ty,
+            padding: [0; 6],
+        }
+    }
+}
+
 const _: () = {
     assert!(std::mem::size_of::<VhostIotlbMsg>() == 32);
     assert!(std::mem::offset_of!(VhostIotlbMsg, iova) == 0);
@@ -222,14 +236,7 @@ mod tests {
     use iotlb::RangeError;
 
     fn raw(ty: u8, iova: u64, size: u64, uaddr: u64, perm: u8) -> VhostIotlbMsg {
-        VhostIotlbMsg {
-            iova,
-            size,
-            uaddr,
-            perm,
-            ty,
-            padding: [0; 6],
-        }
+        VhostIotlbMsg::raw(ty, iova, size, uaddr, perm)
     }
 
     #[test]

@@ -8,13 +8,14 @@
 //! `read()`/`write()`; which format it uses depends on `VHOST_BACKEND_F_IOTLB_MSG_V2` having
 //! been set with `VHOST_SET_BACKEND_FEATURES`. Encoding zeroes the hole, the union's unused
 //! bytes and the padding; decoding checks the type, the ASID against negotiation and the IOTLB
-//! message itself (see [`crate::iotlb_msg`]). No I/O here.
+//! message itself (see [`crate::iotlb_msg`]). [`encode_raw`] writes a raw message without
+//! validating it, for tests of how a peer checks what it is sent. No I/O here.
 
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
 use crate::error::IotlbError;
 use crate::features::backend;
-use crate::iotlb_msg::IotlbMsg;
+use crate::iotlb_msg::{IotlbMsg, VhostIotlbMsg};
 
 /// `VHOST_IOTLB_MSG`: a `struct vhost_msg`.
 pub const VHOST_IOTLB_MSG: u32 = 1;
@@ -124,8 +125,16 @@ pub fn encode(
     if asid != 0 && !(fmt.v2 && fmt.asid) {
         return Err(IotlbError::AsidNotNegotiated(asid));
     }
+    Ok(encode_raw(&msg.to_raw()?, asid, fmt))
+}
+
+/// Encode `raw` as it is, unchecked: the message type word for `fmt`, `asid` (v2 only; v1
+/// has a zero hole there), the 32 bytes of `raw`, zeroes after. Nothing is validated (an
+/// UPDATE of size 0 or an unknown IOTLB type go out as given), nor is `asid` checked
+/// against `fmt.asid`: for tests of how a peer treats messages [`encode`] refuses to build.
+pub fn encode_raw(raw: &VhostIotlbMsg, asid: u32, fmt: MsgFormat) -> [u8; VHOST_MSG_SIZE] {
     let mut payload = [0u8; 64];
-    payload[..32].copy_from_slice(&msg.encode()?);
+    payload[..32].copy_from_slice(raw.as_bytes());
     let mut out = [0u8; VHOST_MSG_SIZE];
     if fmt.v2 {
         let m = VhostMsgV2 {
@@ -142,7 +151,7 @@ pub fn encode(
         };
         out.copy_from_slice(m.as_bytes());
     }
-    Ok(out)
+    out
 }
 
 #[cfg(test)]
@@ -202,6 +211,42 @@ mod tests {
                 got: 39
             })
         );
+    }
+
+    #[test]
+    fn encode_raw_writes_what_it_is_given() {
+        let raw = VhostIotlbMsg {
+            iova: 0x1234_5678,
+            size: 0,
+            uaddr: 0x7f00_0000_1000,
+            perm: 1,
+            ty: 77,
+            padding: [0; 6],
+        };
+        let v1 = encode_raw(&raw, 9, V1);
+        let mut want = [0u8; VHOST_MSG_SIZE];
+        want[0..4].copy_from_slice(&1u32.to_ne_bytes());
+        want[8..16].copy_from_slice(&0x1234_5678u64.to_ne_bytes());
+        want[24..32].copy_from_slice(&0x7f00_0000_1000u64.to_ne_bytes());
+        want[32] = 1;
+        want[33] = 77;
+        assert_eq!(v1, want, "v1: no asid, an unknown type and size 0 as given");
+        let v2 = encode_raw(&raw, 9, V2);
+        want[0..4].copy_from_slice(&2u32.to_ne_bytes());
+        want[4..8].copy_from_slice(&9u32.to_ne_bytes());
+        assert_eq!(v2, want, "v2: the asid, unchecked");
+        // For a valid message it is `encode`.
+        let m = IotlbMsg::Update {
+            range: IovaRange::from_size(0x1000, 0x2000).unwrap(),
+            uaddr: 0x7f00,
+            perm: Perm::ReadOnly,
+        };
+        for fmt in [V1, V2] {
+            assert_eq!(
+                encode_raw(&m.to_raw().unwrap(), 0, fmt),
+                encode(&m, 0, fmt).unwrap()
+            );
+        }
     }
 
     #[test]
