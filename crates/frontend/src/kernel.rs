@@ -34,7 +34,7 @@ use wire::ioctl as uapi;
 use wire::linux::{self, MsgFormat, VHOST_MSG_SIZE};
 use wire::{features, IotlbMsg};
 
-use crate::viommu::{DeviceIotlb, Viommu, ViommuError};
+use crate::viommu::{DeviceIotlb, ForwardError, Viommu, ViommuError};
 
 /// What went wrong with a kernel vhost device. Every variant carries the errno the kernel
 /// returned and what was asked.
@@ -424,27 +424,24 @@ impl VhostKernel {
 }
 
 impl DeviceIotlb for VhostKernel {
-    fn update(&self, range: IovaRange, gpa: u64, perm: Perm) -> Result<(), String> {
+    fn update(&self, range: IovaRange, gpa: u64, perm: Perm) -> Result<(), ForwardError> {
         let uaddr = self
             .va_base
             .checked_add(gpa)
-            .ok_or_else(|| format!("guest-physical {gpa:#x} past the address space"))?;
-        self.write_msg(IotlbMsg::Update { range, uaddr, perm })
-            .map_err(|e| e.to_string())
+            .ok_or(ForwardError::NoAddress(gpa))?;
+        Ok(self.write_msg(IotlbMsg::Update { range, uaddr, perm })?)
     }
 
-    fn invalidate(&self, range: IovaRange) -> Result<(), String> {
+    fn invalidate(&self, range: IovaRange) -> Result<(), ForwardError> {
         // The kernel reports success for size 0 and overflowing ranges without doing
         // anything: never send the whole space as "size 0", split it instead.
         if range.size().is_none() {
-            let low = IovaRange::new(0, u64::MAX / 2).map_err(|e| e.to_string())?;
-            let high = IovaRange::new(u64::MAX / 2 + 1, u64::MAX).map_err(|e| e.to_string())?;
-            self.write_msg(IotlbMsg::Invalidate { range: low })
-                .and_then(|()| self.write_msg(IotlbMsg::Invalidate { range: high }))
-                .map_err(|e| e.to_string())
+            let low = IovaRange::new(0, u64::MAX / 2)?;
+            let high = IovaRange::new(u64::MAX / 2 + 1, u64::MAX)?;
+            self.write_msg(IotlbMsg::Invalidate { range: low })?;
+            Ok(self.write_msg(IotlbMsg::Invalidate { range: high })?)
         } else {
-            self.write_msg(IotlbMsg::Invalidate { range })
-                .map_err(|e| e.to_string())
+            Ok(self.write_msg(IotlbMsg::Invalidate { range })?)
         }
     }
 }

@@ -34,7 +34,7 @@ use wire::vhost_user::{
 };
 use wire::{IotlbMsg, WireError};
 
-use crate::viommu::{DeviceIotlb, Viommu, ViommuError};
+use crate::viommu::{DeviceIotlb, ForwardError, Viommu, ViommuError};
 
 /// Why the front-end failed.
 #[derive(Debug, thiserror::Error)]
@@ -235,49 +235,47 @@ pub struct VhostUserIotlb {
 }
 
 impl VhostUserIotlb {
-    fn send(&self, msg: IotlbMsg) -> Result<(), String> {
-        self.conn
-            .request(&FrontendRequest::IotlbMsg(msg))
-            .map(|_| ())
-            .map_err(|e| e.to_string())
+    fn send(&self, msg: IotlbMsg) -> Result<(), ForwardError> {
+        self.conn.request(&FrontendRequest::IotlbMsg(msg))?;
+        Ok(())
     }
 }
 
 impl DeviceIotlb for VhostUserIotlb {
-    fn update(&self, range: IovaRange, gpa: u64, perm: Perm) -> Result<(), String> {
+    fn update(&self, range: IovaRange, gpa: u64, perm: Perm) -> Result<(), ForwardError> {
         let uaddr = self
             .va_base
             .checked_add(gpa)
-            .ok_or("guest-physical address out of the front-end's space")?;
+            .ok_or(ForwardError::NoAddress(gpa))?;
         self.send(IotlbMsg::Update { range, uaddr, perm })
     }
 
-    fn invalidate(&self, range: IovaRange) -> Result<(), String> {
+    fn invalidate(&self, range: IovaRange) -> Result<(), ForwardError> {
         self.send(IotlbMsg::Invalidate { range })
     }
 
-    fn update_all(&self, updates: &[(IovaRange, u64, Perm)]) -> Result<(), String> {
+    fn update_all(&self, updates: &[(IovaRange, u64, Perm)]) -> Result<(), ForwardError> {
         let mut reqs = Vec::with_capacity(updates.len());
         for &(range, gpa, perm) in updates {
             let uaddr = self
                 .va_base
                 .checked_add(gpa)
-                .ok_or("guest-physical address out of the front-end's space")?;
+                .ok_or(ForwardError::NoAddress(gpa))?;
             reqs.push(FrontendRequest::IotlbMsg(IotlbMsg::Update {
                 range,
                 uaddr,
                 perm,
             }));
         }
-        self.conn.request_all(&reqs).map_err(|e| e.to_string())
+        Ok(self.conn.request_all(&reqs)?)
     }
 
-    fn invalidate_all(&self, ranges: &[IovaRange]) -> Result<(), String> {
+    fn invalidate_all(&self, ranges: &[IovaRange]) -> Result<(), ForwardError> {
         let reqs: Vec<FrontendRequest> = ranges
             .iter()
             .map(|&range| FrontendRequest::IotlbMsg(IotlbMsg::Invalidate { range }))
             .collect();
-        self.conn.request_all(&reqs).map_err(|e| e.to_string())
+        Ok(self.conn.request_all(&reqs)?)
     }
 }
 

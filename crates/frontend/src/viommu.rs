@@ -31,7 +31,7 @@ pub const PAGE: u64 = 4096;
 pub const HUGE_PAGE: u64 = 2 << 20;
 
 /// Why a vIOMMU operation failed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum ViommuError {
     /// An address or length not aligned to 4 KiB, or zero.
     #[error("map of {len:#x} bytes at IOVA {iova:#x} -> {gpa:#x} is not 4 KiB aligned")]
@@ -54,18 +54,35 @@ pub enum ViommuError {
     NoSpace,
     /// A device did not take an UPDATE or INVALIDATE.
     #[error("device IOTLB: {0}")]
-    Forward(String),
+    Forward(#[from] ForwardError),
+}
+
+/// Why a device IOTLB did not take an UPDATE or INVALIDATE.
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    /// The vhost-user transport failed (the back-end refused, or the connection broke).
+    #[error("vhost-user: {0}")]
+    Wire(#[from] wire::WireError),
+    /// The kernel vhost device failed.
+    #[error(transparent)]
+    Kernel(#[from] crate::kernel::KernelError),
+    /// A guest-physical address with no front-end virtual address.
+    #[error("guest-physical {0:#x} has no address in the front-end's space")]
+    NoAddress(u64),
+    /// A range that cannot be represented.
+    #[error(transparent)]
+    Range(#[from] iotlb::RangeError),
 }
 
 /// A device IOTLB the vIOMMU forwards to (a vhost-user back-end, a kernel vhost device).
 pub trait DeviceIotlb: Send + Sync {
     /// `range` now maps to guest-physical `gpa` with `perm`.
-    fn update(&self, range: IovaRange, gpa: u64, perm: Perm) -> Result<(), String>;
+    fn update(&self, range: IovaRange, gpa: u64, perm: Perm) -> Result<(), ForwardError>;
     /// Drop every translation of `range`; returns once the device acknowledged.
-    fn invalidate(&self, range: IovaRange) -> Result<(), String>;
+    fn invalidate(&self, range: IovaRange) -> Result<(), ForwardError>;
 
     /// Several UPDATEs; a transport that can pipeline them overrides this.
-    fn update_all(&self, updates: &[(IovaRange, u64, Perm)]) -> Result<(), String> {
+    fn update_all(&self, updates: &[(IovaRange, u64, Perm)]) -> Result<(), ForwardError> {
         updates
             .iter()
             .try_for_each(|&(r, gpa, perm)| self.update(r, gpa, perm))
@@ -73,7 +90,7 @@ pub trait DeviceIotlb: Send + Sync {
 
     /// Several INVALIDATEs, all acknowledged when this returns; a transport that can
     /// pipeline them overrides this.
-    fn invalidate_all(&self, ranges: &[IovaRange]) -> Result<(), String> {
+    fn invalidate_all(&self, ranges: &[IovaRange]) -> Result<(), ForwardError> {
         ranges.iter().try_for_each(|&r| self.invalidate(r))
     }
 }
@@ -138,12 +155,12 @@ impl PageTable {
 
     /// Map `len` bytes from `iova` to `gpa`, with 2 MiB pages where both are aligned.
     pub fn map(&mut self, iova: u64, gpa: u64, len: u64, perm: Perm) -> Result<(), ViommuError> {
-        let unaligned = ViommuError::Unaligned { iova, gpa, len };
+        let unaligned = || ViommuError::Unaligned { iova, gpa, len };
         if len == 0 || (iova | gpa | len) % PAGE != 0 {
-            return Err(unaligned);
+            return Err(unaligned());
         }
-        let range = IovaRange::from_size(iova, len).map_err(|_| unaligned.clone())?;
-        gpa.checked_add(len - 1).ok_or(unaligned)?;
+        let range = IovaRange::from_size(iova, len).map_err(|_| unaligned())?;
+        gpa.checked_add(len - 1).ok_or_else(unaligned)?;
         if self.overlaps(range) {
             return Err(ViommuError::Busy(range));
         }
@@ -414,12 +431,12 @@ impl Viommu {
             let mut updates = Vec::with_capacity(bufs.len());
             for (&iova, &(gpa, len, perm)) in iovas.iter().zip(bufs) {
                 let range = IovaRange::from_size(iova, len.div_ceil(PAGE) * PAGE)
-                    .map_err(|e| ViommuError::Forward(e.to_string()))?;
+                    .map_err(ForwardError::from)?;
                 updates.push((range, gpa, perm));
             }
             let _order = self.order.lock();
             for dev in self.devices.read().iter() {
-                dev.update_all(&updates).map_err(ViommuError::Forward)?;
+                dev.update_all(&updates)?;
             }
             self.stats
                 .prepushed
@@ -439,11 +456,10 @@ impl Viommu {
     }
 
     fn push(&self, iova: u64, gpa: u64, len: u64, perm: Perm) -> Result<(), ViommuError> {
-        let range =
-            IovaRange::from_size(iova, len).map_err(|e| ViommuError::Forward(e.to_string()))?;
+        let range = IovaRange::from_size(iova, len).map_err(ForwardError::from)?;
         let _order = self.order.lock();
         for dev in self.devices.read().iter() {
-            dev.update(range, gpa, perm).map_err(ViommuError::Forward)?;
+            dev.update(range, gpa, perm)?;
         }
         Self::add(&self.stats.prepushed);
         Ok(())
@@ -524,7 +540,7 @@ impl Viommu {
             return Ok(());
         }
         for dev in self.devices.read().iter() {
-            dev.invalidate_all(ranges).map_err(ViommuError::Forward)?;
+            dev.invalidate_all(ranges)?;
         }
         self.stats
             .invalidations
@@ -550,7 +566,7 @@ impl Viommu {
 
     fn forward_invalidate(&self, range: IovaRange) -> Result<(), ViommuError> {
         for dev in self.devices.read().iter() {
-            dev.invalidate(range).map_err(ViommuError::Forward)?;
+            dev.invalidate(range)?;
         }
         Self::add(&self.stats.invalidations);
         Ok(())
@@ -574,7 +590,7 @@ impl Viommu {
             .run(iova, self.config.max_update.max(PAGE));
         match run {
             Some((range, gpa, perm)) => {
-                dev.update(range, gpa, perm).map_err(ViommuError::Forward)?;
+                dev.update(range, gpa, perm)?;
                 Self::add(&self.stats.faults_answered);
                 Ok(true)
             }
@@ -611,7 +627,7 @@ impl Viommu {
             }
         }
         if !updates.is_empty() {
-            dev.update_all(&updates).map_err(ViommuError::Forward)?;
+            dev.update_all(&updates)?;
         }
         self.stats
             .faults_answered
@@ -703,18 +719,18 @@ mod tests {
         assert_eq!(a.alloc(PAGE).unwrap(), x);
         let mut small = IovaAllocator::new(0, 2 * PAGE);
         small.alloc(2 * PAGE).unwrap();
-        assert_eq!(small.alloc(PAGE), Err(ViommuError::NoSpace));
+        assert!(matches!(small.alloc(PAGE), Err(ViommuError::NoSpace)));
     }
 
     #[derive(Default)]
     struct Recorder(Mutex<Vec<String>>);
 
     impl DeviceIotlb for Recorder {
-        fn update(&self, range: IovaRange, gpa: u64, perm: Perm) -> Result<(), String> {
+        fn update(&self, range: IovaRange, gpa: u64, perm: Perm) -> Result<(), ForwardError> {
             self.0.lock().push(format!("U {range} {gpa:#x} {perm:?}"));
             Ok(())
         }
-        fn invalidate(&self, range: IovaRange) -> Result<(), String> {
+        fn invalidate(&self, range: IovaRange) -> Result<(), ForwardError> {
             self.0.lock().push(format!("I {range}"));
             Ok(())
         }

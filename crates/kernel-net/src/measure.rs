@@ -78,7 +78,9 @@ pub fn measure(args: &KernelNetArgs, mode: Mode) -> Result<(f64, u64, Histogram)
                     let iova = net.map(gpa, PAGE, Perm::ReadOnly)?;
                     if mode == Mode::Prepush {
                         let range = IovaRange::from_size(iova, PAGE).map_err(|e| e.to_string())?;
-                        net.dev.update(range, gpa, Perm::ReadOnly)?;
+                        net.dev
+                            .update(range, gpa, Perm::ReadOnly)
+                            .map_err(|e| e.to_string())?;
                     }
                     mapped.push(iova);
                     bufs.push((iova, len));

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use frontend::kernel::{serve_misses_with, KernelError, MissFilter, VhostKernel, NET_FEATURES};
 use frontend::vhost_user::GuestRam;
-use frontend::viommu::{DeviceIotlb, Viommu, ViommuConfig};
+use frontend::viommu::{DeviceIotlb, ForwardError, Viommu, ViommuConfig};
 use iotlb::hist::Histogram;
 use iotlb::{Access, IovaRange, Perm};
 use virtq::testing::{Buf, DriverQueue, IovaSpace};
@@ -42,10 +42,10 @@ pub struct Ring {
 struct NoInvalidate(Arc<VhostKernel>);
 
 impl DeviceIotlb for NoInvalidate {
-    fn update(&self, range: IovaRange, gpa: u64, perm: Perm) -> Result<(), String> {
+    fn update(&self, range: IovaRange, gpa: u64, perm: Perm) -> Result<(), ForwardError> {
         self.0.update(range, gpa, perm)
     }
-    fn invalidate(&self, _range: IovaRange) -> Result<(), String> {
+    fn invalidate(&self, _range: IovaRange) -> Result<(), ForwardError> {
         Ok(())
     }
 }
@@ -54,10 +54,10 @@ impl DeviceIotlb for NoInvalidate {
 struct RequestedPerm<'a>(&'a VhostKernel, Access);
 
 impl DeviceIotlb for RequestedPerm<'_> {
-    fn update(&self, range: IovaRange, gpa: u64, _perm: Perm) -> Result<(), String> {
+    fn update(&self, range: IovaRange, gpa: u64, _perm: Perm) -> Result<(), ForwardError> {
         self.0.update(range, gpa, self.1.as_perm())
     }
-    fn invalidate(&self, range: IovaRange) -> Result<(), String> {
+    fn invalidate(&self, range: IovaRange) -> Result<(), ForwardError> {
         self.0.invalidate(range)
     }
 }

@@ -318,7 +318,7 @@ pub fn invalidate_all(ctx: &mut Ctx<'_>) -> Result<String, String> {
             return Err(format!("a MISS on the pushed page {iova:#x}"));
         }
     }
-    DeviceIotlb::invalidate(&*dev, IovaRange::FULL)?;
+    DeviceIotlb::invalidate(&*dev, IovaRange::FULL).map_err(|e| e.to_string())?;
     for iova in [lo, hi] {
         if net.send_check(gpa, iova, &f, &f)? == 0 {
             return Err(format!("{iova:#x} survived the whole-space INVALIDATE"));

@@ -239,7 +239,9 @@ pub fn prepush(ctx: &mut Ctx<'_>) -> Result<String, String> {
         let len = net.put_frame(gpa, f)?;
         let iova = net.map(gpa, PAGE, Perm::ReadOnly)?;
         let range = IovaRange::from_size(iova, PAGE).map_err(|e| e.to_string())?;
-        net.dev.update(range, gpa, Perm::ReadOnly)?;
+        net.dev
+            .update(range, gpa, Perm::ReadOnly)
+            .map_err(|e| e.to_string())?;
         bufs.push((iova, len));
         iovas.push(iova);
     }
