@@ -42,21 +42,17 @@ pub enum SignalFdError {
     },
 }
 
-/// Whether `fd` is an eventfd; `Err` with what it is if not.
-pub(crate) fn is_eventfd(fd: &impl AsFd) -> std::io::Result<Result<(), String>> {
+/// What `fd` is if it is not an eventfd (its `/proc/self/fd` link); `None` for an eventfd.
+pub(crate) fn not_an_eventfd(fd: &impl AsFd) -> std::io::Result<Option<String>> {
     let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_fd().as_raw_fd()))?;
     let link = link.to_string_lossy();
-    Ok(if link == EVENTFD_LINK {
-        Ok(())
-    } else {
-        Err(link.into_owned())
-    })
+    Ok((link != EVENTFD_LINK).then(|| link.into_owned()))
 }
 
 /// Check that `fd`, the vring's `what` descriptor, is an eventfd, and make it non-blocking.
 pub(crate) fn checked_eventfd(fd: OwnedFd, what: &'static str) -> Result<OwnedFd, SignalFdError> {
     let check = |source: std::io::Error| SignalFdError::Check { what, source };
-    if let Err(link) = is_eventfd(&fd).map_err(check)? {
+    if let Some(link) = not_an_eventfd(&fd).map_err(check)? {
         return Err(SignalFdError::NotEventfd { what, link });
     }
     let flags = fcntl_getfl(&fd).map_err(|e| check(e.into()))?;

@@ -40,9 +40,9 @@ impl Limit {
         }
     }
 
-    /// Whether an event at `now` may go ahead. `Ok(held)`: yes, and `held` events were held
-    /// back before it (for a "n more suppressed" note); `Err(())`: no (counted).
-    pub(crate) fn allow(&mut self, now: Instant) -> Result<u64, ()> {
+    /// Whether an event at `now` may go ahead. `Some(held)`: yes, and `held` events were held
+    /// back before it (for a "n more suppressed" note); `None`: no (counted).
+    pub(crate) fn allow(&mut self, now: Instant) -> Option<u64> {
         if self
             .start
             .is_none_or(|s| now.saturating_duration_since(s) >= WINDOW)
@@ -52,10 +52,10 @@ impl Limit {
         }
         if self.used >= self.per_window {
             self.held += 1;
-            return Err(());
+            return None;
         }
         self.used += 1;
-        Ok(std::mem::take(&mut self.held))
+        Some(std::mem::take(&mut self.held))
     }
 }
 
@@ -92,7 +92,7 @@ impl AccessFailLimit {
         {
             return false;
         }
-        if self.total.allow(now).is_err() {
+        if self.total.allow(now).is_none() {
             return false;
         }
         if self.recent.len() == RECENT_PAGES {
@@ -111,18 +111,18 @@ mod tests {
     fn a_limit_lets_its_count_through_per_window_and_says_how_many_it_held() {
         let t0 = Instant::now();
         let mut l = Limit::new(3);
-        assert_eq!(l.allow(t0), Ok(0));
-        assert_eq!(l.allow(t0), Ok(0));
-        assert_eq!(l.allow(t0 + Duration::from_millis(10)), Ok(0));
+        assert_eq!(l.allow(t0), Some(0));
+        assert_eq!(l.allow(t0), Some(0));
+        assert_eq!(l.allow(t0 + Duration::from_millis(10)), Some(0));
         for _ in 0..5 {
-            assert_eq!(l.allow(t0 + Duration::from_millis(500)), Err(()));
+            assert_eq!(l.allow(t0 + Duration::from_millis(500)), None);
         }
         assert_eq!(
             l.allow(t0 + WINDOW),
-            Ok(5),
+            Some(5),
             "a new window, and the count held"
         );
-        assert_eq!(l.allow(t0 + WINDOW), Ok(0));
+        assert_eq!(l.allow(t0 + WINDOW), Some(0));
     }
 
     #[test]

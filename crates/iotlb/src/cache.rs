@@ -710,7 +710,12 @@ impl Iotlb {
 
     /// Check every internal invariant; `Err` names the first one broken. O(n). For tests and
     /// fuzzing.
-    pub fn check_invariants(&self) -> Result<(), String> {
+    pub fn check_invariants(&self) -> Result<(), crate::error::InvariantViolation> {
+        self.first_broken_invariant()
+            .map_err(crate::error::InvariantViolation)
+    }
+
+    fn first_broken_invariant(&self) -> Result<(), String> {
         if self.index.len() > self.capacity {
             return Err(format!(
                 "{} entries over capacity {}",

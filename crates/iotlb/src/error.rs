@@ -67,3 +67,9 @@ pub struct CapacityError {
     /// The largest supported capacity.
     pub max: usize,
 }
+
+/// An internal invariant of the cache found broken by [`crate::Iotlb::check_invariants`]
+/// (which one, in words): a bug in this crate, never the caller's.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("IOTLB invariant broken: {0}")]
+pub struct InvariantViolation(pub String);

@@ -45,7 +45,7 @@ pub mod bench_support;
 pub use cache::{
     CacheCounters, Iotlb, Mapping, UpdateOutcome, CHANGE_LOG_LEN, DEFAULT_CAPACITY, MAX_CAPACITY,
 };
-pub use error::{CapacityError, TranslateError, UpdateError};
+pub use error::{CapacityError, InvariantViolation, TranslateError, UpdateError};
 pub use handle::{IotlbHandle, HANDLE_CACHE_ENTRIES};
 pub use pending::{PendingMiss, PendingMisses, Registration, Resolution, MISS_PAGE_SIZE};
 pub use range::{Access, InvalidPerm, IovaRange, Perm, RangeError};

@@ -288,13 +288,11 @@ impl<D: Device> Runner<D> {
     /// Whether a warning the guest caused (and can cause in a loop) may be logged now: `Some`
     /// with the number held back since the last one logged; `None` (counted) if not.
     pub(super) fn may_warn(&self, w: &mut QueueState<D::Handler>) -> Option<u64> {
-        match w.warnings.allow(Instant::now()) {
-            Ok(held) => Some(held),
-            Err(()) => {
-                EngineCounters::add(&self.shared.stats.warnings_suppressed, 1);
-                None
-            }
+        let held = w.warnings.allow(Instant::now());
+        if held.is_none() {
+            EngineCounters::add(&self.shared.stats.warnings_suppressed, 1);
         }
+        held
     }
 
     /// A request was completed: notify the driver now and then under sustained load, not
