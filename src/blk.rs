@@ -117,13 +117,5 @@ pub fn run(args: &BlkArgs) -> Result<(), String> {
 
 /// The back-end's counters as a JSON object, by their stats-line names.
 pub fn stats_json(stats: &backend::Stats) -> serde_json::Value {
-    stats_json_of(&stats.fields())
-}
-
-/// Named counters as a JSON object.
-pub fn stats_json_of(fields: &[(&'static str, u64)]) -> serde_json::Value {
-    let fields = fields
-        .iter()
-        .map(|&(name, value)| (name.to_string(), serde_json::Value::from(value)));
-    serde_json::Value::Object(fields.collect())
+    bench::stats_json_of(&stats.fields())
 }

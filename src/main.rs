@@ -1,19 +1,17 @@
 //! `vhost-iotlb`: the command-line entry point. It parses arguments and dispatches to the
-//! subcommands; the work itself lives in the crates and in the subcommand modules.
+//! subcommands; the work itself lives in the crates (`bench`, `kernel-net`) and in `blk.rs`.
 //!
 //! - `bench`: the main job, the end-to-end benchmark (front-end + vIOMMU + back-end over a
-//!   real socket); `bench --iotlb` runs the IOTLB micro-benchmark instead.
+//!   real socket); `bench --iotlb` runs the IOTLB micro-benchmark instead; both live in
+//!   `bench`.
 //! - `blk`: serve a file or block device as a vhost-user-blk back-end with a device IOTLB.
 //! - `kernel-net`: drive the kernel's `/dev/vhost-net` behind our vIOMMU (in a throwaway
 //!   guest: it creates a tap device); the cases and the measurement live in `kernel-net`.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Parser, Subcommand};
 
-mod bench;
-mod bench_iotlb;
 mod blk;
 
 #[derive(Parser)]
@@ -30,43 +28,12 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the benchmarks and print a table.
-    Bench(BenchArgs),
+    Bench(bench::BenchArgs),
     /// Serve a disk image as a vhost-user-blk back-end (IOMMU-capable).
     Blk(blk::BlkArgs),
     /// Drive the kernel's /dev/vhost-net device IOTLB from our vIOMMU and check frames
     /// through a tap (needs root, vhost_net and tun; meant for a throwaway VM).
     KernelNet(kernel_net::KernelNetArgs),
-}
-
-#[derive(Args)]
-struct BenchArgs {
-    /// Run the IOTLB micro-benchmark (lookup cost, eviction quality) against vm-memory's
-    /// IOTLB, a linear list, FIFO and random eviction.
-    #[arg(long)]
-    iotlb: bool,
-    /// Also write every figure as JSON to this file.
-    #[arg(long, value_name = "FILE")]
-    json: Option<PathBuf>,
-    #[command(flatten)]
-    e2e: bench::E2eArgs,
-}
-
-/// The benchmarks `bench` can run.
-enum BenchKind {
-    /// The end-to-end benchmark (the default).
-    EndToEnd,
-    /// The IOTLB micro-benchmark.
-    Iotlb,
-}
-
-impl BenchKind {
-    fn chosen(args: &BenchArgs) -> BenchKind {
-        if args.iotlb {
-            BenchKind::Iotlb
-        } else {
-            BenchKind::EndToEnd
-        }
-    }
 }
 
 fn main() -> ExitCode {
@@ -79,10 +46,7 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Bench(args) => match BenchKind::chosen(&args) {
-            BenchKind::Iotlb => bench_iotlb::run(args.json.as_deref()),
-            BenchKind::EndToEnd => bench::run(&args.e2e, args.json.as_deref()),
-        },
+        Command::Bench(args) => bench::run(&args),
         Command::Blk(args) => blk::run(&args),
         Command::KernelNet(args) => kernel_net::run(&args),
     };

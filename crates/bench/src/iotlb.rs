@@ -1,4 +1,4 @@
-//! `vhost-iotlb bench --iotlb`: the IOTLB micro-benchmark.
+//! `vhost-iotlb bench --iotlb`: the IOTLB micro-benchmark (formerly `src/bench_iotlb.rs`).
 //!
 //! Two parts, each compared with baselines in the same run:
 //! 1. hit-lookup cost (16-byte reads, all hits) at 16, 256 and 2048 entries: our `Iotlb`,
@@ -8,11 +8,15 @@
 //!    scan over 4x the capacity, and that scan interleaved with a hot set).
 //!
 //! Prints a table; `--json FILE` writes the figures. Finishes in seconds.
+//!
+//! It measures the `iotlb` crate alone, through `iotlb::bench_support`: it must not use the
+//! end-to-end modules (no back-end, front-end or socket). Its JSON keys are checked by
+//! scripts/test.sh.
 
 use std::path::Path;
 
-use iotlb::bench_support::lookup::{ns_per_lookup, Impl, LookupSetup};
-use iotlb::bench_support::traces::{self, HitRates};
+use ::iotlb::bench_support::lookup::{ns_per_lookup, Impl, LookupSetup};
+use ::iotlb::bench_support::traces::{self, HitRates};
 use serde_json::json;
 
 /// Entries of the headline measurements (Linux's and DPDK's default).
@@ -107,7 +111,7 @@ fn report(lookups: &[LookupRow], rates: &[(&str, HitRates)]) -> Result<serde_jso
 }
 
 /// Run the benchmark, print the table, and write the JSON to `json_path` if given.
-pub fn run(json_path: Option<&Path>) -> Result<(), String> {
+pub(crate) fn run(json_path: Option<&Path>) -> Result<(), String> {
     eprintln!("measuring hit lookups (16-byte reads) ...");
     let lookups = measure_lookups();
     eprintln!("replaying eviction traces ({TRACE_LEN} accesses each) ...");

@@ -1,0 +1,144 @@
+//! `vhost-iotlb bench`: the end-to-end benchmark, the project's main job: its options
+//! ([`E2eArgs`]) and its entry point (`run`: check the options, run the workloads, print the
+//! table, write the JSON and the plot, fail on any data-check failure).
+//!
+//! Each workload is one vhost-user connection over a real Unix socket: our front-end and
+//! vIOMMU (crate `frontend`) drive a virtio-blk back-end, ours (crate `backend`, started
+//! here on a temporary in-memory disk, one fresh server and disk per workload) or an external
+//! one (`--socket`). The guest-driver simulator keeps the queue full of 4 KiB random reads
+//! and writes and checks every byte it reads back. Workloads:
+//!
+//! - `off`: no IOMMU (the baseline every ratio is against);
+//! - `warm`: behind the IOMMU, buffers mapped once (the IOTLB warms up and stays warm);
+//! - `strict`: every request maps its header, data and status and unmaps them on completion,
+//!   each unmap an acknowledged INVALIDATE (Linux `iommu.strict=1`);
+//! - `lazy`: the same with unmaps batched and flushed 256 at a time (Linux's flush queue);
+//! - `thrash`: persistent buffers, a working set of 4x the IOTLB's capacity;
+//! - `prepush`: `strict` with UPDATEs pushed at map time, before any miss (none of the
+//!   existing stacks does this);
+//! - `strict-4k`: `strict` with MISSes answered one page at a time, as QEMU does;
+//! - `big`: `strict-4k` with 1 MiB requests (256 pages each, every one a MISS);
+//! - `small-tlb`: `big` through an IOTLB of 16 entries, far fewer than one request needs
+//!   (the walk keeps what it translated);
+//! - `off-1m`: `off` with 1 MiB requests, the baseline of `big` and `small-tlb` (it runs when
+//!   either does).
+//!
+//! Every workload runs `--rounds` times (default 5), interleaved with the others, and the
+//! round with the median IOPS is reported: a moment of interference on a shared machine
+//! then spoils one sample instead of a ratio. The ratio to `off` is paired: each round's
+//! IOPS over `off`'s in the same round (seconds apart), and the median of those, so that a
+//! machine whose speed drifts by tens of percent over a minute (shared VMs do) moves both
+//! sides of a ratio together.
+//!
+//! Figures: IOPS, MB/s, latency p50/p99, misses/s, miss round trip p50/p99 (MISS sent to
+//! queue running again, measured by our back-end), IOTLB hit rate, invalidations/s, and the
+//! ratio to `off`. A progress bar on a terminal, a table at the end, `--json FILE` and
+//! `--plot FILE.svg`. Any data-check failure makes the run fail.
+//!
+//! Where things live: the workload table in `workloads.rs`, running them in `run.rs`, the
+//! figures, table and JSON in `report.rs`, the SVG in `plot.rs`. This file only checks
+//! options and sequences those; it must not measure or format figures itself, nor reach
+//! into the back-end's state beyond its public counters.
+
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+
+use crate::{plot, report, workloads};
+
+/// Options of the end-to-end benchmark.
+#[derive(Args, Debug, Clone)]
+pub struct E2eArgs {
+    /// Seconds per workload.
+    #[arg(long, default_value_t = 4.0)]
+    pub duration: f64,
+    /// Requests in flight.
+    #[arg(long, default_value_t = 16)]
+    pub depth: u16,
+    /// Request size in KiB (a multiple of 4).
+    #[arg(long, default_value_t = 4)]
+    pub block_kib: u32,
+    /// Percentage of writes.
+    #[arg(long, default_value_t = 50)]
+    pub write_percent: u8,
+    /// Device IOTLB entries of our back-end (the thrash working set is 4x this).
+    #[arg(long, default_value_t = iotlb::DEFAULT_CAPACITY)]
+    pub iotlb_capacity: usize,
+    /// Only these workloads (comma-separated; `off` always runs, for the ratios).
+    #[arg(long, value_delimiter = ',')]
+    pub workloads: Vec<String>,
+    /// Drive an external vhost-user-blk back-end at this socket instead of starting ours
+    /// (its disk is written to; back-end counters are then not available).
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Busy-poll window in microseconds of the threads that pass MISS, UPDATE and INVALIDATE
+    /// messages on both sides (0: block at once; each message then costs a thread wake-up).
+    #[arg(long, value_name = "US", default_value_t = 200)]
+    pub busy_poll_us: u64,
+    /// Write an SVG chart of throughput and miss round trip per workload.
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<PathBuf>,
+    /// Rounds: every workload runs this many times, interleaved (off, warm, ..., off, warm,
+    /// ...), `--duration` split between them; the round with the median IOPS is reported.
+    /// A machine that slows down for a moment then skews one sample, not a ratio. The ratio
+    /// to `off` is the median of each round's ratio to `off` in the same round.
+    #[arg(long, default_value_t = 5)]
+    pub rounds: u32,
+}
+
+/// Run the benchmark, print the table, write `json` and the plot if asked.
+pub(crate) fn run(args: &E2eArgs, json_path: Option<&Path>) -> Result<(), String> {
+    if args.block_kib == 0 || args.block_kib % 4 != 0 || args.block_kib > 1024 {
+        return Err("--block-kib must be a multiple of 4 up to 1024".into());
+    }
+    if args.depth == 0 || args.depth > 85 {
+        return Err("--depth must be within 1..=85 (three descriptors each in a 256 ring)".into());
+    }
+    if !(1..=20).contains(&args.rounds) {
+        return Err("--rounds must be within 1..=20".into());
+    }
+    if !(args.duration > 0.0 && args.duration <= 3600.0) {
+        return Err("--duration must be within (0, 3600] seconds".into());
+    }
+    if !(backend::MIN_IOTLB_CAPACITY..=iotlb::MAX_CAPACITY).contains(&args.iotlb_capacity) {
+        return Err(format!(
+            "--iotlb-capacity must be within {}..={}",
+            backend::MIN_IOTLB_CAPACITY,
+            iotlb::MAX_CAPACITY
+        ));
+    }
+    let list = workloads::workloads(args);
+    if let Some(unknown) = args
+        .workloads
+        .iter()
+        .find(|n| !list.iter().any(|w| w.name == n.as_str()))
+    {
+        return Err(format!("unknown workload {unknown:?}"));
+    }
+    let dir = std::env::temp_dir().join(format!("vhost-iotlb-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let result = crate::run::run_all(args, &list, &dir);
+    let _ = std::fs::remove_dir_all(&dir);
+    let rows = result?;
+
+    report::print_table(args, &rows);
+    if let Some(path) = json_path {
+        let text =
+            serde_json::to_string_pretty(&report::to_json(&rows)).map_err(|e| e.to_string())?;
+        std::fs::write(path, text + "\n").map_err(|e| format!("{}: {e}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    }
+    if let Some(path) = &args.plot {
+        std::fs::write(path, plot::plot(&rows)).map_err(|e| format!("{}: {e}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    }
+    let bad: Vec<&str> = rows
+        .iter()
+        .filter(|r| r.verify_failures + r.poison_violations + r.errors > 0)
+        .map(|r| r.name)
+        .collect();
+    if !bad.is_empty() {
+        return Err(format!("data check failed in: {}", bad.join(", ")));
+    }
+    Ok(())
+}

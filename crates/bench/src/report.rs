@@ -1,0 +1,326 @@
+//! The end-to-end benchmark's figures: one [`Row`] per workload and round (`row`), the
+//! median round and the paired ratios to the baseline (`summarize`), the table on stdout
+//! (`print_table`) and the JSON document (`to_json`, with the back-end's counters by their
+//! stats-line names, `stats_json_of`).
+//!
+//! Pure functions of what was measured: it must not start, connect to or drive anything,
+//! and the JSON keys and the table text are a contract (scripts/test.sh checks the keys):
+//! change them only on purpose.
+
+use std::time::Duration;
+
+use backend::Stats;
+use serde_json::json;
+
+use crate::run::Measured;
+use crate::workloads::Workload;
+use crate::E2eArgs;
+
+/// What one workload measured.
+#[derive(Debug, Clone)]
+pub(crate) struct Row {
+    pub(crate) name: &'static str,
+    /// The workload the ratio is against.
+    pub(crate) baseline: &'static str,
+    pub(crate) block_kib: u32,
+    /// IOTLB entries (meaningful with the IOMMU only).
+    pub(crate) capacity: usize,
+    pub(crate) iommu: bool,
+    pub(crate) requests: u64,
+    pub(crate) seconds: f64,
+    pub(crate) iops: f64,
+    pub(crate) mbps: f64,
+    pub(crate) lat_p50_us: f64,
+    pub(crate) lat_p99_us: f64,
+    pub(crate) misses_per_s: f64,
+    pub(crate) miss_rtt_p50_us: Option<f64>,
+    pub(crate) miss_rtt_p99_us: Option<f64>,
+    pub(crate) hit_rate: Option<f64>,
+    pub(crate) invalidations_per_s: f64,
+    /// The median over rounds of this workload's IOPS over `off`'s in the same round.
+    pub(crate) ratio_to_off: f64,
+    /// Each round's ratio to `off` (same round), in order.
+    pub(crate) ratio_rounds: Vec<f64>,
+    /// The median round's IOPS over `off`'s median round's (rounds not paired).
+    pub(crate) ratio_of_medians: f64,
+    /// IOPS of every round, in order.
+    pub(crate) iops_rounds: Vec<f64>,
+    /// Front-end side: MISS received to UPDATE acknowledged.
+    pub(crate) miss_service_p50_us: Option<f64>,
+    pub(crate) misses: u64,
+    /// MISSes received per request completed.
+    pub(crate) misses_per_request: f64,
+    pub(crate) verify_failures: u64,
+    pub(crate) poison_violations: u64,
+    pub(crate) poison_checks: u64,
+    pub(crate) errors: u64,
+    /// The back-end's counters of each round (ours only).
+    pub(crate) engine: Vec<Stats>,
+}
+
+pub(crate) fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+/// Every workload's median round, with its ratios to its baseline: `samples[i]` holds
+/// workload `i`'s rounds, in order.
+pub(crate) fn summarize(samples: Vec<Vec<Row>>) -> Vec<Row> {
+    let mut rows: Vec<Row> = samples.into_iter().filter_map(median_round).collect();
+    let baselines: Vec<(&'static str, f64, Vec<f64>)> = rows
+        .iter()
+        .map(|r| (r.name, r.iops, r.iops_rounds.clone()))
+        .collect();
+    for r in &mut rows {
+        if let Some((_, off_iops, off_rounds)) = baselines.iter().find(|b| b.0 == r.baseline) {
+            r.ratio_rounds = paired_ratios(&r.iops_rounds, off_rounds);
+            r.ratio_to_off = median(&r.ratio_rounds).unwrap_or(r.iops / off_iops);
+            r.ratio_of_medians = r.iops / off_iops;
+        }
+    }
+    rows
+}
+
+/// Each round's IOPS over `off`'s in the same round (the two ran within seconds of each
+/// other, so a machine that is slower for a while slows both).
+pub(crate) fn paired_ratios(rounds: &[f64], off: &[f64]) -> Vec<f64> {
+    rounds
+        .iter()
+        .zip(off)
+        .filter(|(_, o)| **o > 0.0)
+        .map(|(r, o)| r / o)
+        .collect()
+}
+
+/// The median (the upper one of an even count); `None` when empty.
+pub(crate) fn median(v: &[f64]) -> Option<f64> {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied()
+}
+
+/// The round with the median IOPS, carrying every round's IOPS and the data-check counts
+/// of all rounds (a failure in any round is a failure).
+pub(crate) fn median_round(mut rounds: Vec<Row>) -> Option<Row> {
+    let iops_rounds: Vec<f64> = rounds.iter().map(|r| r.iops).collect();
+    let engine: Vec<Stats> = rounds.iter().flat_map(|r| r.engine.clone()).collect();
+    let (checks, verify, poison, errors) = rounds.iter().fold((0, 0, 0, 0), |a, r| {
+        (
+            a.0 + r.poison_checks,
+            a.1 + r.verify_failures,
+            a.2 + r.poison_violations,
+            a.3 + r.errors,
+        )
+    });
+    rounds.sort_by(|a, b| a.iops.total_cmp(&b.iops));
+    let mid = rounds.len() / 2;
+    let mut r = rounds.into_iter().nth(mid)?;
+    r.iops_rounds = iops_rounds;
+    r.engine = engine;
+    r.poison_checks = checks;
+    r.verify_failures = verify;
+    r.poison_violations = poison;
+    r.errors = errors;
+    Some(r)
+}
+
+pub(crate) fn row(
+    w: &Workload,
+    m: &Measured,
+    stats: Option<&Stats>,
+    rtt: Option<(f64, f64)>,
+    args: &E2eArgs,
+) -> Row {
+    let r = &m.report;
+    let secs = r.elapsed.as_secs_f64().max(1e-9);
+    let iops = r.requests as f64 / secs;
+    let bytes = f64::from(w.block_kib(args)) * 1024.0;
+    let misses = m.misses;
+    let (rtt50, rtt99) = (rtt.map(|r| r.0), rtt.map(|r| r.1));
+    Row {
+        name: w.name,
+        baseline: w.baseline,
+        block_kib: w.block_kib(args),
+        capacity: w.capacity(args),
+        iommu: w.viommu.is_some(),
+        requests: r.requests,
+        seconds: secs,
+        iops,
+        mbps: iops * bytes / 1e6,
+        lat_p50_us: us(r.latency.quantile(0.5)),
+        lat_p99_us: us(r.latency.quantile(0.99)),
+        misses_per_s: misses as f64 / secs,
+        miss_rtt_p50_us: rtt50,
+        miss_rtt_p99_us: rtt99,
+        hit_rate: stats.and_then(|s| {
+            let total = s.hits + s.misses;
+            (w.viommu.is_some() && total > 0).then(|| s.hits as f64 / total as f64)
+        }),
+        invalidations_per_s: m.invalidations as f64 / secs,
+        ratio_to_off: 1.0, // set once `off` is known
+        ratio_rounds: Vec::new(),
+        ratio_of_medians: 1.0,
+        iops_rounds: vec![iops],
+        miss_service_p50_us: m.service_p50,
+        misses,
+        misses_per_request: misses as f64 / (r.requests.max(1)) as f64,
+        verify_failures: r.verify_failures,
+        poison_violations: r.poison_violations,
+        poison_checks: r.poison_checks,
+        errors: r.errors + r.bad_completions,
+        engine: stats.copied().into_iter().collect(),
+    }
+}
+
+pub(crate) fn fmt_opt(v: Option<f64>, prec: usize) -> String {
+    v.map_or_else(|| "-".into(), |v| format!("{v:.prec$}"))
+}
+
+pub(crate) fn print_table(args: &E2eArgs, rows: &[Row]) {
+    println!(
+        "vhost-iotlb end-to-end: virtio-blk, {} KiB random I/O (1 MiB for off-1m, big, \
+         small-tlb), {}% writes, depth {}, {} s per workload in {} interleaved rounds (median \
+         round shown), IOTLB {} entries (small-tlb: 16){}",
+        args.block_kib,
+        args.write_percent,
+        args.depth,
+        args.duration,
+        args.rounds,
+        args.iotlb_capacity,
+        args.socket
+            .as_ref()
+            .map_or(String::new(), |s| format!(", back-end at {}", s.display()))
+    );
+    println!(
+        "{:<10} {:>5} {:>5} {:>9} {:>8} {:>8} {:>8} {:>9} {:>8} {:>9} {:>9} {:>7} {:>9} {:>7}",
+        "workload",
+        "KiB",
+        "tlb",
+        "IOPS",
+        "MB/s",
+        "p50 us",
+        "p99 us",
+        "misses/s",
+        "miss/req",
+        "rtt50 us",
+        "rtt99 us",
+        "hit",
+        "inval/s",
+        "vs off"
+    );
+    for r in rows {
+        let tlb = if r.iommu {
+            r.capacity.to_string()
+        } else {
+            "-".into()
+        };
+        println!(
+            "{:<10} {:>5} {:>5} {:>9.0} {:>8.1} {:>8.1} {:>8.1} {:>9.0} {:>8.1} {:>9} {:>9} {:>7} {:>9.0} {:>6.0}%",
+            r.name,
+            r.block_kib,
+            tlb,
+            r.iops,
+            r.mbps,
+            r.lat_p50_us,
+            r.lat_p99_us,
+            r.misses_per_s,
+            r.misses_per_request,
+            fmt_opt(r.miss_rtt_p50_us, 1),
+            fmt_opt(r.miss_rtt_p99_us, 1),
+            fmt_opt(r.hit_rate.map(|h| h * 100.0), 1),
+            r.invalidations_per_s,
+            r.ratio_to_off * 100.0
+        );
+    }
+    println!(
+        "tlb: IOTLB entries. miss/req: MISSes per request. rtt: MISS sent to the queue running \
+         again (back-end side). hit: IOTLB hit rate (%). vs off: median over rounds of IOPS / \
+         the IOPS of the baseline with the same request size and no IOMMU (off, or off-1m for \
+         1 MiB requests) in the same round. Every read was checked against what was written; \
+         freed buffers were poisoned and checked ({} checks, {} violations).",
+        rows.iter().map(|r| r.poison_checks).sum::<u64>(),
+        rows.iter().map(|r| r.poison_violations).sum::<u64>()
+    );
+}
+
+pub(crate) fn to_json(rows: &[Row]) -> serde_json::Value {
+    let mut m = serde_json::Map::new();
+    for r in rows {
+        m.insert(
+            r.name.to_string(),
+            json!({
+                "requests": r.requests,
+                "seconds": r.seconds,
+                "iops": r.iops,
+                "mb_per_s": r.mbps,
+                "latency_us": {"p50": r.lat_p50_us, "p99": r.lat_p99_us},
+                "misses": r.misses,
+                "misses_per_s": r.misses_per_s,
+                "misses_per_request": r.misses_per_request,
+                "block_kib": r.block_kib,
+                "iotlb_capacity": r.iommu.then_some(r.capacity),
+                "baseline": r.baseline,
+                "miss_rtt_us": {"p50": r.miss_rtt_p50_us, "p99": r.miss_rtt_p99_us},
+                "miss_service_us_p50": r.miss_service_p50_us,
+                "hit_rate": r.hit_rate,
+                "invalidations_per_s": r.invalidations_per_s,
+                "ratio_to_off": r.ratio_to_off,
+                "ratio_rounds": r.ratio_rounds,
+                "ratio_of_medians": r.ratio_of_medians,
+                "iops_rounds": r.iops_rounds,
+                "verify_failures": r.verify_failures,
+                "poison_checks": r.poison_checks,
+                "poison_violations": r.poison_violations,
+                "errors": r.errors,
+                "backend": backend_json(&r.engine),
+            }),
+        );
+    }
+    serde_json::Value::Object(m)
+}
+
+/// The back-end's counters summed over rounds (the largest request: the largest of any),
+/// by their stats-line names; `null` for a peer's back-end.
+pub(crate) fn backend_json(rounds: &[Stats]) -> serde_json::Value {
+    if rounds.is_empty() {
+        return serde_json::Value::Null;
+    }
+    let mut total: Vec<(&'static str, u64)> = rounds[0].fields().iter().map(|f| (f.0, 0)).collect();
+    for s in rounds {
+        for (t, (name, v)) in total.iter_mut().zip(s.fields()) {
+            t.1 = if name == "largest_request" {
+                t.1.max(v)
+            } else {
+                t.1 + v
+            };
+        }
+    }
+    stats_json_of(&total)
+}
+
+/// Named counters (the stats line's, `backend::Stats::fields`) as a JSON object.
+pub fn stats_json_of(fields: &[(&'static str, u64)]) -> serde_json::Value {
+    let fields = fields
+        .iter()
+        .map(|&(name, value)| (name.to_string(), serde_json::Value::from(value)));
+    serde_json::Value::Object(fields.collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ratios_are_paired_by_round() {
+        // The machine halves its speed in rounds 2 and 3: paired ratios do not see it.
+        let off = [100.0, 50.0, 50.0, 100.0, 100.0];
+        let warm = [96.0, 48.0, 48.0, 96.0, 96.0];
+        let r = paired_ratios(&warm, &off);
+        assert_eq!(r.len(), 5);
+        assert!(r.iter().all(|x| (x - 0.96).abs() < 1e-9));
+        assert_eq!(median(&r), Some(r[0]));
+        // A zero `off` round is left out, and nothing gives no median.
+        assert_eq!(paired_ratios(&[1.0, 2.0], &[0.0, 4.0]), vec![0.5]);
+        assert_eq!(median(&[]), None);
+        assert_eq!(median(&[3.0, 1.0, 2.0]), Some(2.0));
+    }
+}

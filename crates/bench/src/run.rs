@@ -1,0 +1,257 @@
+//! Running the end-to-end workloads: our back-end on a fresh in-memory disk and socket
+//! (`OwnBackend`, one per workload and round), the front-end and vIOMMU driving it through
+//! the guest-driver simulator (`run_workload`: warm-up, then the measured phase), and the
+//! interleaved rounds with their progress bar (`run_all`).
+//!
+//! It produces one [`Row`] per workload and round and hands them to `report.rs`; it must not
+//! format, print or write figures, and it must not reach into the back-end's state beyond
+//! its public counters (`Server::stats`, `Server::miss_rtt`).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use backend::{EngineConfig, Server, Stats};
+use devices::{Blk, BlkConfig};
+use frontend::driver::{BlkDriver, DriverConfig, DriverReport};
+use frontend::vhost_user::{FrontendConfig, GuestRam, VhostUserFrontend};
+use frontend::viommu::Viommu;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::report::{self, us, Row};
+use crate::workloads::Workload;
+use crate::E2eArgs;
+
+/// Our back-end for one workload: a fresh in-memory disk and a server on a fresh socket.
+struct OwnBackend {
+    server: Arc<Server<Blk>>,
+    thread: Option<std::thread::JoinHandle<Result<(), String>>>,
+    socket: PathBuf,
+}
+
+impl OwnBackend {
+    fn start(
+        dir: &Path,
+        name: &str,
+        capacity: usize,
+        busy_poll: Duration,
+        disk_bytes: u64,
+    ) -> Result<Self, String> {
+        // In RAM (memfd): the figures are about the IOTLB path, not about a file system
+        // allocating blocks on first write, which made the first workload vary by 2x.
+        let disk = rustix::fs::memfd_create(
+            format!("vhost-iotlb-bench-{name}"),
+            rustix::fs::MemfdFlags::CLOEXEC,
+        )
+        .map_err(|e| format!("memfd_create: {e}"))?;
+        let disk = std::fs::File::from(disk);
+        disk.set_len(disk_bytes)
+            .map_err(|e| format!("disk of {disk_bytes} bytes: {e}"))?;
+        let blk = Blk::new(
+            disk,
+            BlkConfig {
+                queue_size: 256,
+                ..BlkConfig::default()
+            },
+        )
+        .map_err(|e| e.to_string())?;
+        let server = Arc::new(Server::new(
+            blk,
+            EngineConfig {
+                iotlb_capacity: capacity,
+                miss_timeout: Duration::from_secs(1),
+                busy_poll,
+                ..EngineConfig::default()
+            },
+        ));
+        let socket = dir.join(format!("{name}.sock"));
+        let (s, p) = (server.clone(), socket.clone());
+        let thread = std::thread::Builder::new()
+            .name("backend".into())
+            .spawn(move || s.serve(&p).map_err(|e| e.to_string()))
+            .map_err(|e| e.to_string())?;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !server.is_listening() {
+            if thread.is_finished() {
+                return Err(match thread.join() {
+                    Ok(Err(e)) => format!("our back-end: {e}"),
+                    _ => format!(
+                        "our back-end stopped before listening on {}",
+                        socket.display()
+                    ),
+                });
+            }
+            if Instant::now() > deadline {
+                return Err(format!("the back-end did not bind {}", socket.display()));
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        Ok(OwnBackend {
+            server,
+            thread: Some(thread),
+            socket,
+        })
+    }
+
+    /// Stop serving; returns the counters of the connection that ran and its miss round
+    /// trip (p50, p99) in µs.
+    fn stop(mut self) -> Result<(Stats, Option<(f64, f64)>), String> {
+        self.server.shutdown_handle().shutdown();
+        if let Some(t) = self.thread.take() {
+            t.join()
+                .map_err(|_| "the back-end panicked".to_string())??;
+        }
+        let h = self.server.miss_rtt();
+        let rtt = (h.count() > 0).then(|| (us(h.quantile(0.5)), us(h.quantile(0.99))));
+        Ok((self.server.stats(), rtt))
+    }
+}
+
+/// What a workload's measured phase saw from the front-end's side.
+pub(crate) struct Measured {
+    pub(crate) report: DriverReport,
+    /// MISS messages received.
+    pub(crate) misses: u64,
+    /// INVALIDATEs forwarded.
+    pub(crate) invalidations: u64,
+    /// MISS received to UPDATE acknowledged, p50 in µs.
+    pub(crate) service_p50: Option<f64>,
+}
+
+/// Run one workload against the back-end at `socket`: a warm-up, then the measured phase
+/// (`at_measure` runs between the two, to reset back-end side histograms).
+pub(crate) fn run_workload(
+    args: &E2eArgs,
+    w: &Workload,
+    socket: &Path,
+    fresh_disk: bool,
+    at_measure: impl FnOnce(),
+) -> Result<Measured, String> {
+    let block_pages = (w.block_kib(args) / 4).max(1);
+    let mut cfg = DriverConfig {
+        queue: 0,
+        queue_size: 256
+            .min((args.depth.saturating_mul(3)).next_power_of_two())
+            .max(8),
+        inflight: args.depth,
+        block_pages,
+        mapping: w.mapping,
+        buffers_per_slot: w.buffers_per_slot,
+        write_percent: args.write_percent,
+        disk_blocks: 0,
+        verify: true,
+        fresh_disk,
+        seed: 0x5eed ^ w.name.len() as u64,
+    };
+    let ram = Arc::new(
+        GuestRam::new(BlkDriver::ram_needed(&cfg).div_ceil(2 << 20) * (2 << 20))
+            .map_err(|e| e.to_string())?,
+    );
+    let viommu = w.viommu.map(|c| Arc::new(Viommu::new(c)));
+    let fe_cfg = FrontendConfig {
+        busy_poll: Duration::from_micros(args.busy_poll_us),
+        ..FrontendConfig::default()
+    };
+    let fe = VhostUserFrontend::connect(socket, ram, fe_cfg, viommu)
+        .map_err(|e| format!("connecting to {}: {e}", socket.display()))?;
+    let sectors = fe
+        .config(0, 8)
+        .ok()
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_le_bytes)
+        .ok_or("cannot read the disk capacity (GET_CONFIG)")?;
+    cfg.disk_blocks = sectors * 512 / (u64::from(block_pages) * 4096);
+    let mut d = BlkDriver::new(&fe, cfg, 0).map_err(|e| e.to_string())?;
+    let stall = Duration::from_secs(10);
+    // Warm-up: fault the guest RAM and the disk file in, start the threads, fill caches.
+    let warmup = Duration::from_secs_f64((args.duration / 4.0).min(0.5));
+    d.run(Instant::now() + warmup, None, stall)
+        .map_err(|e| format!("{}: {e}", w.name))?;
+    let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    let inval = |fe: &VhostUserFrontend| fe.viommu().map_or(0, |v| load(&v.stats().invalidations));
+    let (misses0, inval0) = (load(&fe.channel_stats().misses), inval(&fe));
+    fe.channel_stats().service.reset();
+    d.reset_report();
+    at_measure();
+    d.run(
+        Instant::now() + Duration::from_secs_f64(args.duration),
+        None,
+        stall,
+    )
+    .map_err(|e| format!("{}: {e}", w.name))?;
+    let misses = load(&fe.channel_stats().misses) - misses0;
+    let invalidations = inval(&fe) - inval0;
+    let service = &fe.channel_stats().service;
+    let service_p50 = (service.count() > 0).then(|| us(service.quantile(0.5)));
+    let report = d.finish().map_err(|e| format!("{}: {e}", w.name))?;
+    drop(fe);
+    Ok(Measured {
+        report,
+        misses,
+        invalidations,
+        service_p50,
+    })
+}
+
+pub(crate) fn run_all(args: &E2eArgs, list: &[Workload], dir: &Path) -> Result<Vec<Row>, String> {
+    let rounds = args.rounds.max(1);
+    // Each round measures a share of `--duration`.
+    let per = E2eArgs {
+        duration: args.duration / f64::from(rounds),
+        ..args.clone()
+    };
+    let steps = (rounds as usize * list.len()) as f64;
+    let pb = ProgressBar::new((steps * per.duration * 10.0) as u64);
+    pb.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:40} {msg}")
+            .map_err(|e| e.to_string())?,
+    );
+    let mut samples: Vec<Vec<Row>> = vec![Vec::new(); list.len()];
+    let mut step = 0usize;
+    for round in 0..rounds {
+        for (i, w) in list.iter().enumerate() {
+            pb.set_message(format!("{} (round {}/{rounds})", w.name, round + 1));
+            let base = (step as f64 * per.duration * 10.0) as u64;
+            step += 1;
+            let ticker = {
+                let pb = pb.clone();
+                let secs = per.duration;
+                let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let s2 = stop.clone();
+                let t = std::thread::spawn(move || {
+                    let start = Instant::now();
+                    while !s2.load(std::sync::atomic::Ordering::Relaxed) {
+                        let done = (start.elapsed().as_secs_f64().min(secs) * 10.0) as u64;
+                        pb.set_position(base + done);
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                });
+                (stop, t)
+            };
+            let outcome = match &per.socket {
+                Some(sock) => run_workload(&per, w, sock, false, || {}).map(|m| (m, None, None)),
+                None => {
+                    // 1 GiB (sparse, in memory): room for every slot's blocks.
+                    let own = OwnBackend::start(
+                        dir,
+                        w.name,
+                        w.capacity(&per),
+                        Duration::from_micros(per.busy_poll_us),
+                        1 << 30,
+                    )?;
+                    let socket = own.socket.clone();
+                    let server = own.server.clone();
+                    let r = run_workload(&per, w, &socket, true, || server.miss_rtt().reset());
+                    let (stats, rtt) = own.stop()?;
+                    r.map(|m| (m, Some(stats), rtt))
+                }
+            };
+            ticker.0.store(true, std::sync::atomic::Ordering::Relaxed);
+            let _ = ticker.1.join();
+            let (measured, stats, rtt) = outcome?;
+            samples[i].push(report::row(w, &measured, stats.as_ref(), rtt, args));
+        }
+    }
+    pb.finish_and_clear();
+    Ok(report::summarize(samples))
+}
