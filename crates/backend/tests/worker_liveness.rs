@@ -47,6 +47,22 @@ fn cpu_ticks(name: &str) -> u64 {
     total
 }
 
+/// CPU ticks the `vq0` worker uses while `work` runs.
+fn vq0_ticks_during(work: impl FnOnce()) -> u64 {
+    let before = cpu_ticks("vq0");
+    work();
+    cpu_ticks("vq0") - before
+}
+
+/// Close the front-end, join the server, and check that `ticks` over 1 s (from
+/// [`vq0_ticks_during`]) are a sleeping thread's, not a spinning one's.
+fn assert_slept(f: Frontend, server: std::thread::JoinHandle<()>, ticks: u64, while_: &str) {
+    eprintln!("vq0 cpu ticks over 1 s {while_}: {ticks}");
+    drop(f);
+    server.join().unwrap();
+    assert!(ticks < 20, "worker spins {while_}: {ticks} ticks in 1 s");
+}
+
 fn serve_for(f: &mut Frontend, d: Duration) {
     let end = Instant::now() + d;
     while Instant::now() < end {
@@ -64,17 +80,8 @@ fn a_broken_queue_sleeps() {
     f.never_map.push(a - a % PAGE);
     // The worker misses, resends, gives up and breaks.
     serve_for(&mut f, Duration::from_millis(600));
-    let before = cpu_ticks("vq0");
-    std::thread::sleep(Duration::from_secs(1));
-    let after = cpu_ticks("vq0");
-    eprintln!("vq0 cpu ticks over 1 s idle: {}", after - before);
-    drop(f);
-    t.join().unwrap();
-    assert!(
-        after - before < 20,
-        "worker spins: {} ticks in 1 s",
-        after - before
-    );
+    let ticks = vq0_ticks_during(|| std::thread::sleep(Duration::from_secs(1)));
+    assert_slept(f, t, ticks, "idle");
 }
 
 /// The used ring becomes unmapped for good while a request is served: its completion waits,
@@ -96,17 +103,8 @@ fn an_unreachable_used_ring_breaks_the_queue_without_spinning() {
     let (h, d, st) = blk_request(&mut f, VIRTIO_BLK_T_IN, 0, &[], 512);
     f.submit(0, &[h, d.unwrap(), st]);
     serve_for(&mut f, Duration::from_millis(800));
-    let before = cpu_ticks("vq0");
-    serve_for(&mut f, Duration::from_secs(1));
-    let after = cpu_ticks("vq0");
-    eprintln!("vq0 cpu ticks over 1 s: {}", after - before);
-    drop(f);
-    t.join().unwrap();
-    assert!(
-        after - before < 20,
-        "worker spins: {} ticks in 1 s",
-        after - before
-    );
+    let ticks = vq0_ticks_during(|| serve_for(&mut f, Duration::from_secs(1)));
+    assert_slept(f, t, ticks, "while serving");
 }
 
 /// A driver that kicks while the queue waits for a miss does not postpone the timeout: the
@@ -167,17 +165,8 @@ fn a_queue_disabled_while_parked_sleeps() {
         num: 0,
     }));
     serve_for(&mut f, Duration::from_millis(200));
-    let before = cpu_ticks("vq0");
-    serve_for(&mut f, Duration::from_secs(1));
-    let after = cpu_ticks("vq0");
-    eprintln!("vq0 cpu ticks over 1 s disabled: {}", after - before);
-    drop(f);
-    t.join().unwrap();
-    assert!(
-        after - before < 20,
-        "worker spins: {} ticks in 1 s",
-        after - before
-    );
+    let ticks = vq0_ticks_during(|| serve_for(&mut f, Duration::from_secs(1)));
+    assert_slept(f, t, ticks, "disabled");
 }
 
 /// A writable descriptor running past 2^64 in a request that fails: finding its status byte

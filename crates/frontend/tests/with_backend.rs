@@ -15,29 +15,16 @@ use frontend::viommu::{Invalidation, Viommu, ViommuConfig};
 const DISK: u64 = 8 << 20;
 
 fn server(capacity: usize) -> Arc<Server<Blk>> {
-    // `RUST_LOG=backend=trace,frontend=trace` shows both sides of a failing test.
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
-    let fd = rustix::fs::memfd_create("disk", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
-    rustix::fs::ftruncate(&fd, DISK).unwrap();
-    let blk = Blk::new(
-        std::fs::File::from(fd),
-        BlkConfig {
-            queue_size: 128,
-            ..BlkConfig::default()
-        },
-    )
-    .unwrap();
-    Arc::new(Server::new(
-        blk,
-        EngineConfig {
-            iotlb_capacity: capacity,
-            miss_timeout: Duration::from_secs(2),
-            ..EngineConfig::default()
-        },
-    ))
+    let blk = BlkConfig {
+        queue_size: 128,
+        ..BlkConfig::default()
+    };
+    let engine = EngineConfig {
+        iotlb_capacity: capacity,
+        miss_timeout: Duration::from_secs(2),
+        ..EngineConfig::default()
+    };
+    devices::testing::blk_server(DISK, blk, engine)
 }
 
 /// One connection: run `requests` requests with `cfg` behind `viommu` (or none) and return

@@ -42,7 +42,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use crate::error::{CapacityError, TranslateError, UpdateError};
+use crate::error::{CapacityError, InvariantViolation, TranslateError, UpdateError};
 use crate::evicted::Evicted;
 use crate::policy::{self, Ancestry, HeatMap, Policy};
 use crate::range::{Access, IovaRange, Perm};
@@ -710,14 +710,10 @@ impl Iotlb {
 
     /// Check every internal invariant; `Err` names the first one broken. O(n). For tests and
     /// fuzzing.
-    pub fn check_invariants(&self) -> Result<(), crate::error::InvariantViolation> {
-        self.first_broken_invariant()
-            .map_err(crate::error::InvariantViolation)
-    }
-
-    fn first_broken_invariant(&self) -> Result<(), String> {
+    pub fn check_invariants(&self) -> Result<(), InvariantViolation> {
+        let broken = |why: String| Err(InvariantViolation(why));
         if self.index.len() > self.capacity {
-            return Err(format!(
+            return broken(format!(
                 "{} entries over capacity {}",
                 self.index.len(),
                 self.capacity
@@ -729,15 +725,15 @@ impl Iotlb {
             let s = self
                 .slots
                 .get(n as usize)
-                .ok_or_else(|| format!("index points at missing slot {n}"))?;
+                .ok_or_else(|| InvariantViolation(format!("index points at missing slot {n}")))?;
             if s.start != start || !s.is_live() {
-                return Err(format!("slot {n} does not hold the entry at {start:#x}"));
+                return broken(format!("slot {n} does not hold the entry at {start:#x}"));
             }
             if s.target.checked_add(s.last - s.start).is_none() {
-                return Err(format!("slot {n}: target range overflows"));
+                return broken(format!("slot {n}: target range overflows"));
             }
             if prev_last.is_some_and(|p| p >= start) {
-                return Err(format!("entry at {start:#x} overlaps its predecessor"));
+                return broken(format!("entry at {start:#x} overlaps its predecessor"));
             }
             prev_last = Some(s.last);
             live += 1;
@@ -747,7 +743,7 @@ impl Iotlb {
             .iter()
             .all(|&n| self.slots.get(n as usize).is_some_and(|s| !s.is_live()));
         if !free_ok || live + self.free.len() != self.slots.len() {
-            return Err("slab and free list disagree".into());
+            return broken("slab and free list disagree".into());
         }
         Ok(())
     }

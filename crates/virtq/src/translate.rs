@@ -155,13 +155,7 @@ impl<W: Clone + PartialEq> Translator for IotlbTranslator<W> {
     }
 
     fn stale(&self, since: u64, range: IovaRange) -> bool {
-        if since == self.generation() {
-            return false;
-        }
-        self.handle.shared().with_cache(|tlb| {
-            tlb.changes_since(since)
-                .is_none_or(|mut changes| changes.any(|r| r.overlaps(&range)))
-        })
+        self.stale_any(since, std::slice::from_ref(&range))
     }
 
     fn stale_any(&self, since: u64, ranges: &[IovaRange]) -> bool {

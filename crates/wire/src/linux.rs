@@ -69,6 +69,17 @@ pub struct MsgFormat {
 }
 
 impl MsgFormat {
+    /// `vhost_msg` (no `VHOST_BACKEND_F_IOTLB_MSG_V2`), address space 0 only.
+    pub const V1: MsgFormat = MsgFormat {
+        v2: false,
+        asid: false,
+    };
+    /// `vhost_msg_v2`, address space 0 only.
+    pub const V2: MsgFormat = MsgFormat {
+        v2: true,
+        asid: false,
+    };
+
     /// The format for the acked backend features.
     pub const fn from_backend_features(acked: u64) -> Self {
         MsgFormat {
@@ -159,14 +170,8 @@ mod tests {
     use super::*;
     use iotlb::{IovaRange, Perm};
 
-    const V1: MsgFormat = MsgFormat {
-        v2: false,
-        asid: false,
-    };
-    const V2: MsgFormat = MsgFormat {
-        v2: true,
-        asid: false,
-    };
+    const V1: MsgFormat = MsgFormat::V1;
+    const V2: MsgFormat = MsgFormat::V2;
 
     #[test]
     fn format_from_backend_features() {

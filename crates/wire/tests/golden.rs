@@ -22,14 +22,8 @@ fn hex(s: &str) -> Vec<u8> {
         .collect()
 }
 
-const V1: MsgFormat = MsgFormat {
-    v2: false,
-    asid: false,
-};
-const V2: MsgFormat = MsgFormat {
-    v2: true,
-    asid: false,
-};
+const V1: MsgFormat = MsgFormat::V1;
+const V2: MsgFormat = MsgFormat::V2;
 
 /// The 32-byte `vhost_iotlb_msg` of each kind, and the typed message.
 fn iotlb_cases() -> Vec<(&'static str, IotlbMsg, &'static str)> {
