@@ -46,9 +46,9 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Bench(args) => bench::run(&args),
+        Command::Bench(args) => bench::run(&args).map_err(|e| e.to_string()),
         Command::Blk(args) => blk::run(&args),
-        Command::KernelNet(args) => kernel_net::run(&args),
+        Command::KernelNet(args) => kernel_net::run(&args).map_err(|e| e.to_string()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -44,7 +44,7 @@ use std::path::{Path, PathBuf};
 
 use clap::Args;
 
-use crate::{plot, report, workloads};
+use crate::{plot, report, workloads, BenchError};
 
 /// Options of the end-to-end benchmark.
 #[derive(Args, Debug, Clone)]
@@ -87,25 +87,28 @@ pub struct E2eArgs {
 }
 
 /// Run the benchmark, print the table, write `json` and the plot if asked.
-pub(crate) fn run(args: &E2eArgs, json_path: Option<&Path>) -> Result<(), String> {
+pub(crate) fn run(args: &E2eArgs, json_path: Option<&Path>) -> Result<(), BenchError> {
+    let bad = |option, rule| Err(BenchError::BadOption { option, rule });
     if args.block_kib == 0 || args.block_kib % 4 != 0 || args.block_kib > 1024 {
-        return Err("--block-kib must be a multiple of 4 up to 1024".into());
+        return bad("--block-kib", "a multiple of 4 up to 1024");
     }
     if args.depth == 0 || args.depth > 85 {
-        return Err("--depth must be within 1..=85 (three descriptors each in a 256 ring)".into());
+        return bad(
+            "--depth",
+            "within 1..=85 (three descriptors each in a 256 ring)",
+        );
     }
     if !(1..=20).contains(&args.rounds) {
-        return Err("--rounds must be within 1..=20".into());
+        return bad("--rounds", "within 1..=20");
     }
     if !(args.duration > 0.0 && args.duration <= 3600.0) {
-        return Err("--duration must be within (0, 3600] seconds".into());
+        return bad("--duration", "within (0, 3600] seconds");
     }
     if !(backend::MIN_IOTLB_CAPACITY..=iotlb::MAX_CAPACITY).contains(&args.iotlb_capacity) {
-        return Err(format!(
-            "--iotlb-capacity must be within {}..={}",
-            backend::MIN_IOTLB_CAPACITY,
-            iotlb::MAX_CAPACITY
-        ));
+        return Err(BenchError::IotlbCapacity {
+            min: backend::MIN_IOTLB_CAPACITY,
+            max: iotlb::MAX_CAPACITY,
+        });
     }
     let list = workloads::workloads(args);
     if let Some(unknown) = args
@@ -113,32 +116,34 @@ pub(crate) fn run(args: &E2eArgs, json_path: Option<&Path>) -> Result<(), String
         .iter()
         .find(|n| !list.iter().any(|w| w.name == n.as_str()))
     {
-        return Err(format!("unknown workload {unknown:?}"));
+        return Err(BenchError::UnknownWorkload(unknown.clone()));
     }
     let dir = std::env::temp_dir().join(format!("vhost-iotlb-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    std::fs::create_dir_all(&dir).map_err(|source| BenchError::ScratchDir {
+        path: dir.clone(),
+        source,
+    })?;
     let result = crate::run::run_all(args, &list, &dir);
     let _ = std::fs::remove_dir_all(&dir);
     let rows = result?;
 
     report::print_table(args, &rows);
     if let Some(path) = json_path {
-        let text =
-            serde_json::to_string_pretty(&report::to_json(&rows)).map_err(|e| e.to_string())?;
-        std::fs::write(path, text + "\n").map_err(|e| format!("{}: {e}", path.display()))?;
+        let text = serde_json::to_string_pretty(&report::to_json(&rows))?;
+        std::fs::write(path, text + "\n").map_err(BenchError::writing(path))?;
         eprintln!("wrote {}", path.display());
     }
     if let Some(path) = &args.plot {
-        std::fs::write(path, plot::plot(&rows)).map_err(|e| format!("{}: {e}", path.display()))?;
+        std::fs::write(path, plot::plot(&rows)).map_err(BenchError::writing(path))?;
         eprintln!("wrote {}", path.display());
     }
-    let bad: Vec<&str> = rows
+    let failed: Vec<&'static str> = rows
         .iter()
         .filter(|r| r.verify_failures + r.poison_violations + r.errors > 0)
         .map(|r| r.name)
         .collect();
-    if !bad.is_empty() {
-        return Err(format!("data check failed in: {}", bad.join(", ")));
+    if !failed.is_empty() {
+        return Err(BenchError::DataCheck { workloads: failed });
     }
     Ok(())
 }

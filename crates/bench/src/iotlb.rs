@@ -19,6 +19,8 @@ use ::iotlb::bench_support::lookup::{ns_per_lookup, Impl, LookupSetup};
 use ::iotlb::bench_support::traces::{self, HitRates};
 use serde_json::json;
 
+use crate::BenchError;
+
 /// Entries of the headline measurements (Linux's and DPDK's default).
 const ENTRIES: usize = 2048;
 const SIZES: [usize; 3] = [16, 256, 2048];
@@ -78,11 +80,14 @@ fn measure_hit_rates() -> Vec<(&'static str, HitRates)> {
 
 /// The JSON document: `lookup_ns` and `hit_rate` at [`ENTRIES`] as the issue specifies, plus
 /// the lookups at every size and the trace parameters.
-fn report(lookups: &[LookupRow], rates: &[(&str, HitRates)]) -> Result<serde_json::Value, String> {
+fn report(
+    lookups: &[LookupRow],
+    rates: &[(&str, HitRates)],
+) -> Result<serde_json::Value, BenchError> {
     let headline = lookups
         .iter()
         .find(|r| r.entries == ENTRIES)
-        .ok_or("no measurement at the headline size")?;
+        .ok_or(BenchError::NoHeadline)?;
     let mut hit_rate = serde_json::Map::new();
     for (name, r) in rates {
         hit_rate.insert(
@@ -111,7 +116,7 @@ fn report(lookups: &[LookupRow], rates: &[(&str, HitRates)]) -> Result<serde_jso
 }
 
 /// Run the benchmark, print the table, and write the JSON to `json_path` if given.
-pub(crate) fn run(json_path: Option<&Path>) -> Result<(), String> {
+pub(crate) fn run(json_path: Option<&Path>) -> Result<(), BenchError> {
     eprintln!("measuring hit lookups (16-byte reads) ...");
     let lookups = measure_lookups();
     eprintln!("replaying eviction traces ({TRACE_LEN} accesses each) ...");
@@ -163,9 +168,8 @@ pub(crate) fn run(json_path: Option<&Path>) -> Result<(), String> {
 
     if let Some(path) = json_path {
         let doc = report(&lookups, &rates)?;
-        let text = serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())?;
-        std::fs::write(path, text + "\n")
-            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        let text = serde_json::to_string_pretty(&doc)?;
+        std::fs::write(path, text + "\n").map_err(BenchError::writing(path))?;
         eprintln!("wrote {}", path.display());
     }
     Ok(())
@@ -204,7 +208,7 @@ mod tests {
             }
         }
         assert!(
-            report(&lookups[..1], &[]).is_err(),
+            matches!(report(&lookups[..1], &[]), Err(BenchError::NoHeadline)),
             "no row at 2048 entries"
         );
     }

@@ -8,7 +8,8 @@
 //!
 //! Layout: `e2e.rs` (options and the entry point), `workloads.rs` (the workload table),
 //! `run.rs` (our back-end, the front-end, the rounds), `report.rs` (rows, medians, ratios,
-//! the table, the JSON), `plot.rs` (the SVG), `iotlb.rs` (the micro-benchmark).
+//! the table, the JSON), `plot.rs` (the SVG), `iotlb.rs` (the micro-benchmark), `error.rs`
+//! ([`BenchError`], why a run failed).
 //!
 //! This file only holds the command's options and dispatches; it must not measure or
 //! report anything itself.
@@ -18,6 +19,7 @@ use std::path::PathBuf;
 use clap::Args;
 
 mod e2e;
+mod error;
 mod iotlb;
 mod plot;
 mod report;
@@ -25,6 +27,7 @@ mod run;
 mod workloads;
 
 pub use e2e::E2eArgs;
+pub use error::BenchError;
 pub use report::stats_json_of;
 
 /// Options of `vhost-iotlb bench`.
@@ -61,7 +64,7 @@ impl BenchKind {
 }
 
 /// Run the benchmark `args` chose: print its table and write what it was asked to write.
-pub fn run(args: &BenchArgs) -> Result<(), String> {
+pub fn run(args: &BenchArgs) -> Result<(), BenchError> {
     match BenchKind::chosen(args) {
         BenchKind::Iotlb => iotlb::run(args.json.as_deref()),
         BenchKind::EndToEnd => e2e::run(&args.e2e, args.json.as_deref()),

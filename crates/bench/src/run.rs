@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use backend::{EngineConfig, Server, Stats};
+use backend::{EngineConfig, ServeError, Server, Stats};
 use devices::{Blk, BlkConfig};
 use frontend::driver::{BlkDriver, DriverConfig, DriverReport};
 use frontend::vhost_user::{FrontendConfig, GuestRam, VhostUserFrontend};
@@ -20,12 +20,12 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::report::{self, us, Row};
 use crate::workloads::Workload;
-use crate::E2eArgs;
+use crate::{BenchError, E2eArgs};
 
 /// Our back-end for one workload: a fresh in-memory disk and a server on a fresh socket.
 struct OwnBackend {
     server: Arc<Server<Blk>>,
-    thread: Option<std::thread::JoinHandle<Result<(), String>>>,
+    thread: Option<std::thread::JoinHandle<Result<(), ServeError>>>,
     socket: PathBuf,
 }
 
@@ -36,25 +36,27 @@ impl OwnBackend {
         capacity: usize,
         busy_poll: Duration,
         disk_bytes: u64,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, BenchError> {
         // In RAM (memfd): the figures are about the IOTLB path, not about a file system
         // allocating blocks on first write, which made the first workload vary by 2x.
         let disk = rustix::fs::memfd_create(
             format!("vhost-iotlb-bench-{name}"),
             rustix::fs::MemfdFlags::CLOEXEC,
         )
-        .map_err(|e| format!("memfd_create: {e}"))?;
+        .map_err(|e| BenchError::Memfd(e.into()))?;
         let disk = std::fs::File::from(disk);
         disk.set_len(disk_bytes)
-            .map_err(|e| format!("disk of {disk_bytes} bytes: {e}"))?;
+            .map_err(|source| BenchError::DiskSize {
+                bytes: disk_bytes,
+                source,
+            })?;
         let blk = Blk::new(
             disk,
             BlkConfig {
                 queue_size: 256,
                 ..BlkConfig::default()
             },
-        )
-        .map_err(|e| e.to_string())?;
+        )?;
         let server = Arc::new(Server::new(
             blk,
             EngineConfig {
@@ -68,21 +70,21 @@ impl OwnBackend {
         let (s, p) = (server.clone(), socket.clone());
         let thread = std::thread::Builder::new()
             .name("backend".into())
-            .spawn(move || s.serve(&p).map_err(|e| e.to_string()))
-            .map_err(|e| e.to_string())?;
+            .spawn(move || s.serve(&p))
+            .map_err(|source| BenchError::Spawn {
+                name: "backend",
+                source,
+            })?;
         let deadline = Instant::now() + Duration::from_secs(5);
         while !server.is_listening() {
             if thread.is_finished() {
                 return Err(match thread.join() {
-                    Ok(Err(e)) => format!("our back-end: {e}"),
-                    _ => format!(
-                        "our back-end stopped before listening on {}",
-                        socket.display()
-                    ),
+                    Ok(Err(e)) => BenchError::Serve(e),
+                    _ => BenchError::BackendStopped { socket },
                 });
             }
             if Instant::now() > deadline {
-                return Err(format!("the back-end did not bind {}", socket.display()));
+                return Err(BenchError::BindTimeout { socket });
             }
             std::thread::sleep(Duration::from_millis(2));
         }
@@ -95,11 +97,11 @@ impl OwnBackend {
 
     /// Stop serving; returns the counters of the connection that ran and its miss round
     /// trip (p50, p99) in µs.
-    fn stop(mut self) -> Result<(Stats, Option<(f64, f64)>), String> {
+    fn stop(mut self) -> Result<(Stats, Option<(f64, f64)>), BenchError> {
         self.server.shutdown_handle().shutdown();
         if let Some(t) = self.thread.take() {
             t.join()
-                .map_err(|_| "the back-end panicked".to_string())??;
+                .map_err(|_| BenchError::Panicked { name: "back-end" })??;
         }
         let h = self.server.miss_rtt();
         let rtt = (h.count() > 0).then(|| (us(h.quantile(0.5)), us(h.quantile(0.99))));
@@ -126,7 +128,7 @@ pub(crate) fn run_workload(
     socket: &Path,
     fresh_disk: bool,
     at_measure: impl FnOnce(),
-) -> Result<Measured, String> {
+) -> Result<Measured, BenchError> {
     let block_pages = (w.block_kib(args) / 4).max(1);
     let mut cfg = DriverConfig {
         queue: 0,
@@ -145,28 +147,39 @@ pub(crate) fn run_workload(
     };
     let ram = Arc::new(
         GuestRam::new(BlkDriver::ram_needed(&cfg).div_ceil(2 << 20) * (2 << 20))
-            .map_err(|e| e.to_string())?,
+            .map_err(BenchError::GuestRam)?,
     );
     let viommu = w.viommu.map(|c| Arc::new(Viommu::new(c)));
     let fe_cfg = FrontendConfig {
         busy_poll: Duration::from_micros(args.busy_poll_us),
         ..FrontendConfig::default()
     };
-    let fe = VhostUserFrontend::connect(socket, ram, fe_cfg, viommu)
-        .map_err(|e| format!("connecting to {}: {e}", socket.display()))?;
-    let sectors = fe
-        .config(0, 8)
-        .ok()
-        .and_then(|b| b.try_into().ok())
+    let fe = VhostUserFrontend::connect(socket, ram, fe_cfg, viommu).map_err(|source| {
+        BenchError::Connect {
+            socket: socket.to_path_buf(),
+            source,
+        }
+    })?;
+    // The first field of the virtio-blk config space: the capacity in 512-byte sectors.
+    let reply = fe.config(0, 8).map_err(BenchError::DiskCapacity)?;
+    let sectors = <[u8; 8]>::try_from(reply.as_slice())
         .map(u64::from_le_bytes)
-        .ok_or("cannot read the disk capacity (GET_CONFIG)")?;
-    cfg.disk_blocks = sectors * 512 / (u64::from(block_pages) * 4096);
-    let mut d = BlkDriver::new(&fe, cfg, 0).map_err(|e| e.to_string())?;
+        .map_err(|_| BenchError::DiskCapacityReply { len: reply.len() })?;
+    // From the peer: an external back-end may answer anything.
+    let disk_bytes = sectors
+        .checked_mul(512)
+        .ok_or(BenchError::DiskTooLarge { sectors })?;
+    cfg.disk_blocks = disk_bytes / (u64::from(block_pages) * 4096);
+    let driver = |source| BenchError::Driver {
+        workload: w.name,
+        source,
+    };
+    let mut d = BlkDriver::new(&fe, cfg, 0).map_err(driver)?;
     let stall = Duration::from_secs(10);
     // Warm-up: fault the guest RAM and the disk file in, start the threads, fill caches.
     let warmup = Duration::from_secs_f64((args.duration / 4.0).min(0.5));
     d.run(Instant::now() + warmup, None, stall)
-        .map_err(|e| format!("{}: {e}", w.name))?;
+        .map_err(driver)?;
     let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
     let inval = |fe: &VhostUserFrontend| fe.viommu().map_or(0, |v| load(&v.stats().invalidations));
     let (misses0, inval0) = (load(&fe.channel_stats().misses), inval(&fe));
@@ -178,12 +191,12 @@ pub(crate) fn run_workload(
         None,
         stall,
     )
-    .map_err(|e| format!("{}: {e}", w.name))?;
+    .map_err(driver)?;
     let misses = load(&fe.channel_stats().misses) - misses0;
     let invalidations = inval(&fe) - inval0;
     let service = &fe.channel_stats().service;
     let service_p50 = (service.count() > 0).then(|| us(service.quantile(0.5)));
-    let report = d.finish().map_err(|e| format!("{}: {e}", w.name))?;
+    let report = d.finish().map_err(driver)?;
     drop(fe);
     Ok(Measured {
         report,
@@ -193,7 +206,11 @@ pub(crate) fn run_workload(
     })
 }
 
-pub(crate) fn run_all(args: &E2eArgs, list: &[Workload], dir: &Path) -> Result<Vec<Row>, String> {
+pub(crate) fn run_all(
+    args: &E2eArgs,
+    list: &[Workload],
+    dir: &Path,
+) -> Result<Vec<Row>, BenchError> {
     let rounds = args.rounds.max(1);
     // Each round measures a share of `--duration`.
     let per = E2eArgs {
@@ -202,10 +219,9 @@ pub(crate) fn run_all(args: &E2eArgs, list: &[Workload], dir: &Path) -> Result<V
     };
     let steps = (rounds as usize * list.len()) as f64;
     let pb = ProgressBar::new((steps * per.duration * 10.0) as u64);
-    pb.set_style(
-        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:40} {msg}")
-            .map_err(|e| e.to_string())?,
-    );
+    pb.set_style(ProgressStyle::with_template(
+        "{spinner} [{elapsed_precise}] {bar:40} {msg}",
+    )?);
     let mut samples: Vec<Vec<Row>> = vec![Vec::new(); list.len()];
     let mut step = 0usize;
     for round in 0..rounds {

@@ -44,14 +44,14 @@ impl Pages {
     }
 
     /// The next buffer page.
-    pub fn next_page(&mut self) -> Result<u64, String> {
+    pub fn next_page(&mut self) -> u64 {
         let p = self.0;
         self.0 = if p + 4 * PAGE > RAM {
             BUF_GPA
         } else {
             p + 2 * PAGE
         };
-        Ok(p)
+        p
     }
 }
 

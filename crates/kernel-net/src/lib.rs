@@ -40,12 +40,14 @@
 //! - [`frames`]: the test frames; [`sys`]: the tap, its packet socket, eventfds (all the
 //!   `unsafe` of the crate);
 //! - [`net`]: one vhost-net device with its rings, tap and vIOMMU; [`msg`]: raw messages;
-//! - [`cases`]: the table of named cases; [`measure`]: the measurement.
+//! - [`cases`]: the table of named cases; [`measure`]: the measurement;
+//! - [`error`]: what can go wrong ([`KernelNetError`]).
 
 #![deny(unsafe_code)]
 
 pub mod args;
 pub mod cases;
+pub mod error;
 pub mod frames;
 pub mod layout;
 pub mod measure;
@@ -55,11 +57,12 @@ pub mod net;
 pub mod sys;
 
 pub use args::{Broken, KernelNetArgs};
+pub use error::KernelNetError;
 
 /// Run the cases, then the measurements; print what happened at each step.
-pub fn run(args: &KernelNetArgs) -> Result<(), String> {
+pub fn run(args: &KernelNetArgs) -> Result<(), KernelNetError> {
     if args.frames == 0 || args.frames > 1024 {
-        return Err("--frames must be within 1..=1024".into());
+        return Err(KernelNetError::Frames(args.frames));
     }
     let net = net::Net::setup(args, true)?;
     println!(

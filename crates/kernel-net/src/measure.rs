@@ -13,6 +13,7 @@ use iotlb::{IovaRange, Perm};
 use serde_json::json;
 
 use crate::args::KernelNetArgs;
+use crate::error::KernelNetError;
 use crate::frames::{frame, SRC_TX, VNET_HDR};
 use crate::layout::{BUF_GPA, PAGE, TX};
 use crate::net::Net;
@@ -47,7 +48,7 @@ const MODES: [Mode; 4] = [Mode::Off, Mode::Warm, Mode::Strict, Mode::Prepush];
 
 /// Frames per second through vhost-net in `mode`, up to 16 in flight, 256-byte frames; the
 /// MISSes read and their round trips.
-pub fn measure(args: &KernelNetArgs, mode: Mode) -> Result<(f64, u64, Histogram), String> {
+pub fn measure(args: &KernelNetArgs, mode: Mode) -> Result<(f64, u64, Histogram), KernelNetError> {
     let mut net = Net::setup(args, mode != Mode::Off)?;
     const INFLIGHT: u64 = 16;
     let n = u64::from(args.measure_frames.max(INFLIGHT as u32));
@@ -77,10 +78,8 @@ pub fn measure(args: &KernelNetArgs, mode: Mode) -> Result<(f64, u64, Histogram)
                 Mode::Strict | Mode::Prepush => {
                     let iova = net.map(gpa, PAGE, Perm::ReadOnly)?;
                     if mode == Mode::Prepush {
-                        let range = IovaRange::from_size(iova, PAGE).map_err(|e| e.to_string())?;
-                        net.dev
-                            .update(range, gpa, Perm::ReadOnly)
-                            .map_err(|e| e.to_string())?;
+                        let range = IovaRange::from_size(iova, PAGE)?;
+                        net.dev.update(range, gpa, Perm::ReadOnly)?;
                     }
                     mapped.push(iova);
                     bufs.push((iova, len));
@@ -101,7 +100,7 @@ pub fn measure(args: &KernelNetArgs, mode: Mode) -> Result<(f64, u64, Histogram)
 
 /// Measure every mode `--rounds` times, interleaved; print the median round of each, and
 /// write the JSON if `--json` asks for it.
-pub fn run(args: &KernelNetArgs) -> Result<(), String> {
+pub fn run(args: &KernelNetArgs) -> Result<(), KernelNetError> {
     let mut rounds: Vec<Vec<(f64, u64, Histogram)>> = MODES.iter().map(|_| Vec::new()).collect();
     for _ in 0..args.rounds.max(1) {
         for (i, mode) in MODES.iter().enumerate() {
@@ -148,12 +147,12 @@ pub fn run(args: &KernelNetArgs) -> Result<(), String> {
          (TCG guest: compare ratios, not absolute figures)"
     );
     if let Some(path) = &args.json {
-        let text = serde_json::to_string_pretty(&serde_json::Value::Object(out))
-            .map_err(|e| e.to_string())?;
+        let text = serde_json::to_string_pretty(&serde_json::Value::Object(out))?;
         if path.as_os_str() == "-" {
             println!("{text}");
         } else {
-            std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+            std::fs::write(path, text)
+                .map_err(KernelNetError::io(format!("writing {}", path.display())))?;
         }
     }
     Ok(())

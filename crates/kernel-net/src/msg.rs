@@ -9,20 +9,16 @@
 use wire::linux::{encode_raw, MsgFormat};
 use wire::VhostIotlbMsg;
 
+use crate::error::KernelNetError;
+
 pub use wire::iotlb_msg::access::RO;
 pub use wire::iotlb_msg::iotlb_type::{INVALIDATE, MISS, UPDATE};
 pub use wire::linux::{VHOST_MSG_MIN_SIZE, VHOST_MSG_SIZE};
 
 /// Message formats: a `vhost_msg_v2` (what the device negotiated) or a v1 `vhost_msg`.
-pub const V2: MsgFormat = MsgFormat {
-    v2: true,
-    asid: false,
-};
+pub const V2: MsgFormat = MsgFormat::V2;
 /// A v1 `vhost_msg`.
-pub const V1: MsgFormat = MsgFormat {
-    v2: false,
-    asid: false,
-};
+pub const V1: MsgFormat = MsgFormat::V1;
 
 /// A raw message in `fmt`, address space 0: the type word, then the iotlb payload with
 /// `iova`, `size`, `uaddr`, `perm`, `ty`, as given (unvalidated); zero elsewhere.
@@ -31,12 +27,14 @@ pub fn raw(fmt: MsgFormat, ty: u8, iova: u64, size: u64, uaddr: u64, perm: u8) -
 }
 
 /// What a whole-message write must return.
-pub fn expect_whole(what: &str, r: Result<usize, rustix::io::Errno>) -> Result<(), String> {
+pub fn expect_whole(what: &str, r: Result<usize, rustix::io::Errno>) -> Result<(), KernelNetError> {
     match r {
         Ok(VHOST_MSG_SIZE) => Ok(()),
-        other => Err(format!(
-            "{what}: write returned {other:?}, not {VHOST_MSG_SIZE}"
-        )),
+        got => Err(KernelNetError::WriteAnswer {
+            what: what.into(),
+            got,
+            expected: Ok(VHOST_MSG_SIZE),
+        }),
     }
 }
 

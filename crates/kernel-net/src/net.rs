@@ -24,10 +24,11 @@ use vm_memory::{Bytes, GuestAddress};
 use wire::features::backend as backend_f;
 
 use crate::args::{Broken, KernelNetArgs};
+use crate::error::KernelNetError;
 use crate::frames::{is_ours, is_poisoned, seq, SRC_TX, VNET_HDR};
 use crate::layout::{page_of, PAGE, QSIZE, RAM, RING_GPA, RING_IOVA, RING_NAMES, RX, TX};
 use crate::msg;
-use crate::sys::{errno, eventfd, Tap};
+use crate::sys::{eventfd, Tap};
 
 /// A virtqueue as the driver sees it: the ring, and its kick and call eventfds.
 #[derive(Debug)]
@@ -93,49 +94,43 @@ pub struct Net {
 impl Net {
     /// Open the device, negotiate (ACCESS_PLATFORM if `iommu`), set the memory table and the
     /// rings, create the tap and attach it to both queues, answering the MISSes that brings.
-    pub fn setup(args: &KernelNetArgs, iommu: bool) -> Result<Self, String> {
+    pub fn setup(args: &KernelNetArgs, iommu: bool) -> Result<Self, KernelNetError> {
         if !Path::new(&args.vhost).exists() {
-            return Err(format!(
-                "{} is missing: load the vhost_net module (modprobe vhost_net)",
-                args.vhost
-            ));
+            return Err(KernelNetError::MissingNode {
+                node: args.vhost.clone(),
+                module: "vhost_net",
+            });
         }
-        let ram = Arc::new(GuestRam::new(RAM).map_err(|e| e.to_string())?);
+        let ram = Arc::new(GuestRam::new(RAM).map_err(KernelNetError::GuestRam)?);
         let viommu = Arc::new(Viommu::new(ViommuConfig::default()));
-        let dev = Arc::new(
-            VhostKernel::open(Path::new(&args.vhost), ram.va(0)).map_err(|e| e.to_string())?,
-        );
+        let dev = Arc::new(VhostKernel::open(Path::new(&args.vhost), ram.va(0))?);
         let want = if iommu {
             NET_FEATURES
         } else {
             NET_FEATURES & !wire::features::device::ACCESS_PLATFORM
         };
-        let offered = dev.features().map_err(|e| e.to_string())?;
+        let offered = dev.features()?;
         if offered & want != want {
-            return Err(format!(
-                "{} offers features {offered:#x}, without {:#x} (ACCESS_PLATFORM, VERSION_1, \
-                 MRG_RXBUF)",
-                args.vhost,
-                want & !offered
-            ));
+            return Err(KernelNetError::MissingFeatures {
+                node: args.vhost.clone(),
+                offered,
+                missing: want & !offered,
+            });
         }
-        dev.set_features(want).map_err(|e| e.to_string())?;
+        dev.set_features(want)?;
         // BATCH and ASID are asked for and dropped when not offered (vhost-net offers v2
         // only).
         dev.negotiate_backend(
             backend_f::IOTLB_MSG_V2 | backend_f::IOTLB_BATCH | backend_f::IOTLB_ASID,
-        )
-        .map_err(|e| e.to_string())?;
-        dev.set_mem_table(RAM).map_err(|e| e.to_string())?;
+        )?;
+        dev.set_mem_table(RAM)?;
         let tap = Tap::create()?;
         // Rings: consecutive IOVA pages over scattered guest pages (or their plain
         // addresses without the IOMMU).
         let perms = [Perm::ReadOnly, Perm::ReadOnly, Perm::ReadWrite];
         if iommu {
             for (i, gpa) in RING_GPA.iter().enumerate() {
-                viommu
-                    .map_at(RING_IOVA + i as u64 * PAGE, *gpa, PAGE, perms[i % 3])
-                    .map_err(|e| e.to_string())?;
+                viommu.map_at(RING_IOVA + i as u64 * PAGE, *gpa, PAGE, perms[i % 3])?;
             }
         }
         let answerer: Arc<dyn DeviceIotlb> = match args.broken {
@@ -150,8 +145,7 @@ impl Net {
                 ram.va(RING_GPA[i])
             }
         };
-        let mut rings = Vec::new();
-        for (q, first) in [(RX, 0usize), (TX, 3usize)] {
+        let ring = |q: u32, first: usize| -> Result<Ring, KernelNetError> {
             let ring = Ring {
                 queue: DriverQueue::at(
                     QSIZE,
@@ -171,12 +165,11 @@ impl Net {
                 0,
                 ring.kick.as_fd(),
                 ring.call.as_fd(),
-            )
-            .map_err(|e| e.to_string())?;
-            rings.push(ring);
-        }
-        let tx = rings.pop().ok_or("no TX ring")?;
-        let rx = rings.pop().ok_or("no RX ring")?;
+            )?;
+            Ok(ring)
+        };
+        let rx = ring(RX, 0)?;
+        let tx = ring(TX, 3)?;
         let mut net = Net {
             ram,
             viommu,
@@ -206,7 +199,7 @@ impl Net {
                         tries += 1;
                         net.serve()?;
                     }
-                    Err(e) => return Err(e.to_string()),
+                    Err(e) => return Err(e.into()),
                 }
             }
         }
@@ -242,7 +235,7 @@ impl Net {
     }
 
     /// Answer whatever MISSes are pending.
-    pub fn serve(&mut self) -> Result<(), String> {
+    pub fn serve(&mut self) -> Result<(), KernelNetError> {
         let viommu = self.viommu.clone();
         let dev = self.dev.clone();
         let broken = self.broken;
@@ -253,16 +246,13 @@ impl Net {
             } else {
                 viommu.fault(&*dev, iova, access)
             }
-        })
-        .map_err(|e| e.to_string())?;
+        })?;
         if self.filter.log.len() > before && self.miss_seen.is_none() {
             self.miss_seen = Some(Instant::now());
         }
         self.answered += n;
         if !unmapped.is_empty() {
-            return Err(format!(
-                "the kernel missed on unmapped IOVAs {unmapped:#x?}"
-            ));
+            return Err(KernelNetError::UnmappedMiss(unmapped));
         }
         Ok(())
     }
@@ -289,7 +279,12 @@ impl Net {
 
     /// Put one-descriptor chains `(device address, length)` on ring `q` (device-writable if
     /// `write`), publish them with one index write, and kick; returns their heads.
-    pub fn post(&mut self, q: u32, bufs: &[(u64, u32)], write: bool) -> Result<Vec<u16>, String> {
+    pub fn post(
+        &mut self,
+        q: u32,
+        bufs: &[(u64, u32)],
+        write: bool,
+    ) -> Result<Vec<u16>, KernelNetError> {
         let chains: Vec<[Buf; 1]> = bufs
             .iter()
             .map(|&(iova, len)| [Buf { iova, len, write }])
@@ -299,15 +294,18 @@ impl Net {
         let heads = r
             .queue
             .add_chains(self.ram.memory(), &self.space, &chains)
-            .ok_or(format!("queue {q}: no free descriptors for {}", bufs.len()))?;
+            .ok_or(KernelNetError::NoDescriptors {
+                queue: q,
+                wanted: bufs.len(),
+            })?;
         fence(Ordering::SeqCst);
-        rustix::io::write(&r.kick, &1u64.to_ne_bytes()).map_err(errno("kick"))?;
+        rustix::io::write(&r.kick, &1u64.to_ne_bytes()).map_err(KernelNetError::sys("kick"))?;
         Ok(heads)
     }
 
     /// Serve misses until ring `q`'s used index reaches its avail index; then take its used
     /// entries (freeing the descriptors).
-    pub fn wait(&mut self, q: u32, wait: Duration) -> Result<(), String> {
+    pub fn wait(&mut self, q: u32, wait: Duration) -> Result<(), KernelNetError> {
         let deadline = Instant::now() + wait;
         loop {
             self.serve()?;
@@ -320,14 +318,15 @@ impl Net {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                return Err(format!(
-                    "queue {q} stalled: used {} of {} after {wait:?} ({} MISSes answered, last \
-                     MISSes {:#x?})",
-                    self.used_idx(q),
-                    target,
-                    self.answered,
-                    &self.filter.log[self.filter.log.len().saturating_sub(4)..]
-                ));
+                let log = &self.filter.log;
+                return Err(KernelNetError::Stalled {
+                    queue: q,
+                    used: self.used_idx(q),
+                    avail: target,
+                    waited: wait,
+                    answered: self.answered,
+                    last_misses: log[log.len().saturating_sub(4)..].to_vec(),
+                });
             }
             let vhost = self.dev.fd();
             let call = &self.ring(q).call;
@@ -346,13 +345,10 @@ impl Net {
     }
 
     /// Write `f` (after a zero vnet header) at `gpa`; returns the buffer's length.
-    pub fn put_frame(&self, gpa: u64, f: &[u8]) -> Result<u32, String> {
+    pub fn put_frame(&self, gpa: u64, f: &[u8]) -> Result<u32, KernelNetError> {
         let mut buf = vec![0u8; VNET_HDR];
         buf.extend_from_slice(f);
-        self.ram
-            .memory()
-            .write_slice(&buf, GuestAddress(gpa))
-            .map_err(|e| format!("guest memory: {e}"))?;
+        self.ram.memory().write_slice(&buf, GuestAddress(gpa))?;
         Ok(buf.len() as u32)
     }
 
@@ -362,10 +358,10 @@ impl Net {
         &mut self,
         frames: &[Vec<u8>],
         pages: &mut crate::layout::Pages,
-    ) -> Result<(), String> {
+    ) -> Result<(), KernelNetError> {
         self.tap.drain();
         for f in frames {
-            let gpa = pages.next_page()?;
+            let gpa = pages.next_page();
             let len = self.put_frame(gpa, f)?;
             let iova = self.map(gpa, PAGE, Perm::ReadOnly)?;
             self.post(TX, &[(self.dev_addr(iova, gpa), len)], false)?;
@@ -376,31 +372,26 @@ impl Net {
     }
 
     /// Our frames came out of the tap, exactly `frames`, in order.
-    pub fn check_tap(&self, frames: &[Vec<u8>]) -> Result<(), String> {
+    pub fn check_tap(&self, frames: &[Vec<u8>]) -> Result<(), KernelNetError> {
         let got = self
             .tap
             .receive(frames.len(), Duration::from_secs(2), |f| is_ours(f, SRC_TX));
         if got.len() != frames.len() {
-            return Err(format!(
-                "sent {} frames, {} came out of the tap",
-                frames.len(),
-                got.len()
-            ));
+            return Err(KernelNetError::TapCount {
+                sent: frames.len(),
+                received: got.len(),
+            });
         }
         for (i, (s, g)) in frames.iter().zip(&got).enumerate() {
             if s != g {
-                return Err(format!(
-                    "frame {i} differs: sent {} bytes (sequence {:?}), got {} (sequence {:?}){}",
-                    s.len(),
-                    seq(s),
-                    g.len(),
-                    seq(g),
-                    if is_poisoned(g) {
-                        " of poison: the device read a page after its INVALIDATE"
-                    } else {
-                        ""
-                    }
-                ));
+                return Err(KernelNetError::FrameDiffers {
+                    index: i,
+                    sent_len: s.len(),
+                    sent_seq: seq(s),
+                    got_len: g.len(),
+                    got_seq: seq(g),
+                    poisoned: is_poisoned(g),
+                });
             }
         }
         Ok(())
@@ -408,31 +399,35 @@ impl Net {
 
     /// Map `len` bytes of `gpa` in the vIOMMU at an IOVA it chooses (the address itself
     /// without the IOMMU).
-    pub fn map(&self, gpa: u64, len: u64, perm: Perm) -> Result<u64, String> {
+    pub fn map(&self, gpa: u64, len: u64, perm: Perm) -> Result<u64, KernelNetError> {
         if !self.iommu {
             return Ok(gpa);
         }
-        self.viommu.map(gpa, len, perm).map_err(|e| e.to_string())
+        Ok(self.viommu.map(gpa, len, perm)?)
     }
 
     /// Unmap `iova..+len` from the vIOMMU (nothing without the IOMMU).
-    pub fn unmap(&self, iova: u64, len: u64) -> Result<(), String> {
+    pub fn unmap(&self, iova: u64, len: u64) -> Result<(), KernelNetError> {
         if !self.iommu {
             return Ok(());
         }
-        self.viommu.unmap(iova, len).map_err(|e| e.to_string())
+        Ok(self.viommu.unmap(iova, len)?)
     }
 
     /// Map `len` bytes of `gpa` read-only at the chosen `iova` in the vIOMMU.
-    pub fn map_ro_at(&self, iova: u64, gpa: u64, len: u64) -> Result<(), String> {
-        self.viommu
-            .map_at(iova, gpa, len, Perm::ReadOnly)
-            .map_err(|e| e.to_string())
+    pub fn map_ro_at(&self, iova: u64, gpa: u64, len: u64) -> Result<(), KernelNetError> {
+        Ok(self.viommu.map_at(iova, gpa, len, Perm::ReadOnly)?)
     }
 
     /// Write a read-only UPDATE of `iova..+len` -> `gpa` straight to the kernel (behind the
     /// vIOMMU's back), checking that it took the whole message.
-    pub fn push_raw(&self, what: &str, iova: u64, gpa: u64, len: u64) -> Result<(), String> {
+    pub fn push_raw(
+        &self,
+        what: &str,
+        iova: u64,
+        gpa: u64,
+        len: u64,
+    ) -> Result<(), KernelNetError> {
         let m = msg::raw(msg::V2, msg::UPDATE, iova, len, self.ram.va(gpa), msg::RO);
         msg::expect_whole(what, self.dev.write_raw(&m))
     }
@@ -459,7 +454,7 @@ impl Net {
         addr: u64,
         f: &[u8],
         expect: &[u8],
-    ) -> Result<usize, String> {
+    ) -> Result<usize, KernelNetError> {
         let len = self.put_frame(gpa, f)?;
         self.tap.drain();
         let m0 = self.misses();

@@ -1,6 +1,6 @@
 //! The system side of the driver: a tap device with a vnet header, brought up, with an
 //! `AF_PACKET` socket bound to it (what vhost-net transmits comes out there; what we send on
-//! it is what vhost-net receives), eventfds, and error text for failed calls.
+//! it is what vhost-net receives), and eventfds.
 //!
 //! Every `unsafe` of the crate is here, each one call on plain C structs with its own
 //! `// SAFETY:`. Nothing here knows about vhost, virtqueues or the IOTLB, nor what a test
@@ -12,25 +12,16 @@ use std::time::{Duration, Instant};
 
 use rustix::net::{AddressFamily, SocketFlags, SocketType};
 
+use crate::error::KernelNetError;
 use crate::frames::VNET_HDR;
 
-/// Turns a failed rustix call into text naming `what`.
-pub fn errno(what: &str) -> impl Fn(rustix::io::Errno) -> String + '_ {
-    move |e| format!("{what}: {e}")
-}
-
-/// The last OS error, as text naming `what`.
-fn os_err(what: &str) -> String {
-    format!("{what}: {}", std::io::Error::last_os_error())
-}
-
 /// A non-blocking, close-on-exec eventfd (a kick or a call).
-pub fn eventfd() -> Result<OwnedFd, String> {
+pub fn eventfd() -> Result<OwnedFd, KernelNetError> {
     rustix::event::eventfd(
         0,
         rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
     )
-    .map_err(errno("eventfd"))
+    .map_err(KernelNetError::sys("eventfd"))
 }
 
 /// `ioctl(fd, request, ifr)` for a request whose argument is one `struct ifreq`.
@@ -39,12 +30,12 @@ fn ifreq_ioctl(
     request: libc::Ioctl,
     ifr: &mut libc::ifreq,
     what: &str,
-) -> Result<(), String> {
+) -> Result<(), KernelNetError> {
     // SAFETY: the callers pass only TUNSETIFF, SIOCGIFFLAGS, SIOCSIFFLAGS and SIOCGIFINDEX,
     // each of which reads and writes at most one `struct ifreq`; `ifr` is a valid, exclusively
     // borrowed `ifreq` that outlives the call. `fd` is a live descriptor.
     if unsafe { libc::ioctl(fd.as_raw_fd(), request, std::ptr::from_mut(ifr)) } < 0 {
-        return Err(os_err(what));
+        return Err(KernelNetError::last_os(what));
     }
     Ok(())
 }
@@ -62,16 +53,19 @@ pub struct Tap {
 
 impl Tap {
     /// Create the tap, set its vnet header size, bring it up and bind a packet socket to it.
-    pub fn create() -> Result<Self, String> {
+    pub fn create() -> Result<Self, KernelNetError> {
         if !Path::new("/dev/net/tun").exists() {
-            return Err("/dev/net/tun is missing: load the tun module (modprobe tun)".into());
+            return Err(KernelNetError::MissingNode {
+                node: "/dev/net/tun".into(),
+                module: "tun",
+            });
         }
         let fd = rustix::fs::open(
             "/dev/net/tun",
             rustix::fs::OFlags::RDWR | rustix::fs::OFlags::CLOEXEC,
             rustix::fs::Mode::empty(),
         )
-        .map_err(errno("open /dev/net/tun"))?;
+        .map_err(KernelNetError::sys("open /dev/net/tun"))?;
         // SAFETY: `ifreq` is a C struct of a char array and a union of integers, socket
         // addresses and a pointer: all-zero is a valid value of each (a null pointer).
         let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
@@ -83,7 +77,7 @@ impl Tap {
         let hdr = VNET_HDR as libc::c_int;
         // SAFETY: TUNSETVNETHDRSZ reads one `int`, which `hdr` is, alive across the call.
         if unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETVNETHDRSZ, &hdr) } < 0 {
-            return Err(os_err("TUNSETVNETHDRSZ"));
+            return Err(KernelNetError::last_os("TUNSETVNETHDRSZ"));
         }
         let name: String = ifr
             .ifr_name
@@ -98,7 +92,7 @@ impl Tap {
             SocketFlags::CLOEXEC,
             None,
         )
-        .map_err(errno("socket"))?;
+        .map_err(KernelNetError::sys("socket"))?;
         ifreq_ioctl(
             s.as_fd(),
             libc::SIOCGIFFLAGS,
@@ -129,7 +123,7 @@ impl Tap {
             SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
             Some(rustix::net::eth::ALL),
         )
-        .map_err(errno("AF_PACKET socket"))?;
+        .map_err(KernelNetError::sys("AF_PACKET socket"))?;
         // SAFETY: `sockaddr_ll` is a C struct of integers and a byte array: all-zero is valid.
         let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
         sll.sll_family = libc::AF_PACKET as u16;
@@ -145,7 +139,11 @@ impl Tap {
             )
         };
         if r < 0 {
-            return Err(os_err(&format!("bind AF_PACKET to {name}")));
+            let source = std::io::Error::last_os_error();
+            return Err(KernelNetError::Io {
+                op: format!("bind AF_PACKET to {name}"),
+                source,
+            });
         }
         Ok(Tap { fd, packet, name })
     }
@@ -181,9 +179,9 @@ impl Tap {
 
     /// Send `frame` out of the tap interface: it reaches whoever reads the tap (vhost-net's
     /// RX).
-    pub fn inject(&self, frame: &[u8]) -> Result<(), String> {
+    pub fn inject(&self, frame: &[u8]) -> Result<(), KernelNetError> {
         rustix::net::send(&self.packet, frame, rustix::net::SendFlags::empty())
-            .map_err(errno("AF_PACKET send"))
+            .map_err(KernelNetError::sys("AF_PACKET send"))
             .map(|_| ())
     }
 }

@@ -19,6 +19,7 @@ use rustix::io::Errno;
 use wire::features::backend as backend_f;
 
 use super::Ctx;
+use crate::error::{expect_misses, KernelNetError, MissCount};
 use crate::frames::{frame, SRC_TX};
 use crate::layout::{PAGE, QSIZE, RAM, RING_IOVA, TX};
 use crate::msg::{
@@ -26,9 +27,9 @@ use crate::msg::{
 };
 use crate::sys::{eventfd, Tap};
 
-/// Wait until the vhost fd has a message to read, for at most `timeout` (zero: only look).
-/// Errors name a timeout or the poll failure.
-fn wait_readable(dev: &VhostKernel, timeout: Duration) -> Result<(), String> {
+/// Wait until the vhost fd has a message to read, for at most `timeout` (zero: only look);
+/// whether it has one. The error is a failed poll.
+fn wait_readable(dev: &VhostKernel, timeout: Duration) -> Result<bool, KernelNetError> {
     let deadline = std::time::Instant::now() + timeout;
     let fd = dev.fd();
     loop {
@@ -43,18 +44,23 @@ fn wait_readable(dev: &VhostKernel, timeout: Duration) -> Result<(), String> {
         )];
         match rustix::event::poll(&mut fds, Some(&ts)) {
             Ok(n) if n > 0 && fds[0].revents().contains(rustix::event::PollFlags::IN) => {
-                return Ok(())
+                return Ok(true)
             }
-            Ok(_) if left.is_zero() => return Err(format!("nothing to read after {timeout:?}")),
+            Ok(_) if left.is_zero() => return Ok(false),
             Ok(_) | Err(Errno::INTR) => {}
-            Err(e) => return Err(format!("poll: {e}")),
+            Err(e) => {
+                return Err(KernelNetError::Sys {
+                    op: "poll on the vhost fd".into(),
+                    source: e,
+                })
+            }
         }
     }
 }
 
 /// `msg-format`: the MISS as the kernel writes it, how a short read treats it, its repeats.
-pub fn msg_format(ctx: &mut Ctx<'_>) -> Result<String, String> {
-    let gpa = ctx.pages.next_page()?;
+pub fn msg_format(ctx: &mut Ctx<'_>) -> Result<String, KernelNetError> {
+    let gpa = ctx.pages.next_page();
     let net = &mut ctx.net;
     let dev = net.dev.clone();
     let f = frame(SRC_TX, 0x2000, 100);
@@ -67,45 +73,79 @@ pub fn msg_format(ctx: &mut Ctx<'_>) -> Result<String, String> {
     // answers a read shorter than a message with 0 before it looks at its queue, so a short
     // read says nothing about whether the MISS is there yet (the vhost worker may not have
     // run).
-    wait_readable(&dev, Duration::from_secs(5))
-        .map_err(|e| format!("waiting for the MISS: {e}"))?;
+    let wait = Duration::from_secs(5);
+    if !wait_readable(&dev, wait)? {
+        return Err(KernelNetError::Timeout {
+            what: "MISS to read on the vhost fd",
+            waited: wait,
+        });
+    }
     // With the MISS queued, a read shorter than a message returns 0 ...
     let mut small = [0u8; 40];
     match dev.read_raw(&mut small) {
         Ok(0) => {}
-        Ok(n) => return Err(format!("a 40-byte read returned {n}, not 0")),
-        Err(e) => return Err(format!("a 40-byte read failed: {e}")),
+        Ok(n) => {
+            return Err(KernelNetError::Unexpected {
+                what: "a 40-byte read with the MISS queued",
+                expected: "0".into(),
+                got: n.to_string(),
+            })
+        }
+        Err(e) => {
+            return Err(KernelNetError::Sys {
+                op: "a 40-byte read".into(),
+                source: e,
+            })
+        }
     }
     // ... and consumes nothing: the message is still there, whole.
-    wait_readable(&dev, Duration::ZERO)
-        .map_err(|e| format!("after the 40-byte read, the MISS is gone: {e}"))?;
+    if !wait_readable(&dev, Duration::ZERO)? {
+        return Err(KernelNetError::Unexpected {
+            what: "after the 40-byte read",
+            expected: "the MISS still queued".into(),
+            got: "nothing to read (the MISS is gone)".into(),
+        });
+    }
     let mut m = [0u8; 128];
-    let n = dev.read_raw(&mut m).map_err(|e| format!("read: {e}"))?;
+    let n = dev
+        .read_raw(&mut m)
+        .map_err(KernelNetError::sys("read of the MISS"))?;
     let want = raw(V2, MISS, addr, 0, 0, RO);
-    if n != VHOST_MSG_SIZE || m[..VHOST_MSG_SIZE] != want[..] {
-        return Err(format!(
-            "MISS bytes {:02x?} (read {n}), expected {:02x?}",
-            &m[..n.min(VHOST_MSG_SIZE)],
-            &want[..]
-        ));
+    let got = &m[..n.min(VHOST_MSG_SIZE)];
+    if n != VHOST_MSG_SIZE || got != want {
+        return Err(KernelNetError::MissBytes {
+            read: n,
+            got: got.to_vec(),
+            expected: want.to_vec(),
+        });
     }
     // Retries repeat it identically; then EAGAIN.
     let mut repeats = 0;
     loop {
         match dev.read_raw(&mut m) {
             Ok(VHOST_MSG_SIZE) if m[..VHOST_MSG_SIZE] == want[..] => repeats += 1,
-            Ok(n) => return Err(format!("after the MISS: {:02x?}", &m[..n])),
+            Ok(n) => {
+                return Err(KernelNetError::Unexpected {
+                    what: "a read after the MISS",
+                    expected: "the MISS repeated or EAGAIN".into(),
+                    got: format!("{:02x?}", m.get(..n).unwrap_or(&m[..])),
+                })
+            }
             Err(Errno::AGAIN) => break,
-            Err(e) => return Err(format!("read: {e}")),
+            Err(e) => {
+                return Err(KernelNetError::Sys {
+                    op: "read after the MISS".into(),
+                    source: e,
+                })
+            }
         }
     }
     net.filter.log.push((addr, Access::Read));
-    if !net
-        .viommu
-        .fault(&*dev, addr, Access::Read)
-        .map_err(|e| e.to_string())?
-    {
-        return Err("no mapping to answer with".into());
+    if !net.viommu.fault(&*dev, addr, Access::Read)? {
+        return Err(KernelNetError::NoMapping {
+            device: "kernel",
+            iova: addr,
+        });
     }
     net.wait(TX, Duration::from_secs(5))?;
     net.check_tap(&[f])?;
@@ -117,8 +157,8 @@ pub fn msg_format(ctx: &mut Ctx<'_>) -> Result<String, String> {
 }
 
 /// `write-rules`: what `write()` returns for short, malformed and odd messages.
-pub fn write_rules(ctx: &mut Ctx<'_>) -> Result<String, String> {
-    let gpa = ctx.pages.next_page()?;
+pub fn write_rules(ctx: &mut Ctx<'_>) -> Result<String, KernelNetError> {
+    let gpa = ctx.pages.next_page();
     let net = &mut ctx.net;
     let dev = net.dev.clone();
     let iova = 0x7_2000_0000;
@@ -131,12 +171,19 @@ pub fn write_rules(ctx: &mut Ctx<'_>) -> Result<String, String> {
     )?;
     let f = frame(SRC_TX, 0x2001, 120);
     let m = net.send_check(gpa, iova, &f, &f)?;
-    if m != 0 {
-        return Err(format!("{m} MISSes after a 40-byte UPDATE"));
-    }
+    expect_misses(
+        "the page after a 40-byte UPDATE",
+        m,
+        MissCount::None,
+        "the UPDATE was not applied",
+    )?;
     let expect_err = |what: &str, r: Result<usize, Errno>, e: Errno| match r {
         Err(got) if got == e => Ok(()),
-        other => Err(format!("{what}: {other:?}, expected {e}")),
+        got => Err(KernelNetError::WriteAnswer {
+            what: what.into(),
+            got,
+            expected: Err(e),
+        }),
     };
     let mut bad = raw(V2, UPDATE, iova, PAGE, uaddr, RO);
     bad[0] = 99;
@@ -162,11 +209,12 @@ pub fn write_rules(ctx: &mut Ctx<'_>) -> Result<String, String> {
         dev.write_raw(&raw(V2, INVALIDATE, u64::MAX - 0xfff, 0x10000, 0, 0)),
     )?;
     let m = net.send_check(gpa, iova, &f, &f)?;
-    if m != 0 {
-        return Err(format!(
-            "{m} MISSes: a size-0 or overflowing INVALIDATE removed the entry"
-        ));
-    }
+    expect_misses(
+        "the page after a size-0 and an overflowing INVALIDATE",
+        m,
+        MissCount::None,
+        "one of them removed the entry",
+    )?;
     // v1 is accepted on a v2 device: a v1 INVALIDATE removes it.
     expect_whole(
         "v1 INVALIDATE",
@@ -174,10 +222,13 @@ pub fn write_rules(ctx: &mut Ctx<'_>) -> Result<String, String> {
     )?;
     net.filter.forget(); // the next MISS must be answered again
     let m = net.send_check(gpa, iova, &f, &f)?;
-    if m == 0 {
-        return Err("no MISS after a v1 INVALIDATE: not applied".into());
-    }
-    net.viommu.unmap(iova, PAGE).map_err(|e| e.to_string())?;
+    expect_misses(
+        "the page after a v1 INVALIDATE of it",
+        m,
+        MissCount::AtLeast(1),
+        "the v1 INVALIDATE was not applied",
+    )?;
+    net.viommu.unmap(iova, PAGE)?;
     Ok(
         "72 for 40 bytes; EINVAL for an unknown type word and an UPDATE of size 0; EFAULT for \
         an unknown IOTLB type; size-0 and overflowing INVALIDATEs succeed and remove nothing; \
@@ -187,8 +238,8 @@ pub fn write_rules(ctx: &mut Ctx<'_>) -> Result<String, String> {
 }
 
 /// `update-no-replace`: an UPDATE over an entry does not replace it; an INVALIDATE does.
-pub fn update_no_replace(ctx: &mut Ctx<'_>) -> Result<String, String> {
-    let (a, b) = (ctx.pages.next_page()?, ctx.pages.next_page()?);
+pub fn update_no_replace(ctx: &mut Ctx<'_>) -> Result<String, KernelNetError> {
+    let (a, b) = (ctx.pages.next_page(), ctx.pages.next_page());
     let net = &mut ctx.net;
     let dev = net.dev.clone();
     let iova = 0x7_3000_0000;
@@ -204,7 +255,7 @@ pub fn update_no_replace(ctx: &mut Ctx<'_>) -> Result<String, String> {
     net.post(TX, &[(iova, len)], false)?;
     net.wait(TX, Duration::from_secs(5))?;
     net.check_tap(std::slice::from_ref(&fa))
-        .map_err(|e| format!("the newer UPDATE replaced the older entry ({e})"))?;
+        .map_err(|e| e.context("the newer UPDATE replaced the older entry"))?;
     expect_whole(
         "INVALIDATE",
         dev.write_raw(&raw(V2, INVALIDATE, iova, PAGE, 0, 0)),
@@ -222,35 +273,39 @@ pub fn update_no_replace(ctx: &mut Ctx<'_>) -> Result<String, String> {
 }
 
 /// `invalidate-whole`: an INVALIDATE of one page removes a two-page entry whole.
-pub fn invalidate_whole(ctx: &mut Ctx<'_>) -> Result<String, String> {
-    let c = ctx.pages.next_page()?; // with the page after it (Pages leaves it unused)
+pub fn invalidate_whole(ctx: &mut Ctx<'_>) -> Result<String, KernelNetError> {
+    let c = ctx.pages.next_page(); // with the page after it (Pages leaves it unused)
     let net = &mut ctx.net;
     let dev = net.dev.clone();
     let iova = 0x7_4000_0000;
     net.map_ro_at(iova, c, 2 * PAGE)?;
     net.push_raw("two-page UPDATE", iova, c, 2 * PAGE)?;
     let f = frame(SRC_TX, 0xc0, 200);
-    if net.send_check(c + PAGE, iova + PAGE, &f, &f)? != 0 {
-        return Err("a MISS on a page the UPDATE covered".into());
-    }
+    expect_misses(
+        "the second page of a two-page UPDATE",
+        net.send_check(c + PAGE, iova + PAGE, &f, &f)?,
+        MissCount::None,
+        "the UPDATE did not cover it",
+    )?;
     expect_whole(
         "INVALIDATE of the first page",
         dev.write_raw(&raw(V2, INVALIDATE, iova, PAGE, 0, 0)),
     )?;
     net.filter.forget();
     let m = net.send_check(c + PAGE, iova + PAGE, &f, &f)?;
-    if m == 0 {
-        return Err("the second page survived an INVALIDATE of the first".into());
-    }
-    net.viommu
-        .unmap(iova, 2 * PAGE)
-        .map_err(|e| e.to_string())?;
+    expect_misses(
+        "the second page after an INVALIDATE of the first",
+        m,
+        MissCount::AtLeast(1),
+        "the second page survived",
+    )?;
+    net.viommu.unmap(iova, 2 * PAGE)?;
     Ok("INVALIDATE of one page took the whole two-page entry".into())
 }
 
 /// `capacity`: at most 2048 entries, the oldest evicted silently.
-pub fn capacity(ctx: &mut Ctx<'_>) -> Result<String, String> {
-    let gpa = ctx.pages.next_page()?;
+pub fn capacity(ctx: &mut Ctx<'_>) -> Result<String, KernelNetError> {
+    let gpa = ctx.pages.next_page();
     let net = &mut ctx.net;
     let dev = net.dev.clone();
     let base = 0x7_5000_0000u64;
@@ -269,44 +324,57 @@ pub fn capacity(ctx: &mut Ctx<'_>) -> Result<String, String> {
         "INVALIDATE",
         dev.write_raw(&raw(V2, INVALIDATE, base, n * PAGE, 0, 0)),
     )?;
-    net.viommu.unmap(base, PAGE).map_err(|e| e.to_string())?;
-    net.viommu.unmap(last, PAGE).map_err(|e| e.to_string())?;
-    if m_last != 0 || m_first == 0 {
-        return Err(format!(
-            "after {n} UPDATEs: {m_last} MISSes on the newest, {m_first} on the oldest"
-        ));
-    }
+    net.viommu.unmap(base, PAGE)?;
+    net.viommu.unmap(last, PAGE)?;
+    expect_misses(
+        format!("the newest of {n} UPDATEs ({m_first} MISSes on the oldest)"),
+        m_last,
+        MissCount::None,
+        "the newest entry was not kept",
+    )?;
+    expect_misses(
+        format!("the oldest of {n} UPDATEs"),
+        m_first,
+        MissCount::AtLeast(1),
+        "it was not evicted",
+    )?;
     Ok(format!(
         "{n} UPDATEs: the newest hit, the oldest was evicted silently"
     ))
 }
 
 /// `set-features`: SET_FEATURES again empties the kernel's IOTLB.
-pub fn set_features(ctx: &mut Ctx<'_>) -> Result<String, String> {
-    let gpa = ctx.pages.next_page()?;
+pub fn set_features(ctx: &mut Ctx<'_>) -> Result<String, KernelNetError> {
+    let gpa = ctx.pages.next_page();
     let net = &mut ctx.net;
     let dev = net.dev.clone();
     let iova = 0x7_6000_0000;
     net.map_ro_at(iova, gpa, PAGE)?;
     net.push_raw("UPDATE", iova, gpa, PAGE)?;
     let f = frame(SRC_TX, 0xe0, 80);
-    if net.send_check(gpa, iova, &f, &f)? != 0 {
-        return Err("a MISS on a pushed page".into());
-    }
-    dev.set_features(NET_FEATURES).map_err(|e| e.to_string())?;
+    expect_misses(
+        "a pushed page",
+        net.send_check(gpa, iova, &f, &f)?,
+        MissCount::None,
+        "the raw UPDATE was not applied",
+    )?;
+    dev.set_features(NET_FEATURES)?;
     net.filter.forget(); // everything (rings too) must be answered again
     let m = net.send_check(gpa, iova, &f, &f)?;
-    net.viommu.unmap(iova, PAGE).map_err(|e| e.to_string())?;
-    if m == 0 {
-        return Err("the entry survived SET_FEATURES".into());
-    }
+    net.viommu.unmap(iova, PAGE)?;
+    expect_misses(
+        "the pushed page after SET_FEATURES",
+        m,
+        MissCount::AtLeast(1),
+        "the entry survived SET_FEATURES",
+    )?;
     Ok("SET_FEATURES again emptied the kernel's IOTLB".into())
 }
 
 /// `invalidate-all`: the vIOMMU's whole-space INVALIDATE reaches the kernel (it ignores size
 /// 0, so the transport sends it as two halves).
-pub fn invalidate_all(ctx: &mut Ctx<'_>) -> Result<String, String> {
-    let gpa = ctx.pages.next_page()?;
+pub fn invalidate_all(ctx: &mut Ctx<'_>) -> Result<String, KernelNetError> {
+    let gpa = ctx.pages.next_page();
     let net = &mut ctx.net;
     let dev = net.dev.clone();
     let (lo, hi) = (0x7_7000_0000u64, 0xffff_ffff_ffff_0000u64);
@@ -314,29 +382,33 @@ pub fn invalidate_all(ctx: &mut Ctx<'_>) -> Result<String, String> {
     for iova in [lo, hi] {
         net.map_ro_at(iova, gpa, PAGE)?;
         net.push_raw("UPDATE", iova, gpa, PAGE)?;
-        if net.send_check(gpa, iova, &f, &f)? != 0 {
-            return Err(format!("a MISS on the pushed page {iova:#x}"));
-        }
+        expect_misses(
+            format!("the pushed page {iova:#x}"),
+            net.send_check(gpa, iova, &f, &f)?,
+            MissCount::None,
+            "the raw UPDATE was not applied",
+        )?;
     }
-    DeviceIotlb::invalidate(&*dev, IovaRange::FULL).map_err(|e| e.to_string())?;
+    DeviceIotlb::invalidate(&*dev, IovaRange::FULL)?;
     for iova in [lo, hi] {
-        if net.send_check(gpa, iova, &f, &f)? == 0 {
-            return Err(format!("{iova:#x} survived the whole-space INVALIDATE"));
-        }
-        net.viommu.unmap(iova, PAGE).map_err(|e| e.to_string())?;
+        expect_misses(
+            format!("{iova:#x} after the whole-space INVALIDATE"),
+            net.send_check(gpa, iova, &f, &f)?,
+            MissCount::AtLeast(1),
+            "it survived the whole-space INVALIDATE",
+        )?;
+        net.viommu.unmap(iova, PAGE)?;
     }
     Ok("a whole-space INVALIDATE emptied both halves".into())
 }
 
 /// `no-mem-table`: on a device of its own, without a memory table, attaching the backend
 /// fails with EFAULT and queues no MISS.
-pub fn no_mem_table(ctx: &mut Ctx<'_>) -> Result<String, String> {
-    let ram = GuestRam::new(RAM).map_err(|e| e.to_string())?;
-    let dev =
-        VhostKernel::open(Path::new(&ctx.args.vhost), ram.va(0)).map_err(|e| e.to_string())?;
-    dev.set_features(NET_FEATURES).map_err(|e| e.to_string())?;
-    dev.negotiate_backend(backend_f::IOTLB_MSG_V2)
-        .map_err(|e| e.to_string())?;
+pub fn no_mem_table(ctx: &mut Ctx<'_>) -> Result<String, KernelNetError> {
+    let ram = GuestRam::new(RAM).map_err(KernelNetError::GuestRam)?;
+    let dev = VhostKernel::open(Path::new(&ctx.args.vhost), ram.va(0))?;
+    dev.set_features(NET_FEATURES)?;
+    dev.negotiate_backend(backend_f::IOTLB_MSG_V2)?;
     let (kick, call) = (eventfd()?, eventfd()?);
     dev.set_vring(
         TX,
@@ -347,16 +419,25 @@ pub fn no_mem_table(ctx: &mut Ctx<'_>) -> Result<String, String> {
         0,
         kick.as_fd(),
         call.as_fd(),
-    )
-    .map_err(|e| e.to_string())?;
+    )?;
     let tap = Tap::create()?;
     match dev.net_set_backend(TX, Some(tap.fd.as_fd())) {
         Err(KernelError::Ioctl { errno, .. }) if errno == Errno::FAULT => {}
-        other => return Err(format!("SET_BACKEND without a memory table: {other:?}")),
+        other => {
+            return Err(KernelNetError::Unexpected {
+                what: "SET_BACKEND without a memory table",
+                expected: format!("{}", Errno::FAULT),
+                got: format!("{other:?}"),
+            })
+        }
     }
     let mut m = [0u8; VHOST_MSG_SIZE];
     match dev.read_raw(&mut m) {
         Err(Errno::AGAIN) => Ok("SET_BACKEND without a memory table: EFAULT, no MISS".into()),
-        other => Err(format!("a message after the failed SET_BACKEND: {other:?}")),
+        other => Err(KernelNetError::Unexpected {
+            what: "a read after the failed SET_BACKEND",
+            expected: format!("no message ({})", Errno::AGAIN),
+            got: format!("{other:?}"),
+        }),
     }
 }

@@ -11,13 +11,14 @@ use iotlb::{Access, IovaRange, Perm};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::Ctx;
+use crate::error::{expect_misses, KernelNetError, MissCount};
 use crate::frames::{frame, is_ours, POISON, SRC_RX, SRC_TX, VNET_HDR};
 use crate::layout::{page_of, CROSS_IOVA, PAGE, QSIZE, RAM, RING_IOVA, RX, TX};
 use crate::net::Net;
 
 /// `used-ring`: the kernel asked for the used ring read-only while attaching; answered with
 /// the mapping's permission (read-write), its writes to it go through.
-pub fn used_ring(ctx: &mut Ctx<'_>) -> Result<String, String> {
+pub fn used_ring(ctx: &mut Ctx<'_>) -> Result<String, KernelNetError> {
     let net = &mut ctx.net;
     let used_iova = RING_IOVA + 5 * PAGE;
     let asked_ro = net
@@ -26,10 +27,12 @@ pub fn used_ring(ctx: &mut Ctx<'_>) -> Result<String, String> {
         .iter()
         .any(|&(i, a)| page_of(i) == used_iova && a == Access::Read);
     if !asked_ro {
-        return Err(format!(
-            "no read-only MISS for the TX used ring at attach time: {:#x?}",
-            net.filter.log
-        ));
+        return Err(KernelNetError::MissLog {
+            expected: format!(
+                "a read-only MISS for the TX used ring ({used_iova:#x}) at attach time"
+            ),
+            log: net.filter.log.clone(),
+        });
     }
     // The first frame makes the kernel write the used ring: with a read-only answer it
     // would stall here, silently.
@@ -39,7 +42,7 @@ pub fn used_ring(ctx: &mut Ctx<'_>) -> Result<String, String> {
 }
 
 /// `tx-cold`: frames at fresh IOVAs, every one a MISS, each checked on the tap.
-pub fn tx_cold(ctx: &mut Ctx<'_>) -> Result<String, String> {
+pub fn tx_cold(ctx: &mut Ctx<'_>) -> Result<String, KernelNetError> {
     let net = &mut ctx.net;
     let m0 = net.misses();
     let frames: Vec<Vec<u8>> = (1..=ctx.args.frames)
@@ -47,12 +50,12 @@ pub fn tx_cold(ctx: &mut Ctx<'_>) -> Result<String, String> {
         .collect();
     net.tx_fresh(&frames, &mut ctx.pages)?;
     let cold = net.misses() - m0;
-    if cold < frames.len() {
-        return Err(format!(
-            "{} frames at fresh IOVAs caused only {cold} MISSes",
-            frames.len()
-        ));
-    }
+    expect_misses(
+        format!("{} frames at fresh IOVAs", frames.len()),
+        cold,
+        MissCount::AtLeast(frames.len()),
+        "the kernel used entries it was never given",
+    )?;
     Ok(format!(
         "{} frames checked on the tap, {cold} MISSes, {} duplicates dropped",
         frames.len(),
@@ -62,8 +65,8 @@ pub fn tx_cold(ctx: &mut Ctx<'_>) -> Result<String, String> {
 
 /// `cross-page`: IOVA pages CROSS and CROSS+1 over guest pages far apart; a buffer across
 /// them misses at its start, then exactly at the page boundary.
-pub fn cross_page(ctx: &mut Ctx<'_>) -> Result<String, String> {
-    let (p1, p2) = (ctx.pages.next_page()?, RAM - 2 * PAGE);
+pub fn cross_page(ctx: &mut Ctx<'_>) -> Result<String, KernelNetError> {
+    let (p1, p2) = (ctx.pages.next_page(), RAM - 2 * PAGE);
     let net = &mut ctx.net;
     net.map_ro_at(CROSS_IOVA, p1, PAGE)?;
     net.map_ro_at(CROSS_IOVA + PAGE, p2, PAGE)?;
@@ -72,10 +75,8 @@ pub fn cross_page(ctx: &mut Ctx<'_>) -> Result<String, String> {
     buf.extend_from_slice(&f);
     let off = PAGE - 500;
     let mem = net.ram.memory();
-    mem.write_slice(&buf[..500], GuestAddress(p1 + off))
-        .map_err(|e| e.to_string())?;
-    mem.write_slice(&buf[500..], GuestAddress(p2))
-        .map_err(|e| e.to_string())?;
+    mem.write_slice(&buf[..500], GuestAddress(p1 + off))?;
+    mem.write_slice(&buf[500..], GuestAddress(p2))?;
     let m0 = net.filter.log.len();
     net.tap.drain();
     net.post(TX, &[(CROSS_IOVA + off, buf.len() as u32)], false)?;
@@ -85,11 +86,14 @@ pub fn cross_page(ctx: &mut Ctx<'_>) -> Result<String, String> {
     if !log.contains(&(CROSS_IOVA + off, Access::Read))
         || !log.contains(&(CROSS_IOVA + PAGE, Access::Read))
     {
-        return Err(format!(
-            "expected MISSes at {:#x} and at the page boundary {:#x}: {log:#x?}",
-            CROSS_IOVA + off,
-            CROSS_IOVA + PAGE
-        ));
+        return Err(KernelNetError::MissLog {
+            expected: format!(
+                "read MISSes at {:#x} and at the page boundary {:#x}",
+                CROSS_IOVA + off,
+                CROSS_IOVA + PAGE
+            ),
+            log: log.to_vec(),
+        });
     }
     Ok(format!(
         "{} MISSes: the buffer start, then exactly the page boundary",
@@ -98,30 +102,26 @@ pub fn cross_page(ctx: &mut Ctx<'_>) -> Result<String, String> {
 }
 
 /// A copy of the whole of guest memory.
-fn snapshot(net: &Net) -> Result<Vec<u8>, String> {
+fn snapshot(net: &Net) -> Result<Vec<u8>, KernelNetError> {
     let mut m = vec![0u8; RAM as usize];
-    net.ram
-        .memory()
-        .read_slice(&mut m, GuestAddress(0))
-        .map_err(|e| e.to_string())?;
+    net.ram.memory().read_slice(&mut m, GuestAddress(0))?;
     Ok(m)
 }
 
 /// `rx`: frames injected on the tap land in translated buffers, and nothing else in guest
 /// memory changes. The stack may send frames of its own out of the tap too (IPv6 neighbour
 /// discovery): post spare buffers and look for ours among the used entries.
-pub fn rx(ctx: &mut Ctx<'_>) -> Result<String, String> {
+pub fn rx(ctx: &mut Ctx<'_>) -> Result<String, KernelNetError> {
     let n = ctx.args.frames.min(u32::from(QSIZE) / 4) as usize;
     let net = &mut ctx.net;
     let nbufs = 2 * n;
     let mut bufs = Vec::new();
     let mut gpas = Vec::new();
     for _ in 0..nbufs {
-        let gpa = ctx.pages.next_page()?;
+        let gpa = ctx.pages.next_page();
         net.ram
             .memory()
-            .write_slice(&[0u8; PAGE as usize], GuestAddress(gpa))
-            .map_err(|e| e.to_string())?;
+            .write_slice(&[0u8; PAGE as usize], GuestAddress(gpa))?;
         let iova = net.map(gpa, PAGE, Perm::WriteOnly)?;
         bufs.push((iova, PAGE as u32));
         gpas.push(gpa);
@@ -142,35 +142,39 @@ pub fn rx(ctx: &mut Ctx<'_>) -> Result<String, String> {
     }
     // Collect our frames from the used ring as they land.
     let mut found: Vec<Vec<u8>> = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let wait = Duration::from_secs(5);
+    let deadline = Instant::now() + wait;
     while found.len() < n {
         net.serve()?;
         let used = net.used_idx(RX);
         for (id, len) in net.take_used(RX) {
-            let gpa = buffer_of(id).ok_or(format!("used id {id} is not one of ours"))?;
+            let gpa = buffer_of(id).ok_or(KernelNetError::ForeignUsed { queue: RX, id })?;
             let len = len as usize;
             if len > VNET_HDR && len <= PAGE as usize {
                 let mut b = vec![0u8; len - VNET_HDR];
                 net.ram
                     .memory()
-                    .read_slice(&mut b, GuestAddress(gpa + VNET_HDR as u64))
-                    .map_err(|e| e.to_string())?;
+                    .read_slice(&mut b, GuestAddress(gpa + VNET_HDR as u64))?;
                 if is_ours(&b, SRC_RX) {
                     found.push(b);
                 }
             }
         }
         if Instant::now() > deadline {
-            return Err(format!(
-                "{} of {n} injected frames arrived (used index {used}, {} MISSes)",
-                found.len(),
-                net.misses() - m0
-            ));
+            return Err(KernelNetError::RxLost {
+                arrived: found.len(),
+                injected: n,
+                waited: wait,
+                used,
+                misses: net.misses() - m0,
+            });
         }
         std::thread::sleep(Duration::from_millis(1));
     }
     if found != frames {
-        return Err("the frames in the RX buffers differ from those injected".into());
+        return Err(KernelNetError::Check(
+            "the frames in the RX buffers differ from those injected",
+        ));
     }
     let after = snapshot(net)?;
     // Nothing changed but the buffers and the RX used ring page.
@@ -180,9 +184,7 @@ pub fn rx(ctx: &mut Ctx<'_>) -> Result<String, String> {
         page == used_ring || gpas.contains(&page)
     };
     if let Some(a) = (0..RAM).find(|&a| before[a as usize] != after[a as usize] && !allowed(a)) {
-        return Err(format!(
-            "guest memory changed outside the RX buffers at {a:#x}"
-        ));
+        return Err(KernelNetError::StrayWrite(a));
     }
     Ok(format!(
         "{n} frames injected and found in translated buffers, {} MISSes, nothing else in \
@@ -193,8 +195,8 @@ pub fn rx(ctx: &mut Ctx<'_>) -> Result<String, String> {
 
 /// `poison`: IOVA X over page A sends frame A; INVALIDATE (unmap), poison A, map X over page
 /// B with frame B: B goes out.
-pub fn poison(ctx: &mut Ctx<'_>) -> Result<String, String> {
-    let (a, b) = (ctx.pages.next_page()?, ctx.pages.next_page()?);
+pub fn poison(ctx: &mut Ctx<'_>) -> Result<String, KernelNetError> {
+    let (a, b) = (ctx.pages.next_page(), ctx.pages.next_page());
     let net = &mut ctx.net;
     let fa = frame(SRC_TX, 0xa, 300);
     let fb = frame(SRC_TX, 0xb, 300);
@@ -209,8 +211,7 @@ pub fn poison(ctx: &mut Ctx<'_>) -> Result<String, String> {
     net.unmap(x, PAGE)?;
     net.ram
         .memory()
-        .write_slice(&[POISON; PAGE as usize], GuestAddress(a))
-        .map_err(|e| e.to_string())?;
+        .write_slice(&[POISON; PAGE as usize], GuestAddress(a))?;
     let y = net.map(b, PAGE, Perm::ReadOnly)?;
     if y != x {
         // The allocator hands a freed IOVA out again at once; if it did not, remap by hand.
@@ -227,7 +228,7 @@ pub fn poison(ctx: &mut Ctx<'_>) -> Result<String, String> {
 }
 
 /// `prepush`: UPDATEs before the kick: no MISS.
-pub fn prepush(ctx: &mut Ctx<'_>) -> Result<String, String> {
+pub fn prepush(ctx: &mut Ctx<'_>) -> Result<String, KernelNetError> {
     let net = &mut ctx.net;
     let frames: Vec<Vec<u8>> = (0..ctx.args.frames.min(16))
         .map(|s| frame(SRC_TX, 0x1000 + s, 200))
@@ -235,13 +236,11 @@ pub fn prepush(ctx: &mut Ctx<'_>) -> Result<String, String> {
     let mut bufs = Vec::new();
     let mut iovas = Vec::new();
     for f in &frames {
-        let gpa = ctx.pages.next_page()?;
+        let gpa = ctx.pages.next_page();
         let len = net.put_frame(gpa, f)?;
         let iova = net.map(gpa, PAGE, Perm::ReadOnly)?;
-        let range = IovaRange::from_size(iova, PAGE).map_err(|e| e.to_string())?;
-        net.dev
-            .update(range, gpa, Perm::ReadOnly)
-            .map_err(|e| e.to_string())?;
+        let range = IovaRange::from_size(iova, PAGE)?;
+        net.dev.update(range, gpa, Perm::ReadOnly)?;
         bufs.push((iova, len));
         iovas.push(iova);
     }
@@ -254,10 +253,11 @@ pub fn prepush(ctx: &mut Ctx<'_>) -> Result<String, String> {
     for iova in iovas {
         net.unmap(iova, PAGE)?;
     }
-    if m != 0 {
-        return Err(format!(
-            "{m} MISSes although every buffer was pushed before the kick"
-        ));
-    }
+    expect_misses(
+        format!("{} buffers pushed before the kick", frames.len()),
+        m,
+        MissCount::None,
+        "the UPDATEs written before the kick did not hold",
+    )?;
     Ok(format!("{} frames, 0 MISSes", frames.len()))
 }

@@ -8,6 +8,7 @@
 //! own `ok` line, and leaves the device usable for the next (its mappings undone).
 
 use crate::args::KernelNetArgs;
+use crate::error::KernelNetError;
 use crate::layout::Pages;
 use crate::net::Net;
 
@@ -30,7 +31,7 @@ pub struct Case {
     /// Its name, as `case NAME: ok (...)` and `case NAME FAILED: ...` show it.
     pub name: &'static str,
     /// The case.
-    pub run: fn(&mut Ctx<'_>) -> Result<String, String>,
+    pub run: fn(&mut Ctx<'_>) -> Result<String, KernelNetError>,
 }
 
 /// The cases, in the order they run.
@@ -99,9 +100,12 @@ pub const CASES: &[Case] = &[
 
 /// Run every case of [`CASES`] in order, printing `case NAME: ok (DETAIL)` for each; stop at
 /// the first failure.
-pub fn run_all(ctx: &mut Ctx<'_>) -> Result<(), String> {
+pub fn run_all(ctx: &mut Ctx<'_>) -> Result<(), KernelNetError> {
     for case in CASES {
-        let detail = (case.run)(ctx).map_err(|e| format!("case {} FAILED: {e}", case.name))?;
+        let detail = (case.run)(ctx).map_err(|e| KernelNetError::Case {
+            name: case.name,
+            source: Box::new(e),
+        })?;
         println!("case {}: ok ({detail})", case.name);
     }
     Ok(())

@@ -15,31 +15,37 @@ use frontend::viommu::DeviceIotlb;
 use iotlb::{Access, Perm};
 
 use super::Ctx;
+use crate::error::{expect_misses, KernelNetError, MissCount};
 use crate::frames::{frame, SRC_TX};
 use crate::layout::{PAGE, RAM, TX};
-use crate::sys::errno;
 
 /// Map a range, fault it into the kernel device and into the vhost-user back-end, unmap it:
 /// both get the INVALIDATE, and the kernel misses on it again.
-pub fn both_transports(ctx: &mut Ctx<'_>) -> Result<String, String> {
+pub fn both_transports(ctx: &mut Ctx<'_>) -> Result<String, KernelNetError> {
     let net = &mut ctx.net;
     let disk = rustix::fs::memfd_create("kernel-net-disk", rustix::fs::MemfdFlags::CLOEXEC)
-        .map_err(errno("memfd_create"))?;
+        .map_err(KernelNetError::sys("memfd_create"))?;
     let disk = std::fs::File::from(disk);
-    disk.set_len(1 << 20).map_err(|e| e.to_string())?;
-    let blk = Blk::new(disk, BlkConfig::default()).map_err(|e| e.to_string())?;
+    disk.set_len(1 << 20)
+        .map_err(KernelNetError::io("sizing the disk memfd"))?;
+    let blk = Blk::new(disk, BlkConfig::default())?;
     let server = Arc::new(Server::new(blk, EngineConfig::default()));
     let dir = std::env::temp_dir().join(format!("kernel-net-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    std::fs::create_dir_all(&dir)
+        .map_err(KernelNetError::io(format!("creating {}", dir.display())))?;
     let sock = dir.join("blk.sock");
     let serving = {
         let (s, p) = (server.clone(), sock.clone());
         std::thread::spawn(move || s.serve(&p))
     };
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let wait = Duration::from_secs(5);
+    let deadline = Instant::now() + wait;
     while !server.is_listening() {
         if serving.is_finished() || Instant::now() > deadline {
-            return Err("the vhost-user back-end did not come up".into());
+            return Err(KernelNetError::Timeout {
+                what: "vhost-user back-end of ours listening",
+                waited: wait,
+            });
         }
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -50,7 +56,7 @@ pub fn both_transports(ctx: &mut Ctx<'_>) -> Result<String, String> {
         FrontendConfig::default(),
         Some(net.viommu.clone()),
     )
-    .map_err(|e| format!("connecting to our vhost-user back-end: {e}"))?;
+    .map_err(KernelNetError::Connect)?;
     let vu = fe.device_iotlb();
     let gpa = RAM - 4 * PAGE;
     let f = frame(SRC_TX, 0xb0b, 400);
@@ -59,12 +65,8 @@ pub fn both_transports(ctx: &mut Ctx<'_>) -> Result<String, String> {
     // Fault it into both, through the one interface.
     let kernel: &dyn DeviceIotlb = &*net.dev;
     for (name, dev) in [("kernel", kernel), ("vhost-user", &*vu)] {
-        if !net
-            .viommu
-            .fault(dev, iova, Access::Read)
-            .map_err(|e| e.to_string())?
-        {
-            return Err(format!("{name}: the fault found no mapping"));
+        if !net.viommu.fault(dev, iova, Access::Read)? {
+            return Err(KernelNetError::NoMapping { device: name, iova });
         }
     }
     let k0 = net.dev.stats().invalidations.load(Ordering::Relaxed);
@@ -74,15 +76,22 @@ pub fn both_transports(ctx: &mut Ctx<'_>) -> Result<String, String> {
     net.post(TX, &[(iova, len)], false)?;
     net.wait(TX, Duration::from_secs(5))?;
     net.check_tap(std::slice::from_ref(&f))?;
-    if net.misses_on(m0, &[iova]) != 0 {
-        return Err("the kernel missed on a range already faulted in".into());
-    }
+    expect_misses(
+        "a range already faulted into the kernel",
+        net.misses_on(m0, &[iova]),
+        MissCount::None,
+        "the kernel did not keep the UPDATE",
+    )?;
     // Unmap: an INVALIDATE to each, each acknowledged before `unmap` returns (a write the
     // kernel applied; a REPLY_ACK from the back-end).
-    net.viommu.unmap(iova, PAGE).map_err(|e| e.to_string())?;
+    net.viommu.unmap(iova, PAGE)?;
     let k1 = net.dev.stats().invalidations.load(Ordering::Relaxed);
     if k1 != k0 + 1 {
-        return Err(format!("INVALIDATEs written to the kernel: {k0} -> {k1}"));
+        return Err(KernelNetError::Unexpected {
+            what: "INVALIDATEs written to the kernel by one unmap",
+            expected: "1".into(),
+            got: format!("{} ({k0} -> {k1})", k1.wrapping_sub(k0)),
+        });
     }
     // The kernel lost it: the same IOVA, mapped again, misses again.
     let again = net.map(gpa, PAGE, Perm::ReadOnly)?;
@@ -90,8 +99,13 @@ pub fn both_transports(ctx: &mut Ctx<'_>) -> Result<String, String> {
     net.post(TX, &[(again, len)], false)?;
     net.wait(TX, Duration::from_secs(5))?;
     net.check_tap(std::slice::from_ref(&f))?;
-    if again == iova && net.misses_on(m1, &[iova]) == 0 {
-        return Err("the kernel used the range after its INVALIDATE without a MISS".into());
+    if again == iova {
+        expect_misses(
+            "the range mapped again after its INVALIDATE",
+            net.misses_on(m1, &[iova]),
+            MissCount::AtLeast(1),
+            "the kernel used the old entry",
+        )?;
     }
     net.unmap(again, PAGE)?;
     // The back-end's counters are folded in when its connection ends.
@@ -105,9 +119,11 @@ pub fn both_transports(ctx: &mut Ctx<'_>) -> Result<String, String> {
         std::thread::sleep(Duration::from_millis(10));
     };
     if st.updates == 0 || st.invalidations == 0 {
-        return Err(format!(
-            "the vhost-user back-end saw no UPDATE or no INVALIDATE: {st}"
-        ));
+        return Err(KernelNetError::Unexpected {
+            what: "the vhost-user back-end's counters",
+            expected: "at least one UPDATE and one INVALIDATE".into(),
+            got: st.to_string(),
+        });
     }
     server.shutdown_handle().shutdown();
     let _ = serving.join();
