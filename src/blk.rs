@@ -7,6 +7,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use backend::PollMode;
 use backend::{EngineConfig, Server};
 use clap::Args;
 use devices::{Blk, BlkConfig};
@@ -36,11 +37,16 @@ pub struct BlkArgs {
     /// Refuse writes.
     #[arg(long)]
     read_only: bool,
-    /// Busy-poll window in microseconds: the connection thread polls for the next message,
-    /// and a queue parked on a miss for its answer, this long before blocking (0: block at
-    /// once; more: lower miss latency for some CPU).
-    #[arg(long, value_name = "US", default_value_t = 0)]
+    /// Busy-poll cap in microseconds: how long the connection thread may poll for the next
+    /// message, a queue parked on a miss for its answer, and (with `--poll adaptive`) an
+    /// empty queue for its next chain, before blocking (0: block at once).
+    #[arg(long, value_name = "US", default_value_t = 50)]
     busy_poll_us: u64,
+    /// Which waits poll: `adaptive` (every wait, each window tuned between 0 and the cap to
+    /// how long waits turn out to be, as QEMU's poll-max-ns), `misses` (only the connection
+    /// thread and a queue waiting for a MISS's answer, for the whole cap), or `off`.
+    #[arg(long, value_name = "MODE", default_value_t = PollMode::Adaptive)]
+    poll: PollMode,
     /// Accept guest memory in a memfd that is not sealed against shrinking (F_SEAL_SHRINK).
     /// By default such a region is refused: a front-end that truncates it would kill the
     /// back-end with SIGBUS. QEMU's memory-backend-memfd seals by default (seal=on).
@@ -87,6 +93,7 @@ pub fn run(args: &BlkArgs) -> Result<(), String> {
             iotlb_capacity: args.iotlb_capacity,
             miss_timeout: Duration::from_millis(args.miss_timeout.max(1)),
             busy_poll: Duration::from_micros(args.busy_poll_us),
+            poll: args.poll,
             allow_unsealed_memory: args.allow_unsealed_memory,
         },
     );

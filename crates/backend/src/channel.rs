@@ -6,13 +6,20 @@
 //! on the miss timeout; an ACCESS_FAIL is only news). ACCESS_FAILs go through the sending
 //! queue's rate limit ([`AccessFailLimit`]). This file decides nothing about misses: when to
 //! send one is the worker's business.
+//!
+//! One exception to "at once": a MISS raised while the front-end's own messages wait unread
+//! on the connection (a pre-pushed UPDATE sent just before the chain that needs it, say) is
+//! held ([`BackendChannel::miss_unless_pending`]) until the connection thread has read them
+//! ([`BackendChannel::release_held`]), and not sent at all if one of them answered it.
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use iotlb::Access;
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 use wire::vhost_user::{BackendRequest, Connection};
 use wire::IotlbMsg;
 
@@ -22,16 +29,98 @@ use crate::stats::EngineCounters;
 /// IOTLB pages (ACCESS_FAILs are limited per page, as MISSes are keyed).
 const PAGE: u64 = iotlb::MISS_PAGE_SIZE;
 
+/// How long a MISS may be held for the front-end's unread messages before it goes anyway
+/// (a front-end that keeps the connection busy must not starve it).
+pub(crate) const HOLD_AT_MOST: Duration = Duration::from_micros(200);
+
+/// A MISS held until the connection thread has read what the front-end sent.
+#[derive(Debug, Clone, Copy)]
+struct HeldMiss {
+    queue: u16,
+    iova: u64,
+    access: Access,
+    since: Instant,
+}
+
 /// The back-end channel of a connection, once the front-end has given one.
 #[derive(Debug, Default)]
 pub(crate) struct BackendChannel {
     conn: RwLock<Option<Arc<Connection>>>,
+    /// The front-end's connection, only to ask whether it has unread messages.
+    frontend: OnceLock<Arc<Connection>>,
+    held: Mutex<Vec<HeldMiss>>,
+    any_held: AtomicBool,
 }
 
 impl BackendChannel {
     /// SET_BACKEND_REQ_FD: from now on, messages go to `sock` (a new one replaces the old).
     pub(crate) fn connect(&self, sock: UnixStream) {
         *self.conn.write() = Some(Arc::new(Connection::backend_channel(sock)));
+    }
+
+    /// The front-end's connection, whose unread messages a MISS may wait for.
+    pub(crate) fn watch_frontend(&self, conn: Arc<Connection>) {
+        let _ = self.frontend.set(conn);
+    }
+
+    /// A worker's MISS: sent now ([`BackendChannel::miss`]), unless the front-end has sent
+    /// messages the connection thread has not read yet: one of them may be the UPDATE (a
+    /// pre-pushed mapping races the chain that uses it), so the MISS is held until the
+    /// connection thread has read them, and then sent only if still unanswered. True if it
+    /// was held.
+    pub(crate) fn miss_unless_pending(
+        &self,
+        stats: &EngineCounters,
+        queue: u16,
+        iova: u64,
+        access: Access,
+    ) -> bool {
+        if self.frontend.get().is_some_and(|c| c.readable_now()) {
+            EngineCounters::add(&stats.held_misses, 1);
+            self.held.lock().push(HeldMiss {
+                queue,
+                iova,
+                access,
+                since: Instant::now(),
+            });
+            self.any_held.store(true, Ordering::SeqCst);
+            return true;
+        }
+        self.miss(stats, Some(queue), iova, access);
+        false
+    }
+
+    /// Whether MISSes are held (a load: the connection thread asks after every message).
+    pub(crate) fn has_held(&self) -> bool {
+        self.any_held.load(Ordering::SeqCst)
+    }
+
+    /// The connection thread has read what was readable (or a held MISS waited
+    /// [`HOLD_AT_MOST`]: `caught_up` false): send the held MISSes that `answered` does not
+    /// say were answered meanwhile; count those that were.
+    pub(crate) fn release_held(
+        &self,
+        stats: &EngineCounters,
+        caught_up: bool,
+        answered: impl Fn(u64, Access) -> bool,
+    ) {
+        let due: Vec<HeldMiss> = {
+            let mut held = self.held.lock();
+            let now = Instant::now();
+            let (due, keep): (Vec<HeldMiss>, Vec<HeldMiss>) = held
+                .drain(..)
+                .partition(|h| caught_up || now.duration_since(h.since) >= HOLD_AT_MOST);
+            *held = keep;
+            self.any_held.store(!held.is_empty(), Ordering::SeqCst);
+            due
+        };
+        for h in due {
+            if answered(h.iova, h.access) {
+                EngineCounters::add(&stats.held_answered, 1);
+            } else {
+                self.miss(stats, Some(h.queue), h.iova, h.access);
+            }
+        }
     }
 
     /// The connection ended.

@@ -39,3 +39,4 @@ pub use server::{wait_for_socket, ServeError, Server, ShutdownHandle};
 pub use session::SessionEnd;
 pub use shared::{EngineConfig, MIN_IOTLB_CAPACITY};
 pub use stats::{EngineCounters, Stats};
+pub use wire::poll::PollMode;

@@ -143,7 +143,7 @@ impl Vring {
 /// One connection's state.
 pub(crate) struct Session<D: Device> {
     shared: Arc<Shared<D>>,
-    conn: Connection,
+    conn: Arc<Connection>,
     vrings: Vec<Vring>,
     features: u64,
     protocol: u64,
@@ -196,12 +196,16 @@ impl<D: Device> Session<D> {
             SharedIotlb::new(Iotlb::with_capacity(capacity).unwrap_or_else(|_| Iotlb::new()));
         // A MISS sent ahead that nobody joined within the miss timeout was lost.
         iotlb.set_ahead_ttl(config.miss_timeout);
+        let conn = Arc::new(Connection::new(sock));
+        conn.set_busy_poll(config.poll, config.busy_poll);
+        let channel = BackendChannel::default();
+        channel.watch_frontend(conn.clone());
         Session {
             shared: Arc::new(Shared {
                 dev,
                 mem: RwLock::new(Arc::new(MemTable::empty())),
                 iotlb,
-                channel: BackendChannel::default(),
+                channel,
                 epochs: Epochs::default(),
                 stats: EngineCounters {
                     miss_rtt,
@@ -209,14 +213,11 @@ impl<D: Device> Session<D> {
                 },
                 miss_timeout: config.miss_timeout,
                 busy_poll: config.busy_poll,
+                poll: config.poll,
                 iotlb_capacity: capacity,
                 wakers: Wakers::new(queues),
             }),
-            conn: {
-                let c = Connection::new(sock);
-                c.set_busy_poll(config.busy_poll);
-                c
-            },
+            conn,
             vrings: (0..queues).map(|_| Vring::new()).collect(),
             features: 0,
             protocol: 0,
@@ -287,6 +288,9 @@ impl<D: Device> Session<D> {
             {
                 res = self.flush_deferred();
             }
+            if self.shared.channel.has_held() {
+                self.release_held_misses();
+            }
             if let Err(e) = res {
                 if e.is_fatal() {
                     break SessionEnd::Error(e);
@@ -296,6 +300,18 @@ impl<D: Device> Session<D> {
         };
         self.shutdown();
         end
+    }
+
+    /// MISSes a worker held while messages of ours were unread (see
+    /// [`BackendChannel::miss_unless_pending`]): once we have read them all, send those that
+    /// no UPDATE among them answered.
+    fn release_held_misses(&self) {
+        let iotlb = &self.shared.iotlb;
+        self.shared.channel.release_held(
+            &self.shared.stats,
+            !self.conn.readable_now(),
+            |iova, access| iotlb.lookup(iova).is_some_and(|m| m.perm.allows(access)),
+        );
     }
 
     /// Decode, apply and answer one message.
@@ -543,7 +559,13 @@ impl<D: Device> Session<D> {
 
     fn quiesce(&self, generation: u64) {
         let waited = self.shared.epochs.wait(generation);
-        EngineCounters::add(&self.shared.stats.quiesce_us, waited.as_micros() as u64);
+        let us = u64::try_from(waited.as_micros()).unwrap_or(u64::MAX);
+        let stats = &self.shared.stats;
+        EngineCounters::add(&stats.quiesce_us, us);
+        EngineCounters::max(&stats.quiesce_max_us, us);
+        if us > 1000 {
+            EngineCounters::add(&stats.slow_quiesces, 1);
+        }
     }
 
     /// Apply an UPDATE or INVALIDATE. `Ok(Some(generation))`: it took translations away

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use iotlb::SharedIotlb;
 use parking_lot::RwLock;
+use wire::poll::PollMode;
 
 use crate::channel::BackendChannel;
 use crate::device::Device;
@@ -37,10 +38,15 @@ pub struct EngineConfig {
     /// How long a MISS may stay unanswered before it is sent again (and, the second time,
     /// before the request fails).
     pub miss_timeout: Duration,
-    /// Busy-poll window: how long the connection thread polls for the next message, and a
-    /// queue parked on a miss polls for its answer, before blocking. Zero blocks at once
-    /// (no CPU spent waiting; each message then costs a thread wake-up).
+    /// Busy-poll cap: how long the connection thread may poll for the next message, a queue
+    /// parked on a miss for its answer, and (adaptive) an empty queue for its next chain,
+    /// before blocking. Zero blocks at once (no CPU spent waiting; each message and kick
+    /// then costs a thread wake-up).
     pub busy_poll: Duration,
+    /// Which waits poll within `busy_poll`, and whether the windows adapt
+    /// ([`PollMode::Adaptive`], the default) or stay at the cap ([`PollMode::Misses`]: the
+    /// connection thread and parked queues only).
+    pub poll: PollMode,
     /// Accept memfd regions not sealed against shrinking (see [`crate::memory`]): a
     /// front-end that truncates one then kills the back-end with SIGBUS.
     pub allow_unsealed_memory: bool,
@@ -52,6 +58,7 @@ impl Default for EngineConfig {
             iotlb_capacity: iotlb::DEFAULT_CAPACITY,
             miss_timeout: Duration::from_secs(1),
             busy_poll: Duration::ZERO,
+            poll: PollMode::Adaptive,
             allow_unsealed_memory: false,
         }
     }
@@ -67,6 +74,7 @@ pub(crate) struct Shared<D: Device> {
     pub stats: EngineCounters,
     pub miss_timeout: Duration,
     pub busy_poll: Duration,
+    pub poll: PollMode,
     pub iotlb_capacity: usize,
     /// The running workers' wake-ups, by queue index: the one registry through which the
     /// connection thread (an UPDATE answered a miss; a queue enabled) and the workers (a

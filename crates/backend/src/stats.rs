@@ -39,6 +39,18 @@ pub struct EngineCounters {
     pub broken_queues: AtomicU64,
     /// Total microseconds the control thread waited for workers before acknowledging.
     pub quiesce_us: AtomicU64,
+    /// The longest of those waits, in microseconds (how long a worker held a section while
+    /// an invalidation waited for it).
+    pub quiesce_max_us: AtomicU64,
+    /// Waits for workers that took over a millisecond.
+    pub slow_quiesces: AtomicU64,
+    /// MISSes sent again because the first went unanswered for the miss timeout.
+    pub resends: AtomicU64,
+    /// MISSes held while the front-end's messages waited unread (a pre-pushed UPDATE may be
+    /// among them).
+    pub held_misses: AtomicU64,
+    /// Of those, answered by such a message: never sent.
+    pub held_answered: AtomicU64,
     /// Bytes of the largest request served (its readable and writable buffers together).
     pub largest_request: AtomicU64,
     /// Miss round trips: from a queue's MISS sent to the queue running again (the UPDATE
@@ -98,6 +110,16 @@ pub struct Stats {
     pub broken_queues: u64,
     /// Microseconds spent waiting for workers before acknowledging IOTLB changes.
     pub quiesce_us: u64,
+    /// See [`EngineCounters::quiesce_max_us`].
+    pub quiesce_max_us: u64,
+    /// See [`EngineCounters::slow_quiesces`].
+    pub slow_quiesces: u64,
+    /// See [`EngineCounters::resends`].
+    pub resends: u64,
+    /// See [`EngineCounters::held_misses`].
+    pub held_misses: u64,
+    /// See [`EngineCounters::held_answered`].
+    pub held_answered: u64,
     /// Bytes of the largest request served.
     pub largest_request: u64,
     /// Connections that ended.
@@ -126,6 +148,11 @@ impl Stats {
         self.failed += get(&e.failed);
         self.broken_queues += get(&e.broken_queues);
         self.quiesce_us += get(&e.quiesce_us);
+        self.quiesce_max_us = self.quiesce_max_us.max(get(&e.quiesce_max_us));
+        self.slow_quiesces += get(&e.slow_quiesces);
+        self.resends += get(&e.resends);
+        self.held_misses += get(&e.held_misses);
+        self.held_answered += get(&e.held_answered);
         self.largest_request = self.largest_request.max(get(&e.largest_request));
         self.connections += 1;
     }
@@ -133,7 +160,7 @@ impl Stats {
 
 impl Stats {
     /// Every counter by the name the stats line and JSON give it, in the stats line's order.
-    pub fn fields(&self) -> [(&'static str, u64); 20] {
+    pub fn fields(&self) -> [(&'static str, u64); 25] {
         [
             ("requests", self.requests),
             ("hits", self.hits),
@@ -141,9 +168,12 @@ impl Stats {
             ("coalesced", self.coalesced),
             ("misses_sent", self.misses_sent),
             ("prefetched", self.prefetched),
+            ("held_misses", self.held_misses),
+            ("held_answered", self.held_answered),
             ("evictions", self.evictions),
             ("updates", self.updates),
             ("invalidations", self.invalidations),
+            ("resends", self.resends),
             ("timeouts", self.timeouts),
             ("access_failures", self.access_failures),
             ("access_fails_sent", self.access_fails_sent),
@@ -153,6 +183,8 @@ impl Stats {
             ("failed", self.failed),
             ("broken_queues", self.broken_queues),
             ("quiesce_us", self.quiesce_us),
+            ("quiesce_max_us", self.quiesce_max_us),
+            ("slow_quiesces", self.slow_quiesces),
             ("largest_request", self.largest_request),
             ("connections", self.connections),
         ]

@@ -75,6 +75,12 @@ pub struct E2eArgs {
     /// messages on both sides (0: block at once; each message then costs a thread wake-up).
     #[arg(long, value_name = "US", default_value_t = 200)]
     pub busy_poll_us: u64,
+    /// Which waits poll within `--busy-poll-us`, on both sides: `adaptive` (every wait, the
+    /// windows tuned to how long waits turn out to be; queues poll for the next chain too),
+    /// `misses` (only waits for a MISS's answer and for the next message on a channel, for
+    /// the whole window) or `off`.
+    #[arg(long, value_name = "MODE", default_value_t = backend::PollMode::Adaptive)]
+    pub poll: backend::PollMode,
     /// Write an SVG chart of throughput and miss round trip per workload.
     #[arg(long, value_name = "FILE.svg")]
     pub plot: Option<PathBuf>,

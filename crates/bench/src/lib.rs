@@ -8,8 +8,8 @@
 //!
 //! Layout: `e2e.rs` (options and the entry point), `workloads.rs` (the workload table),
 //! `run.rs` (our back-end, the front-end, the rounds), `report.rs` (rows, medians, ratios,
-//! the table, the JSON), `plot.rs` (the SVG), `iotlb.rs` (the micro-benchmark), `error.rs`
-//! ([`BenchError`], why a run failed).
+//! the table, the JSON), `plot.rs` (the SVG), `cpu.rs` (CPU time by side, stolen time),
+//! `iotlb.rs` (the micro-benchmark), `error.rs` ([`BenchError`], why a run failed).
 //!
 //! This file only holds the command's options and dispatches; it must not measure or
 //! report anything itself.
@@ -18,6 +18,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 
+mod cpu;
 mod e2e;
 mod error;
 mod iotlb;

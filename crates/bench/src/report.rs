@@ -56,6 +56,48 @@ pub(crate) struct Row {
     pub(crate) errors: u64,
     /// The back-end's counters of each round (ours only).
     pub(crate) engine: Vec<Stats>,
+    /// CPU time per request of our back-end's threads, µs (ours only).
+    pub(crate) cpu_backend_us: Option<f64>,
+    /// CPU time per request of the rest (driver simulator, front-end, vIOMMU), µs.
+    pub(crate) cpu_frontend_us: f64,
+    /// Share of the machine's CPU time the hypervisor took during the round, %.
+    pub(crate) steal_pct: f64,
+    /// Every round, in order.
+    pub(crate) rounds: Vec<Round>,
+}
+
+/// What one round of a workload saw, kept to explain a slow one.
+#[derive(Debug, Clone)]
+pub(crate) struct Round {
+    pub(crate) iops: f64,
+    pub(crate) steal_pct: f64,
+    /// Our back-end's counters for that round's connection.
+    pub(crate) engine: Option<Stats>,
+}
+
+/// A round under this share of its workload's median IOPS is flagged as a stall.
+pub(crate) const STALL_SHARE: f64 = 0.3;
+
+impl Row {
+    /// The lowest and highest IOPS over rounds.
+    pub(crate) fn iops_spread(&self) -> (f64, f64) {
+        let min = self
+            .iops_rounds
+            .iter()
+            .copied()
+            .fold(f64::INFINITY, f64::min);
+        let max = self.iops_rounds.iter().copied().fold(0.0, f64::max);
+        (min.min(max), max)
+    }
+
+    /// The rounds (index from 0, and what they saw) under [`STALL_SHARE`] of the median.
+    pub(crate) fn stalls(&self) -> Vec<(usize, &Round)> {
+        self.rounds
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.iops < STALL_SHARE * self.iops)
+            .collect()
+    }
 }
 
 pub(crate) fn us(d: Duration) -> f64 {
@@ -103,6 +145,7 @@ pub(crate) fn median(v: &[f64]) -> Option<f64> {
 pub(crate) fn median_round(mut rounds: Vec<Row>) -> Option<Row> {
     let iops_rounds: Vec<f64> = rounds.iter().map(|r| r.iops).collect();
     let engine: Vec<Stats> = rounds.iter().flat_map(|r| r.engine.clone()).collect();
+    let all: Vec<Round> = rounds.iter().flat_map(|r| r.rounds.clone()).collect();
     let (checks, verify, poison, errors) = rounds.iter().fold((0, 0, 0, 0), |a, r| {
         (
             a.0 + r.poison_checks,
@@ -116,6 +159,7 @@ pub(crate) fn median_round(mut rounds: Vec<Row>) -> Option<Row> {
     let mut r = rounds.into_iter().nth(mid)?;
     r.iops_rounds = iops_rounds;
     r.engine = engine;
+    r.rounds = all;
     r.poison_checks = checks;
     r.verify_failures = verify;
     r.poison_violations = poison;
@@ -136,6 +180,8 @@ pub(crate) fn row(
     let bytes = f64::from(w.block_kib(args)) * 1024.0;
     let misses = m.misses;
     let (rtt50, rtt99) = (rtt.map(|r| r.0), rtt.map(|r| r.1));
+    let per_request = |d: Duration| us(d) / r.requests.max(1) as f64;
+    let steal_pct = 100.0 * m.cpu.steal.as_secs_f64() / (secs * f64::from(crate::cpu::cpus()));
     Row {
         name: w.name,
         baseline: w.baseline,
@@ -168,6 +214,14 @@ pub(crate) fn row(
         poison_checks: r.poison_checks,
         errors: r.errors + r.bad_completions,
         engine: stats.copied().into_iter().collect(),
+        cpu_backend_us: stats.map(|_| per_request(m.cpu.backend)),
+        cpu_frontend_us: per_request(m.cpu.frontend),
+        steal_pct,
+        rounds: vec![Round {
+            iops,
+            steal_pct,
+            engine: stats.copied(),
+        }],
     }
 }
 
@@ -191,11 +245,12 @@ pub(crate) fn print_table(args: &E2eArgs, rows: &[Row]) {
             .map_or(String::new(), |s| format!(", back-end at {}", s.display()))
     );
     println!(
-        "{:<10} {:>5} {:>5} {:>9} {:>8} {:>8} {:>8} {:>9} {:>8} {:>9} {:>9} {:>7} {:>9} {:>7}",
+        "{:<10} {:>5} {:>5} {:>9} {:>11} {:>8} {:>8} {:>8} {:>9} {:>8} {:>9} {:>9} {:>7} {:>9} {:>7} {:>11}",
         "workload",
         "KiB",
         "tlb",
         "IOPS",
+        "min-max",
         "MB/s",
         "p50 us",
         "p99 us",
@@ -205,7 +260,8 @@ pub(crate) fn print_table(args: &E2eArgs, rows: &[Row]) {
         "rtt99 us",
         "hit",
         "inval/s",
-        "vs off"
+        "vs off",
+        "cpu us/req"
     );
     for r in rows {
         let tlb = if r.iommu {
@@ -213,12 +269,15 @@ pub(crate) fn print_table(args: &E2eArgs, rows: &[Row]) {
         } else {
             "-".into()
         };
+        let (lo, hi) = r.iops_spread();
+        let cpu = format!("{}/{:.1}", fmt_opt(r.cpu_backend_us, 1), r.cpu_frontend_us);
         println!(
-            "{:<10} {:>5} {:>5} {:>9.0} {:>8.1} {:>8.1} {:>8.1} {:>9.0} {:>8.1} {:>9} {:>9} {:>7} {:>9.0} {:>6.0}%",
+            "{:<10} {:>5} {:>5} {:>9.0} {:>11} {:>8.1} {:>8.1} {:>8.1} {:>9.0} {:>8.1} {:>9} {:>9} {:>7} {:>9.0} {:>6.0}% {:>11}",
             r.name,
             r.block_kib,
             tlb,
             r.iops,
+            format!("{}-{}", kilo(lo), kilo(hi)),
             r.mbps,
             r.lat_p50_us,
             r.lat_p99_us,
@@ -228,18 +287,81 @@ pub(crate) fn print_table(args: &E2eArgs, rows: &[Row]) {
             fmt_opt(r.miss_rtt_p99_us, 1),
             fmt_opt(r.hit_rate.map(|h| h * 100.0), 1),
             r.invalidations_per_s,
-            r.ratio_to_off * 100.0
+            r.ratio_to_off * 100.0,
+            cpu
         );
     }
     println!(
-        "tlb: IOTLB entries. miss/req: MISSes per request. rtt: MISS sent to the queue running \
-         again (back-end side). hit: IOTLB hit rate (%). vs off: median over rounds of IOPS / \
+        "tlb: IOTLB entries. min-max: IOPS of the slowest and fastest round. miss/req: MISSes \
+         per request. rtt: MISS sent to the queue running again (back-end side). hit: IOTLB hit rate (%). vs off: median over rounds of IOPS / \
          the IOPS of the baseline with the same request size and no IOMMU (off, or off-1m for \
          1 MiB requests) in the same round. Every read was checked against what was written; \
          freed buffers were poisoned and checked ({} checks, {} violations).",
         rows.iter().map(|r| r.poison_checks).sum::<u64>(),
         rows.iter().map(|r| r.poison_violations).sum::<u64>()
     );
+    println!(
+        "cpu us/req: CPU time per request of our back-end's threads / of the driver simulator, \
+         front-end and vIOMMU (one process; both sides' threads counted separately)."
+    );
+    print_stalls(rows);
+}
+
+/// The rounds under [`STALL_SHARE`] of their workload's median, with what the machine and
+/// our back-end were doing in them.
+fn print_stalls(rows: &[Row]) {
+    let stalls: Vec<(&Row, usize, &Round)> = rows
+        .iter()
+        .flat_map(|r| r.stalls().into_iter().map(move |(i, round)| (r, i, round)))
+        .collect();
+    if stalls.is_empty() {
+        println!(
+            "stalls: none (no round under {:.0}% of its workload's median).",
+            STALL_SHARE * 100.0
+        );
+        return;
+    }
+    println!(
+        "stalls: {} round(s) under {:.0}% of their workload's median:",
+        stalls.len(),
+        STALL_SHARE * 100.0
+    );
+    for (r, i, round) in stalls {
+        let engine = round.engine.as_ref().map_or_else(
+            || "back-end counters not available (a peer's back-end)".to_string(),
+            |e| {
+                format!(
+                    "back-end: {} MISSes sent, {} resent, {} timed out; {} quiescence waits over \
+                     1 ms (longest {} us); {} broken queues",
+                    e.misses_sent,
+                    e.resends,
+                    e.timeouts,
+                    e.slow_quiesces,
+                    e.quiesce_max_us,
+                    e.broken_queues
+                )
+            },
+        );
+        println!(
+            "  STALL {} round {}: {:.0} IOPS ({:.0}% of the median {:.0}); CPU stolen by the \
+             hypervisor: {:.1}% of the machine; {engine}",
+            r.name,
+            i + 1,
+            round.iops,
+            100.0 * round.iops / r.iops.max(1e-9),
+            r.iops,
+            round.steal_pct
+        );
+    }
+}
+
+/// `v` in thousands above 10 000 ("95k"), as it is below.
+fn kilo(v: f64) -> String {
+    if v >= 10_000.0 {
+        format!("{:.0}k", v / 1000.0)
+    } else {
+        format!("{v:.0}")
+    }
 }
 
 pub(crate) fn to_json(rows: &[Row]) -> serde_json::Value {
@@ -272,6 +394,16 @@ pub(crate) fn to_json(rows: &[Row]) -> serde_json::Value {
                 "poison_violations": r.poison_violations,
                 "errors": r.errors,
                 "backend": backend_json(&r.engine),
+                "iops_min": r.iops_spread().0,
+                "iops_max": r.iops_spread().1,
+                "cpu_us_per_request": {"backend": r.cpu_backend_us, "frontend": r.cpu_frontend_us},
+                "steal_pct": r.steal_pct,
+                "stalled_rounds": r.stalls().iter().map(|(i, round)| json!({
+                    "round": i + 1,
+                    "iops": round.iops,
+                    "steal_pct": round.steal_pct,
+                    "backend": round.engine.as_ref().map(|e| stats_json_of(&e.fields())),
+                })).collect::<Vec<_>>(),
             }),
         );
     }

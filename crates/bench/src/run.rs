@@ -18,6 +18,7 @@ use frontend::vhost_user::{FrontendConfig, GuestRam, VhostUserFrontend};
 use frontend::viommu::Viommu;
 use indicatif::{ProgressBar, ProgressStyle};
 
+use crate::cpu::CpuSample;
 use crate::report::{self, us, Row};
 use crate::workloads::Workload;
 use crate::{BenchError, E2eArgs};
@@ -35,6 +36,7 @@ impl OwnBackend {
         name: &str,
         capacity: usize,
         busy_poll: Duration,
+        poll: backend::PollMode,
         disk_bytes: u64,
     ) -> Result<Self, BenchError> {
         // In RAM (memfd): the figures are about the IOTLB path, not about a file system
@@ -63,6 +65,7 @@ impl OwnBackend {
                 iotlb_capacity: capacity,
                 miss_timeout: Duration::from_secs(1),
                 busy_poll,
+                poll,
                 ..EngineConfig::default()
             },
         ));
@@ -118,6 +121,8 @@ pub(crate) struct Measured {
     pub(crate) invalidations: u64,
     /// MISS received to UPDATE acknowledged, p50 in µs.
     pub(crate) service_p50: Option<f64>,
+    /// CPU time used over the measured phase, by side, and stolen by the hypervisor.
+    pub(crate) cpu: CpuSample,
 }
 
 /// Run one workload against the back-end at `socket`: a warm-up, then the measured phase
@@ -152,6 +157,7 @@ pub(crate) fn run_workload(
     let viommu = w.viommu.map(|c| Arc::new(Viommu::new(c)));
     let fe_cfg = FrontendConfig {
         busy_poll: Duration::from_micros(args.busy_poll_us),
+        poll: args.poll,
         ..FrontendConfig::default()
     };
     let fe = VhostUserFrontend::connect(socket, ram, fe_cfg, viommu).map_err(|source| {
@@ -186,12 +192,14 @@ pub(crate) fn run_workload(
     fe.channel_stats().service.reset();
     d.reset_report();
     at_measure();
+    let cpu0 = CpuSample::now();
     d.run(
         Instant::now() + Duration::from_secs_f64(args.duration),
         None,
         stall,
     )
     .map_err(driver)?;
+    let cpu = CpuSample::now().since(&cpu0);
     let misses = load(&fe.channel_stats().misses) - misses0;
     let invalidations = inval(&fe) - inval0;
     let service = &fe.channel_stats().service;
@@ -203,6 +211,7 @@ pub(crate) fn run_workload(
         misses,
         invalidations,
         service_p50,
+        cpu,
     })
 }
 
@@ -253,6 +262,7 @@ pub(crate) fn run_all(
                         w.name,
                         w.capacity(&per),
                         Duration::from_micros(per.busy_poll_us),
+                        per.poll,
                         1 << 30,
                     )?;
                     let socket = own.socket.clone();

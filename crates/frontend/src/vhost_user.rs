@@ -28,6 +28,7 @@ use iotlb::{Access, IovaRange, Perm};
 use rustix::event::{eventfd, EventfdFlags};
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 use wire::features::{device, protocol};
+use wire::poll::PollMode;
 use wire::vhost_user::{
     BackendRequest, Config, Connection, FrontendRequest, MemoryRegion, RegionFd, Reply, VringAddr,
     VringFile, VringState,
@@ -167,9 +168,11 @@ pub struct FrontendConfig {
     /// Device feature bits to ack when offered (beyond `VERSION_1`, `PROTOCOL_FEATURES` and,
     /// with an IOMMU, `ACCESS_PLATFORM`).
     pub device_features: u64,
-    /// Busy-poll window of the back-end channel thread (for the next MISS) and of replies
+    /// Busy-poll cap of the back-end channel thread (for the next MISS) and of replies
     /// (see [`Connection::set_busy_poll`]). Zero blocks at once.
     pub busy_poll: std::time::Duration,
+    /// Whether those windows adapt within the cap or stay at it.
+    pub poll: PollMode,
 }
 
 impl Default for FrontendConfig {
@@ -178,6 +181,7 @@ impl Default for FrontendConfig {
             queues: 1,
             device_features: 0,
             busy_poll: std::time::Duration::ZERO,
+            poll: PollMode::Adaptive,
         }
     }
 }
@@ -239,6 +243,27 @@ impl VhostUserIotlb {
         self.conn.request(&FrontendRequest::IotlbMsg(msg))?;
         Ok(())
     }
+
+    /// UPDATE requests for `updates` (guest-physical addresses made front-end addresses).
+    fn update_requests(
+        &self,
+        updates: &[(IovaRange, u64, Perm)],
+    ) -> Result<Vec<FrontendRequest>, ForwardError> {
+        updates
+            .iter()
+            .map(|&(range, gpa, perm)| {
+                let uaddr = self
+                    .va_base
+                    .checked_add(gpa)
+                    .ok_or(ForwardError::NoAddress(gpa))?;
+                Ok(FrontendRequest::IotlbMsg(IotlbMsg::Update {
+                    range,
+                    uaddr,
+                    perm,
+                }))
+            })
+            .collect()
+    }
 }
 
 impl DeviceIotlb for VhostUserIotlb {
@@ -255,19 +280,13 @@ impl DeviceIotlb for VhostUserIotlb {
     }
 
     fn update_all(&self, updates: &[(IovaRange, u64, Perm)]) -> Result<(), ForwardError> {
-        let mut reqs = Vec::with_capacity(updates.len());
-        for &(range, gpa, perm) in updates {
-            let uaddr = self
-                .va_base
-                .checked_add(gpa)
-                .ok_or(ForwardError::NoAddress(gpa))?;
-            reqs.push(FrontendRequest::IotlbMsg(IotlbMsg::Update {
-                range,
-                uaddr,
-                perm,
-            }));
-        }
-        Ok(self.conn.request_all(&reqs)?)
+        Ok(self.conn.request_all(&self.update_requests(updates)?)?)
+    }
+
+    /// Posted: the back-end applies them before anything sent later on this connection (the
+    /// kick that follows, an INVALIDATE), and a chain it reaches first misses as usual.
+    fn push_all(&self, updates: &[(IovaRange, u64, Perm)]) -> Result<(), ForwardError> {
+        Ok(self.conn.post_all(&self.update_requests(updates)?)?)
     }
 
     fn invalidate_all(&self, ranges: &[IovaRange]) -> Result<(), ForwardError> {
@@ -322,7 +341,7 @@ impl VhostUserFrontend {
         viommu: Option<Arc<Viommu>>,
     ) -> Result<Self, FrontendError> {
         let conn = Arc::new(Connection::new(sock));
-        conn.set_busy_poll(config.busy_poll);
+        conn.set_busy_poll(config.poll, config.busy_poll);
         let offered = u64_reply(conn.request(&FrontendRequest::GetFeatures)?, "GET_FEATURES")?;
         let mut need = device::VERSION_1 | device::PROTOCOL_FEATURES;
         if viommu.is_some() {
@@ -393,7 +412,7 @@ impl VhostUserFrontend {
             conn.request(&FrontendRequest::SetBackendReqFd(OwnedFd::from(theirs)))?;
             let shutdown = ours.try_clone().map_err(io("dup back-end channel"))?;
             let chan = Connection::backend_channel(ours);
-            chan.set_busy_poll(config.busy_poll);
+            chan.set_busy_poll(config.poll, config.busy_poll);
             let (v, dev, stats) = (v.clone(), iotlb.clone(), channel_stats.clone());
             let thread = std::thread::Builder::new()
                 .name("vu-backend-chan".into())

@@ -88,6 +88,14 @@ pub trait DeviceIotlb: Send + Sync {
             .try_for_each(|&(r, gpa, perm)| self.update(r, gpa, perm))
     }
 
+    /// UPDATEs pushed ahead of use (pre-push): the device may miss on them before it has
+    /// applied them (the miss is answered as any other), so a transport that can send them
+    /// without waiting for the device overrides this; by default they are applied as
+    /// [`DeviceIotlb::update_all`].
+    fn push_all(&self, updates: &[(IovaRange, u64, Perm)]) -> Result<(), ForwardError> {
+        self.update_all(updates)
+    }
+
     /// Several INVALIDATEs, all acknowledged when this returns; a transport that can
     /// pipeline them overrides this.
     fn invalidate_all(&self, ranges: &[IovaRange]) -> Result<(), ForwardError> {
@@ -436,7 +444,7 @@ impl Viommu {
             }
             let _order = self.order.lock();
             for dev in self.devices.read().iter() {
-                dev.update_all(&updates)?;
+                dev.push_all(&updates)?;
             }
             self.stats
                 .prepushed
@@ -459,7 +467,7 @@ impl Viommu {
         let range = IovaRange::from_size(iova, len).map_err(ForwardError::from)?;
         let _order = self.order.lock();
         for dev in self.devices.read().iter() {
-            dev.update(range, gpa, perm)?;
+            dev.push_all(&[(range, gpa, perm)])?;
         }
         Self::add(&self.stats.prepushed);
         Ok(())

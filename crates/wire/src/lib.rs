@@ -6,7 +6,9 @@
 //!   front-end and `BACKEND_IOTLB_MSG` (1) on the back-end channel, framing over a Unix socket
 //!   with descriptor passing;
 //! - [`iotlb_msg`]: the `vhost_iotlb_msg` both carry, validated into [`IotlbMsg`];
-//! - [`features`]: feature bits and the negotiation rules around IOMMU support.
+//! - [`features`]: feature bits and the negotiation rules around IOMMU support;
+//! - [`poll`]: the busy-poll window of a waiting thread, fixed or adaptive (a connection's
+//!   receive uses it, and so do the back-end's queue workers).
 //!
 //! Every byte comes from an untrusted peer: decoding validates sizes, counts, descriptor
 //! numbers, ranges and permissions, and returns typed errors ([`WireError`], [`IotlbError`]);
@@ -20,6 +22,7 @@ pub mod features;
 pub mod ioctl;
 pub mod iotlb_msg;
 pub mod linux;
+pub mod poll;
 pub mod vhost_user;
 
 pub use error::{IotlbError, WireError};

@@ -23,6 +23,9 @@ pub(super) struct Parked {
     pub(super) sent: Option<Instant>,
     /// A request already taken off the avail ring that is not complete yet.
     pub(super) unfinished: Option<Unfinished>,
+    /// The MISS waits for the front-end's unread messages, which may answer it (and the
+    /// chains after it): nothing is asked ahead.
+    pub(super) held: bool,
 }
 
 /// Where a step on a request the queue took off the ring left it.
@@ -87,6 +90,7 @@ impl<D: Device> Runner<D> {
             since: now,
             sent: None,
             unfinished: None,
+            held: false,
         };
         match self
             .shared
@@ -102,12 +106,15 @@ impl<D: Device> Runner<D> {
                     %access,
                     "vhost-user: MISS"
                 );
-                let queue = Some(self.cfg.index);
-                self.shared
-                    .channel
-                    .miss(&self.shared.stats, queue, iova, access);
+                let held = self.shared.channel.miss_unless_pending(
+                    &self.shared.stats,
+                    self.cfg.index,
+                    iova,
+                    access,
+                );
                 Some(Parked {
                     sent: Some(now),
+                    held,
                     ..parked
                 })
             }
@@ -183,6 +190,7 @@ impl<D: Device> Runner<D> {
                 .channel
                 .miss(&self.shared.stats, Some(index), m.miss_iova, m.access);
             self.shared.iotlb.miss_resent(m.page, m.access, now);
+            EngineCounters::add(&self.shared.stats.resends, 1);
             return Next::Parked(Parked { since: now, ..p });
         }
         tracing::warn!(

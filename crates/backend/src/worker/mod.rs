@@ -3,7 +3,10 @@
 //! A worker sleeps on its kick eventfd and its wake eventfd (written by the connection thread
 //! when an UPDATE covers the address it parked on, or to stop it), with a timeout while it is
 //! parked on a miss; for the busy-poll window before that it polls a flag instead, which a
-//! waker sets without a system call ([`Waker`]). Awake, it drains its queue: pop a chain
+//! waker sets without a system call ([`Waker`]). Under adaptive polling
+//! ([`wire::poll::PollMode::Adaptive`]) a queue that runs empty also polls its avail index,
+//! with the driver's kicks turned off, for a window that follows how long the driver takes
+//! to post the next chain (zero for an idle queue), and only then asks for kicks and sleeps. Awake, it drains its queue: pop a chain
 //! (translating all of it), let the device serve it, complete it, notify the driver (every 32
 //! completions under load, and when the queue runs dry; a queue parked on a miss holds the
 //! interrupt while it busy-polls for the answer and sends it before it blocks).
@@ -66,12 +69,14 @@
 //!   ([`Worker`]: start, stop), and the worker's own state ([`Runner`] for what stays fixed,
 //!   `QueueState` for what serving changes);
 //! - `wake`: the flag-and-eventfd wake protocol ([`Waker`]);
-//! - `run`: the thread's wait loop (sleep, busy-poll, stop, enable, broken queues);
+//! - `run`: the thread's wait loop (sleep, stop, enable, broken queues);
+//! - `poll`: busy-polling for a miss's answer and, adaptive, for the next chain;
 //! - `serve`: serving the ring (pop, serve, complete, fail, notify);
 //! - `miss`: the miss lifecycle (register, park, resume, time out);
 //! - `prefetch`: the MISSes sent ahead for the chains after the one that missed.
 
 mod miss;
+mod poll;
 mod prefetch;
 mod run;
 mod serve;
@@ -207,6 +212,8 @@ struct QueueState<H> {
     warnings: Limit,
     /// ACCESS_FAILs sent, rate-limited per page and in all.
     access_fails: AccessFailLimit,
+    /// Busy-poll windows and whether kicks are off.
+    poll: poll::Polling,
 }
 
 /// IOTLB pages (MISSes are per page).

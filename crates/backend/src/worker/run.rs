@@ -1,7 +1,9 @@
-//! A worker's thread: its wait loop. It sleeps on the kick and wake-up eventfds (with the
-//! miss timeout while parked, after a busy-poll window), looks at stop and enable, resumes
-//! a parked request, serves the ring, and hands back where the queue resumes. Serving and the
-//! miss lifecycle are in `serve` and `miss`; this file never touches a ring itself.
+//! A worker's thread: its wait loop. It waits for a chain (polling the ring first under
+//! adaptive polling) or, parked, for the answer to its miss (polling for it first, then
+//! sleeping on the kick and wake-up eventfds with the miss timeout), looks at stop and
+//! enable, resumes a parked request, serves the ring, and hands back where the queue
+//! resumes. Serving, polling and the miss lifecycle are in `serve`, `poll` and `miss`; this
+//! file never touches a ring itself.
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -11,6 +13,7 @@ use virtq::{Chain, GpaTranslator, IotlbTranslator, Queue, Translator};
 use vm_memory::GuestMemoryMmap;
 
 use super::miss::{Next, Parked};
+use super::poll::Polling;
 use super::serve::Drained;
 use super::wake::{consume, signal};
 use super::{QueueState, Runner};
@@ -18,9 +21,6 @@ use crate::device::Device;
 use crate::quiesce::Section;
 use crate::ratelimit::{AccessFailLimit, Limit, WARNINGS_PER_WINDOW};
 use crate::stats::EngineCounters;
-
-/// Busy-poll looks at the wake-up flag per look at the kick and wake-up eventfds.
-pub(super) const KICK_LOOK_EVERY: u32 = 8;
 
 impl<D: Device> Runner<D> {
     pub(super) fn run(self) {
@@ -53,12 +53,15 @@ impl<D: Device> Runner<D> {
             rtt: None,
             warnings: Limit::new(WARNINGS_PER_WINDOW),
             access_fails: AccessFailLimit::new(),
+            poll: Polling::new(self.shared.poll, self.shared.busy_poll),
         };
         let mut parked: Option<Parked> = None;
         let mut broken = false;
         // The last drain yielded with work possibly left: look at the eventfds without
-        // blocking, then drain again.
-        let mut more = false;
+        // blocking, then drain again. A queue starts with a drain: chains posted before it
+        // started (a restart, a reconnect) need no kick, and a previous worker may have left
+        // kicks off.
+        let mut more = true;
         tracing::debug!(
             queue = self.cfg.index,
             iommu = self.cfg.iommu,
@@ -73,14 +76,40 @@ impl<D: Device> Runner<D> {
             });
             // Completions a parked drain left unannounced (see `drain`) are announced before
             // blocking; a wait answered within the busy-poll window goes on without either.
+            let for_chain = parked.is_none() && enabled && !broken;
             if std::mem::take(&mut more) && parked.is_none() {
                 // Consume the kicks that came meanwhile (their chains are what we drain).
                 self.sleep(Some(Duration::ZERO));
-            } else if !(timeout.is_some() && self.spin_for_wake()) {
-                if w.unnotified > 0 {
-                    self.notify(&mut w, &mut *tr);
+            } else if for_chain {
+                let since = *w.poll.idle_since.get_or_insert_with(Instant::now);
+                let came = if w.poll.kicks_off {
+                    // The drain left kicks off to poll for the next chain. If none comes
+                    // within the window, the drain asks for kicks again (and looks at the
+                    // ring once more) before the next wait blocks.
+                    let came = self.spin_for_chain(&mut w, &mut *tr);
+                    w.poll.window_over = !came;
+                    came
+                } else {
+                    if w.unnotified > 0 {
+                        self.notify(&mut w, &mut *tr);
+                    }
+                    self.sleep(None)
+                };
+                if came {
+                    w.poll.chain_came(since);
                 }
-                self.sleep(timeout);
+            } else {
+                let since = Instant::now();
+                let answered = timeout.is_some() && self.spin_for_wake(w.poll.answers.window());
+                let answered = answered || {
+                    if w.unnotified > 0 {
+                        self.notify(&mut w, &mut *tr);
+                    }
+                    self.sleep(timeout)
+                };
+                if answered && timeout.is_some() {
+                    w.poll.answers.waited(since.elapsed());
+                }
             }
             if self.stop.load(Ordering::SeqCst) {
                 break;
@@ -133,6 +162,12 @@ impl<D: Device> Runner<D> {
             }
             self.publish_base(&w);
         }
+        // Stopping with kicks off: ask for them again, so that whoever runs the ring next
+        // (a restarted worker, another back-end) is kicked. Best effort: a used ring we
+        // cannot reach now is the next owner's to set up.
+        if w.poll.kicks_off && !broken {
+            let _ = self.section(|gm| w.queue.set_notification(&mut *tr, gm, true));
+        }
         // Stopping (possibly straight out of a busy-poll): completions held while parked are
         // announced now, or a driver waiting for them would wait for nothing.
         if w.unnotified > 0 {
@@ -172,21 +207,26 @@ impl<D: Device> Runner<D> {
         true
     }
 
-    /// Sleep until a kick, a wake-up, or `timeout`.
-    pub(super) fn sleep(&self, timeout: Option<Duration>) {
+    /// Sleep until a kick, a wake-up, or `timeout`. True if a kick or a wake-up came.
+    pub(super) fn sleep(&self, timeout: Option<Duration>) -> bool {
         let ts = timeout.map(|d| Timespec {
             tv_sec: d.as_secs().min(i64::MAX as u64) as i64,
             tv_nsec: i64::from(d.subsec_nanos()),
         });
-        if let Err(e) = self.poll_eventfds(ts.as_ref()) {
-            if e != rustix::io::Errno::INTR {
-                tracing::warn!(queue = self.cfg.index, error = %e, "vhost-user: poll failed");
-                std::thread::sleep(Duration::from_millis(10));
+        let came = match self.poll_eventfds(ts.as_ref()) {
+            Ok(came) => came,
+            Err(e) => {
+                if e != rustix::io::Errno::INTR {
+                    tracing::warn!(queue = self.cfg.index, error = %e, "vhost-user: poll failed");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                false
             }
-        }
+        };
         // Every wake-up that set the flag while we were not polling also wrote the eventfd:
         // the flag is stale (an eventfd write still to come is seen by the next poll).
         self.wake.take();
+        came
     }
 
     /// Wait up to `ts` (`None`: for ever) for a kick or an eventfd wake-up, and consume what
@@ -206,47 +246,6 @@ impl<D: Device> Runner<D> {
             consume(&*self.wake);
         }
         Ok(kicked || woken)
-    }
-
-    /// Parked on a miss: poll for the wake-up (or a kick) for up to the busy-poll window
-    /// before [`Self::sleep`] blocks, so that an answer coming within it costs no thread
-    /// wake-up. True when the wait ended with a wake-up or a kick; false when the window ran
-    /// out (or there is none).
-    pub(super) fn spin_for_wake(&self) -> bool {
-        let window = self.shared.busy_poll;
-        if window.is_zero() {
-            return false;
-        }
-        let start = Instant::now();
-        let zero = Timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        // A flag set while we were not polling came with an eventfd write, which look 0
-        // reads: taking both would walk the chain twice for one wake-up.
-        self.wake.take();
-        self.wake.start_polling();
-        let mut looks = 0u32;
-        let answered = loop {
-            if self.wake.take() {
-                break true;
-            }
-            // The eventfds (a kick, or a wake-up from before we polled) every few looks.
-            if looks % KICK_LOOK_EVERY == 0 {
-                match self.poll_eventfds(Some(&zero)) {
-                    Ok(true) => break true,
-                    Err(e) if e != rustix::io::Errno::INTR => break false,
-                    _ => {}
-                }
-            }
-            looks = looks.wrapping_add(1);
-            if start.elapsed() >= window || self.stop.load(Ordering::Relaxed) {
-                break false;
-            }
-            std::thread::yield_now();
-        };
-        // Not short-circuited: polling must stop either way.
-        self.wake.stop_polling() | answered
     }
 
     pub(super) fn wait_for_stop(&self) {

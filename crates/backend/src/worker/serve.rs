@@ -128,10 +128,21 @@ impl<D: Device> Runner<D> {
                         Err(Unreported) => Ok(Popped::Unreported { head, popped }),
                     }
                 }
+                // The wait will poll for the next chain: the driver need not kick meanwhile
+                // (with EVENT_IDX, leaving avail_event behind is enough; without, the used
+                // ring's NO_NOTIFY flag says so).
+                Ok(false) if w.poll.poll_for_chains() => {
+                    if !w.poll.kicks_off {
+                        w.queue.set_notification(tr, gm, false)?;
+                        w.poll.kicks_off = true;
+                    }
+                    Ok(Popped::Empty)
+                }
                 // Ask for a kick at the next avail index (with EVENT_IDX the driver kicks
                 // only where avail_event says), then look once more: a chain that came in
                 // between would otherwise wait for a kick that is not coming.
                 Ok(false) => w.queue.set_notification(tr, gm, true).map(|more| {
+                    w.poll.kicks_off = false;
                     if more {
                         Popped::More
                     } else {
@@ -208,8 +219,11 @@ impl<D: Device> Runner<D> {
                         if let Some(sent) = p.sent {
                             w.rtt = Some((sent, iova, access));
                             // A new miss: ask at once for every other page the next chains
-                            // will miss on, rather than one round trip each.
-                            self.prefetch(w, tr, iova);
+                            // will miss on, rather than one round trip each (unless the
+                            // front-end's unread messages may map them: pre-push).
+                            if !p.held {
+                                self.prefetch(w, tr, iova);
+                            }
                         }
                         break Drained::Parked(p);
                     }

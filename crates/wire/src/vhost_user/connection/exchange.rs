@@ -144,32 +144,14 @@ impl Connection {
     /// failure is returned. A request that has an answer of its own is refused with
     /// [`WireError::UnexpectedReply`] before anything is sent.
     pub fn request_all(&self, reqs: &[FrontendRequest]) -> Result<(), WireError> {
-        for r in reqs {
-            if crate::vhost_user::request::reply_kind(r.req()).is_some() {
-                return Err(WireError::UnexpectedReply {
-                    expected: r.req().code(),
-                    got: r.req().code(),
-                    flags: 0,
-                });
-            }
-        }
+        Self::check_no_answer(reqs)?;
         let _guard = self.call_lock.lock();
         let mut first_err = None;
         for chunk in reqs.chunks(Self::MAX_PIPELINED) {
             let mut sent = Vec::with_capacity(chunk.len());
             if chunk.iter().all(|r| r.fds().is_empty()) {
                 // One write for the whole chunk.
-                let mut bytes = Vec::with_capacity(chunk.len() * (HEADER_SIZE + 40));
-                let mut headers = Vec::with_capacity(chunk.len());
-                for r in chunk {
-                    let payload = r.encode_payload()?;
-                    let h = Header::new(r.req().code(), payload.len() as u32, true);
-                    bytes.extend_from_slice(h.as_bytes());
-                    bytes.extend_from_slice(&payload);
-                    headers.push(h);
-                }
-                self.send_raw(&bytes, false)?;
-                sent = headers;
+                sent = self.send_batch(chunk, true)?;
             } else {
                 for r in chunk {
                     let payload = r.encode_payload()?;
@@ -206,6 +188,61 @@ impl Connection {
             }
         }
         Ok(())
+    }
+
+    /// Front-end requests that have no answer of their own and carry no descriptors (an
+    /// UPDATE pushed ahead of use, say), sent without NEED_REPLY in one write: the peer
+    /// applies them in order before anything sent after them, and answers nothing. For
+    /// messages whose outcome the sender does not wait for; under the call lock, so that
+    /// they never land between a call and its reply.
+    pub fn post_all(&self, reqs: &[FrontendRequest]) -> Result<(), WireError> {
+        Self::check_no_answer(reqs)?;
+        if let Some(r) = reqs.iter().find(|r| !r.fds().is_empty()) {
+            return Err(WireError::UnexpectedReply {
+                expected: r.req().code(),
+                got: r.req().code(),
+                flags: 0,
+            });
+        }
+        let _guard = self.call_lock.lock();
+        for chunk in reqs.chunks(Self::MAX_PIPELINED) {
+            self.send_batch(chunk, false)?;
+        }
+        Ok(())
+    }
+
+    /// Refuse, before anything is sent, a request that has an answer of its own.
+    fn check_no_answer(reqs: &[FrontendRequest]) -> Result<(), WireError> {
+        match reqs
+            .iter()
+            .find(|r| crate::vhost_user::request::reply_kind(r.req()).is_some())
+        {
+            Some(r) => Err(WireError::UnexpectedReply {
+                expected: r.req().code(),
+                got: r.req().code(),
+                flags: 0,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Requests without descriptors, encoded and sent in one write; their headers.
+    fn send_batch(
+        &self,
+        chunk: &[FrontendRequest],
+        need_reply: bool,
+    ) -> Result<Vec<Header>, WireError> {
+        let mut bytes = Vec::with_capacity(chunk.len() * (HEADER_SIZE + 40));
+        let mut headers = Vec::with_capacity(chunk.len());
+        for r in chunk {
+            let payload = r.encode_payload()?;
+            let h = Header::new(r.req().code(), payload.len() as u32, need_reply);
+            bytes.extend_from_slice(h.as_bytes());
+            bytes.extend_from_slice(&payload);
+            headers.push(h);
+        }
+        self.send_raw(&bytes, false)?;
+        Ok(headers)
     }
 
     /// Send a request and receive its reply of kind `kind`, with no other call in between

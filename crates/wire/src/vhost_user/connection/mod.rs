@@ -25,7 +25,6 @@ use std::io::{IoSlice, IoSliceMut};
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -40,6 +39,7 @@ use super::header::{flags, FrontendReq, Header, HEADER_SIZE};
 use super::payload::LogArea;
 use super::request::{BackendRequest, FrontendRequest, Reply, ReplyKind};
 use crate::error::WireError;
+use crate::poll::{PollMode, PollWindow, WaitKind};
 
 mod exchange;
 
@@ -95,8 +95,6 @@ pub struct Connection {
     /// Held while receiving; what was read ahead of the next message.
     recv_lock: Mutex<ReadAhead>,
     call_lock: Mutex<()>,
-    /// Busy-poll window before a receive blocks, in nanoseconds (0: block at once).
-    busy_poll_ns: AtomicU64,
 }
 
 /// Bytes read ahead of the next message, and the descriptors that came with them.
@@ -121,6 +119,9 @@ struct ReadAhead {
     /// Descriptors received, each batch with the stream offset just past the read that
     /// brought it, and whether that read lost some (over the cap, or cut by the kernel).
     fds: std::collections::VecDeque<(u64, Vec<OwnedFd>, bool)>,
+    /// How long a receive that finds nothing polls before it blocks (it is tuned by the
+    /// receives, which hold this lock).
+    poll: PollWindow,
 }
 
 /// How much one receive asks the socket for.
@@ -195,17 +196,17 @@ impl Connection {
             send_lock: Mutex::new(()),
             recv_lock: Mutex::new(ReadAhead::default()),
             call_lock: Mutex::new(()),
-            busy_poll_ns: AtomicU64::new(0),
         }
     }
 
-    /// Before a receive blocks, poll the socket for up to `window` (yielding the CPU between
-    /// looks). A thread that blocks costs a wake-up when the next message comes, several
-    /// tens of microseconds on a virtual machine; one that polls sees it at once, at the
-    /// price of CPU while it waits. Zero (the default) blocks at once.
-    pub fn set_busy_poll(&self, window: Duration) {
-        let ns = u64::try_from(window.as_nanos()).unwrap_or(u64::MAX);
-        self.busy_poll_ns.store(ns, Ordering::Relaxed);
+    /// Before a receive blocks, poll the socket (yielding the CPU between looks) for the
+    /// window `mode` and `cap` give ([`PollWindow`], for waits of an answer: under
+    /// [`PollMode::Adaptive`] it follows how long receives wait). A thread that blocks costs
+    /// a wake-up when the next message comes, several tens of microseconds on a virtual
+    /// machine; one that polls sees it at once, at the price of CPU while it waits. Off (the
+    /// default) blocks at once. Takes the receive lock: set it before another thread receives.
+    pub fn set_busy_poll(&self, mode: PollMode, cap: Duration) {
+        self.recv_lock.lock().poll = PollWindow::new(mode, WaitKind::Answer, cap);
     }
 
     /// Try to read, without blocking, until bytes (or the end of the stream) come or the
@@ -213,12 +214,11 @@ impl Connection {
     /// needs, blocking if need be. Each look is the read itself: one system call, not a
     /// poll and then a read.
     fn spin_read(&self, ra: &mut ReadAhead) -> Result<(), WireError> {
-        let ns = self.busy_poll_ns.load(Ordering::Relaxed);
-        if ns == 0 {
+        let window = ra.poll.window();
+        if window.is_zero() {
             return Ok(());
         }
         let start = Instant::now();
-        let window = Duration::from_nanos(ns);
         loop {
             if self.read_some(ra, HEADER_SIZE, None, false)?.is_some() {
                 return Ok(());
@@ -344,7 +344,10 @@ impl Connection {
     pub fn recv(&self) -> Result<RawMessage, WireError> {
         let mut guard = self.recv_lock.lock();
         let ra = &mut *guard;
-        if ra.len() == 0 {
+        // A wait for the next message (nothing read ahead): polled, then timed to tune the
+        // window.
+        let waiting = (ra.len() == 0 && ra.poll.polls()).then(Instant::now);
+        if waiting.is_some() {
             self.spin_read(ra)?;
         }
         while ra.len() < HEADER_SIZE {
@@ -357,6 +360,9 @@ impl Connection {
                     },
                 });
             }
+        }
+        if let Some(since) = waiting {
+            ra.poll.waited(since.elapsed());
         }
         let header = Header::read_from_bytes(&ra.bytes()[..HEADER_SIZE]).map_err(|_| {
             WireError::Truncated {
