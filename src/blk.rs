@@ -113,7 +113,14 @@ pub fn run(args: &BlkArgs) -> Result<(), String> {
     let stats = server.stats();
     println!("{stats}");
     if let Some(path) = &args.json {
-        let doc = stats_json(&stats);
+        let mut doc = stats_json(&stats);
+        // The miss round trip (MISS sent to the queue running again), by quantile.
+        let h = server.miss_rtt();
+        if let (Some(obj), true) = (doc.as_object_mut(), h.count() > 0) {
+            for (key, q) in [("miss_rtt_p50_us", 0.5), ("miss_rtt_p99_us", 0.99)] {
+                obj.insert(key.into(), (h.quantile(q).as_micros() as u64).into());
+            }
+        }
         let text = serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())?;
         std::fs::write(path, text + "\n")
             .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
@@ -122,7 +129,8 @@ pub fn run(args: &BlkArgs) -> Result<(), String> {
     result
 }
 
-/// The back-end's counters as a JSON object, by their stats-line names.
+/// The back-end's counters as a JSON object, by their stats-line names (the file `--json`
+/// writes adds the miss round trip's `miss_rtt_p50_us` and `miss_rtt_p99_us`).
 pub fn stats_json(stats: &backend::Stats) -> serde_json::Value {
     bench::stats_json_of(&stats.fields())
 }

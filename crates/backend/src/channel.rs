@@ -90,6 +90,14 @@ impl BackendChannel {
         false
     }
 
+    /// A MISS went out: its UPDATE comes on the front-end's connection, whose next wait
+    /// polls for it.
+    fn answer_due(&self) {
+        if let Some(c) = self.frontend.get() {
+            c.expect_answer();
+        }
+    }
+
     /// Whether MISSes are held (a load: the connection thread asks after every message).
     pub(crate) fn has_held(&self) -> bool {
         self.any_held.load(Ordering::SeqCst)
@@ -143,6 +151,7 @@ impl BackendChannel {
             perm: access.as_perm(),
         };
         self.send(queue, &msg, "a miss");
+        self.answer_due();
     }
 
     /// Send MISSes for the chains ahead of the one that missed, in one write. True if they
@@ -181,6 +190,7 @@ impl BackendChannel {
             }
         };
         if sent {
+            self.answer_due();
             let n = msgs.len() as u64;
             EngineCounters::add(&stats.misses_sent, n);
             EngineCounters::add(&stats.prefetched, n);

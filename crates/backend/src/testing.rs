@@ -413,6 +413,36 @@ impl Frontend {
         head
     }
 
+    /// Submit a chain on queue `q` and kick only if the device asks for it, as a Linux
+    /// driver does: the queues here use EVENT_IDX, so only when the new avail index passes
+    /// the device's `avail_event`. Returns the head and whether it kicked.
+    pub fn submit_as_driver(&mut self, q: usize, bufs: &[Buf]) -> (u16, bool) {
+        let old = self.queues[q].driver.avail_idx();
+        let head = self.queues[q]
+            .driver
+            .add_chain(&self.mem, &self.space, bufs, None)
+            .expect("descriptors");
+        let new = self.queues[q].driver.avail_idx();
+        // The avail index before avail_event (a driver's `virtqueue_kick_prepare`).
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        let event = self.avail_event(q);
+        let kick = new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old);
+        if kick {
+            rustix::io::write(&self.queues[q].kick, &1u64.to_ne_bytes()).unwrap();
+        }
+        (head, kick)
+    }
+
+    /// The device's `avail_event` on queue `q` (where it asks for the next kick).
+    pub fn avail_event(&self, q: usize) -> u16 {
+        self.queues[q].driver.avail_event(&self.mem, &self.space)
+    }
+
+    /// The driver's avail index on queue `q`.
+    pub fn avail_idx(&self, q: usize) -> u16 {
+        self.queues[q].driver.avail_idx()
+    }
+
     /// Wait for used entries on queue `q`, answering misses meanwhile.
     pub fn wait_used(&mut self, q: usize, want: usize, timeout: Duration) -> Vec<(u16, u32)> {
         let deadline = Instant::now() + timeout;
@@ -560,4 +590,23 @@ pub fn null_server(
     engine: crate::EngineConfig,
 ) -> std::sync::Arc<crate::Server<NullDevice>> {
     std::sync::Arc::new(crate::Server::new(NullDevice { queues }, engine))
+}
+
+/// CPU ticks (utime + stime, in clock ticks) of every thread of this process named `name`
+/// (a worker is `vq<index>`): a spinning thread shows, a sleeping one does not.
+pub fn cpu_ticks(name: &str) -> u64 {
+    let mut total = 0;
+    for e in std::fs::read_dir("/proc/self/task").unwrap() {
+        let p = e.unwrap().path();
+        let comm = std::fs::read_to_string(p.join("comm")).unwrap_or_default();
+        if comm.trim() != name {
+            continue;
+        }
+        let stat = std::fs::read_to_string(p.join("stat")).unwrap_or_default();
+        let after = &stat[stat.rfind(')').unwrap() + 2..];
+        let f: Vec<&str> = after.split_whitespace().collect();
+        // Fields after ')' start at field 3; utime is field 14, stime field 15.
+        total += f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    }
+    total
 }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use backend::testing::{
-    connect, null_server, pattern, request as blk_request, status, Frontend, NullDevice,
+    connect, cpu_ticks, null_server, pattern, request as blk_request, status, Frontend, NullDevice,
 };
 use backend::{EngineConfig, Server};
 use iotlb::IovaRange;
@@ -27,24 +27,6 @@ fn server(queues: u16, miss_timeout: Duration) -> Arc<Server<NullDevice>> {
         ..EngineConfig::default()
     };
     null_server(queues, engine)
-}
-
-/// CPU ticks (utime + stime) of every thread of this process named `name`.
-fn cpu_ticks(name: &str) -> u64 {
-    let mut total = 0;
-    for e in std::fs::read_dir("/proc/self/task").unwrap() {
-        let p = e.unwrap().path();
-        let comm = std::fs::read_to_string(p.join("comm")).unwrap_or_default();
-        if comm.trim() != name {
-            continue;
-        }
-        let stat = std::fs::read_to_string(p.join("stat")).unwrap_or_default();
-        let after = &stat[stat.rfind(')').unwrap() + 2..];
-        let f: Vec<&str> = after.split_whitespace().collect();
-        // Fields after ')' start at field 3; utime is field 14, stime field 15.
-        total += f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
-    }
-    total
 }
 
 /// CPU ticks the `vq0` worker uses while `work` runs.

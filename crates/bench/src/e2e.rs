@@ -16,7 +16,8 @@
 //! - `thrash`: persistent buffers, a working set of 4x the IOTLB's capacity;
 //! - `prepush`: `strict` with UPDATEs pushed at map time, before any miss (none of the
 //!   existing stacks does this);
-//! - `strict-4k`: `strict` with MISSes answered one page at a time, as QEMU does;
+//! - `strict-4k`: `strict` with MISSes answered as QEMU does: one page per UPDATE, each
+//!   acknowledged (the other workloads' answers are posted, up to 2 MiB each);
 //! - `big`: `strict-4k` with 1 MiB requests (256 pages each, every one a MISS);
 //! - `small-tlb`: `big` through an IOTLB of 16 entries, far fewer than one request needs
 //!   (the walk keeps what it translated);

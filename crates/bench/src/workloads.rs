@@ -69,8 +69,10 @@ pub(crate) fn workloads(args: &E2eArgs) -> Vec<Workload> {
     let strict = ViommuConfig::default();
     let depth = u32::from(args.depth.max(1));
     let thrash_buffers = (4 * args.iotlb_capacity as u32).div_ceil(depth);
+    // As QEMU answers: one page per UPDATE, each acknowledged before the next goes.
     let strict_4k = ViommuConfig {
         max_update: 4096,
+        ack_answers: true,
         ..strict
     };
     let all = vec![

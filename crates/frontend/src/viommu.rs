@@ -124,6 +124,11 @@ pub struct ViommuConfig {
     pub prepush: bool,
     /// Largest UPDATE sent in answer to a miss, in bytes (at least one page).
     pub max_update: u64,
+    /// Wait for the device to acknowledge each UPDATE that answers a miss, as QEMU does.
+    /// Without, the answers are posted ([`DeviceIotlb::push_all`]): safe, because answers
+    /// and INVALIDATEs go out under one lock, in the order the page table changed, so an
+    /// answer can never land after the INVALIDATE of what it maps.
+    pub ack_answers: bool,
 }
 
 impl Default for ViommuConfig {
@@ -132,6 +137,7 @@ impl Default for ViommuConfig {
             invalidation: Invalidation::Strict,
             prepush: false,
             max_update: 2 << 20,
+            ack_answers: false,
         }
     }
 }
@@ -597,8 +603,8 @@ impl Viommu {
             .table
             .run(iova, self.config.max_update.max(PAGE));
         match run {
-            Some((range, gpa, perm)) => {
-                dev.update(range, gpa, perm)?;
+            Some(run) => {
+                self.answer(dev, &[run])?;
                 Self::add(&self.stats.faults_answered);
                 Ok(true)
             }
@@ -606,6 +612,20 @@ impl Viommu {
                 Self::add(&self.stats.faults_unmapped);
                 Ok(false)
             }
+        }
+    }
+
+    /// Send UPDATEs answering misses: acknowledged one by one as QEMU does, or posted
+    /// ([`ViommuConfig::ack_answers`]). The caller holds the order lock.
+    fn answer(
+        &self,
+        dev: &dyn DeviceIotlb,
+        updates: &[(IovaRange, u64, Perm)],
+    ) -> Result<(), ForwardError> {
+        if self.config.ack_answers {
+            dev.update_all(updates)
+        } else {
+            dev.push_all(updates)
         }
     }
 
@@ -635,7 +655,7 @@ impl Viommu {
             }
         }
         if !updates.is_empty() {
-            dev.update_all(&updates)?;
+            self.answer(dev, &updates)?;
         }
         self.stats
             .faults_answered

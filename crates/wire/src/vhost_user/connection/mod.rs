@@ -25,6 +25,7 @@ use std::io::{IoSlice, IoSliceMut};
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -95,6 +96,9 @@ pub struct Connection {
     /// Held while receiving; what was read ahead of the next message.
     recv_lock: Mutex<ReadAhead>,
     call_lock: Mutex<()>,
+    /// The next receive waits for an answer that is on its way (see
+    /// [`Connection::expect_answer`]).
+    expecting: AtomicBool,
 }
 
 /// Bytes read ahead of the next message, and the descriptors that came with them.
@@ -196,6 +200,7 @@ impl Connection {
             send_lock: Mutex::new(()),
             recv_lock: Mutex::new(ReadAhead::default()),
             call_lock: Mutex::new(()),
+            expecting: AtomicBool::new(false),
         }
     }
 
@@ -209,12 +214,19 @@ impl Connection {
         self.recv_lock.lock().poll = PollWindow::new(mode, WaitKind::Answer, cap);
     }
 
+    /// The peer is about to send something (it was asked: a MISS went out on the other
+    /// channel, and its UPDATE comes here): the next receive that finds nothing polls for the
+    /// whole cap, whatever the adaptive window has learnt from the peer's idle times, and
+    /// does not teach it.
+    pub fn expect_answer(&self) {
+        self.expecting.store(true, Ordering::Relaxed);
+    }
+
     /// Try to read, without blocking, until bytes (or the end of the stream) come or the
     /// busy-poll window is over (at once if it is zero); the caller then reads what it still
     /// needs, blocking if need be. Each look is the read itself: one system call, not a
     /// poll and then a read.
-    fn spin_read(&self, ra: &mut ReadAhead) -> Result<(), WireError> {
-        let window = ra.poll.window();
+    fn spin_read(&self, ra: &mut ReadAhead, window: Duration) -> Result<(), WireError> {
         if window.is_zero() {
             return Ok(());
         }
@@ -347,8 +359,14 @@ impl Connection {
         // A wait for the next message (nothing read ahead): polled, then timed to tune the
         // window.
         let waiting = (ra.len() == 0 && ra.poll.polls()).then(Instant::now);
+        let expected = waiting.is_some() && self.expecting.swap(false, Ordering::Relaxed);
         if waiting.is_some() {
-            self.spin_read(ra)?;
+            let window = if expected {
+                ra.poll.cap()
+            } else {
+                ra.poll.window()
+            };
+            self.spin_read(ra, window)?;
         }
         while ra.len() < HEADER_SIZE {
             if self.read_more(ra, HEADER_SIZE, None)? == 0 {
@@ -361,7 +379,7 @@ impl Connection {
                 });
             }
         }
-        if let Some(since) = waiting {
+        if let (Some(since), false) = (waiting, expected) {
             ra.poll.waited(since.elapsed());
         }
         let header = Header::read_from_bytes(&ra.bytes()[..HEADER_SIZE]).map_err(|_| {
