@@ -228,22 +228,25 @@ fn by_block_size(rows: &[Row]) -> Vec<Vec<&Row>> {
 
 /// The lowest and highest round's IOPS (the median round's when there are no rounds).
 fn spread(r: &Row) -> (f64, f64) {
-    let lo = r.iops_rounds.iter().copied().fold(r.iops, f64::min);
-    let hi = r.iops_rounds.iter().copied().fold(r.iops, f64::max);
-    (lo, hi)
+    let (lo, hi) = r.iops_spread();
+    (lo.min(r.iops), hi.max(r.iops))
+}
+
+/// A panel's title at `y`, with its legend at the right.
+fn panel_title(s: &mut String, title: &str, y: f64, entries: &[(&str, &str)]) {
+    let _ = writeln!(
+        s,
+        r#"<text x="{AXIS_MARGIN}" y="{y:.1}" font-size="15" font-weight="bold">{title}</text>"#
+    );
+    legend(s, WIDTH - RIGHT_MARGIN, y, entries);
 }
 
 /// The throughput panel: a sub-panel per request size, side by side, between `top` and
 /// `bottom` (the bottom of the plot areas); returns the bottom of its x labels.
 fn throughput(s: &mut String, rows: &[Row], top: f64, bottom: f64) -> f64 {
-    let _ = writeln!(
+    panel_title(
         s,
-        r#"<text x="{AXIS_MARGIN}" y="{:.1}" font-size="15" font-weight="bold">Throughput per workload</text>"#,
-        top - 56.0
-    );
-    legend(
-        s,
-        WIDTH - RIGHT_MARGIN,
+        "Throughput per workload",
         top - 56.0,
         &[("no IOMMU", NO_IOMMU), ("vIOMMU", VIOMMU)],
     );
@@ -333,14 +336,9 @@ fn throughput(s: &mut String, rows: &[Row], top: f64, bottom: f64) -> f64 {
 /// The miss round trip panel: p50 and p99 bars per workload; returns the bottom of its x
 /// labels.
 fn miss_rtt(s: &mut String, rows: &[Row], top: f64, bottom: f64) -> f64 {
-    let _ = writeln!(
+    panel_title(
         s,
-        r#"<text x="{AXIS_MARGIN}" y="{:.1}" font-size="15" font-weight="bold">Miss round trip (back-end: MISS sent to the queue running again)</text>"#,
-        top - 22.0
-    );
-    legend(
-        s,
-        WIDTH - RIGHT_MARGIN,
+        "Miss round trip (back-end: MISS sent to the queue running again)",
         top - 22.0,
         &[("p50", P50), ("p99", P99)],
     );

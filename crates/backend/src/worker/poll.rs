@@ -71,38 +71,13 @@ const ZERO: Timespec = Timespec {
 impl<D: Device> Runner<D> {
     /// Parked on a miss: poll for the wake-up (or a kick) for up to the answer window before
     /// the wait loop blocks, so that an answer coming within it costs no thread wake-up.
-    /// True when the wait ended with a wake-up or a kick; false when the window ran out (or
-    /// there is none).
+    /// True when the wait ended with a wake-up, a kick or a stop; false when the window ran
+    /// out (or there is none).
     pub(super) fn spin_for_wake(&self, window: Duration) -> bool {
         if window.is_zero() {
             return false;
         }
-        let start = Instant::now();
-        // A flag set while we were not polling came with an eventfd write, which look 0
-        // reads: taking both would walk the chain twice for one wake-up.
-        self.wake.take();
-        self.wake.start_polling();
-        let mut looks = 0u32;
-        let answered = loop {
-            if self.wake.take() {
-                break true;
-            }
-            // The eventfds (a kick, or a wake-up from before we polled) every few looks.
-            if looks % KICK_LOOK_EVERY == 0 {
-                match self.poll_eventfds(Some(&ZERO)) {
-                    Ok(true) => break true,
-                    Err(e) if e != rustix::io::Errno::INTR => break false,
-                    _ => {}
-                }
-            }
-            looks = looks.wrapping_add(1);
-            if start.elapsed() >= window || self.stop.load(Ordering::Relaxed) {
-                break false;
-            }
-            std::thread::yield_now();
-        };
-        // Not short-circuited: polling must stop either way.
-        self.wake.stop_polling() | answered
+        self.spin(window, || self.stop.load(Ordering::Relaxed))
     }
 
     /// The queue is empty with kicks off: poll the avail index (and the wake-up flag, and
@@ -114,18 +89,29 @@ impl<D: Device> Runner<D> {
         w: &mut QueueState<D::Handler>,
         tr: &mut dyn Translator,
     ) -> bool {
-        let window = w.poll.kicks.window();
+        self.spin(w.poll.kicks.window(), || {
+            self.stop.load(Ordering::Relaxed)
+                || !self.cfg.enabled.load(Ordering::Relaxed)
+                // An error (the avail ring unmapped meanwhile, say) is for the drain to meet.
+                || !matches!(self.section(|gm| w.queue.has_available(tr, gm)), Ok(false))
+        })
+    }
+
+    /// Poll for up to `window`: the wake-up flag and `came` every look, the kick and wake-up
+    /// eventfds every [`KICK_LOOK_EVERY`] looks, yielding the CPU in between. True when any
+    /// of them had something.
+    fn spin(&self, window: Duration, mut came: impl FnMut() -> bool) -> bool {
         let start = Instant::now();
+        // A flag set while we were not polling came with an eventfd write, which look 0
+        // reads: taking both would walk the chain twice for one wake-up.
         self.wake.take();
         self.wake.start_polling();
         let mut looks = 0u32;
-        let came = loop {
-            if self.wake.take()
-                || self.stop.load(Ordering::Relaxed)
-                || !self.cfg.enabled.load(Ordering::Relaxed)
-            {
+        let got = loop {
+            if self.wake.take() || came() {
                 break true;
             }
+            // The eventfds (a kick, or a wake-up from before we polled) every few looks.
             if looks % KICK_LOOK_EVERY == 0 {
                 match self.poll_eventfds(Some(&ZERO)) {
                     Ok(true) => break true,
@@ -133,16 +119,13 @@ impl<D: Device> Runner<D> {
                     _ => {}
                 }
             }
-            // An error (the avail ring unmapped meanwhile, say) is for the drain to meet.
-            if !matches!(self.section(|gm| w.queue.has_available(tr, gm)), Ok(false)) {
-                break true;
-            }
             looks = looks.wrapping_add(1);
             if start.elapsed() >= window {
                 break false;
             }
             std::thread::yield_now();
         };
-        self.wake.stop_polling() | came
+        // Not short-circuited: polling must stop either way.
+        self.wake.stop_polling() | got
     }
 }
