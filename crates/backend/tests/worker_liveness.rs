@@ -29,6 +29,23 @@ fn server(queues: u16, miss_timeout: Duration) -> Arc<Server<NullDevice>> {
     null_server(queues, engine)
 }
 
+/// One queue of 64 behind the IOMMU, with `miss_timeout`, and the server's thread.
+fn start(miss_timeout: Duration, seed: u64) -> (Frontend, std::thread::JoinHandle<()>) {
+    let s = server(1, miss_timeout);
+    let (sock, t) = connect(&s);
+    (Frontend::connect(sock, 1, 64, true, seed), t)
+}
+
+/// Submit a read whose data buffer the IOMMU side never maps (its MISSes go unanswered);
+/// returns its status buffer.
+fn submit_unanswered_read(f: &mut Frontend) -> virtq::testing::Buf {
+    let (h, d, st) = blk_request(f, VIRTIO_BLK_T_IN, 0, &[], 512);
+    let d = d.unwrap();
+    f.never_map.push(d.iova);
+    f.submit(0, &[h, d, st]);
+    st
+}
+
 /// CPU ticks the `vq0` worker uses while `work` runs.
 fn vq0_ticks_during(work: impl FnOnce()) -> u64 {
     let before = cpu_ticks("vq0");
@@ -55,9 +72,7 @@ fn serve_for(f: &mut Frontend, d: Duration) {
 /// The avail ring's page is never mapped: after the timeout the queue is broken, and sleeps.
 #[test]
 fn a_broken_queue_sleeps() {
-    let s = server(1, Duration::from_millis(100));
-    let (sock, t) = connect(&s);
-    let mut f = Frontend::connect(sock, 1, 64, true, 11);
+    let (mut f, t) = start(Duration::from_millis(100), 11);
     let (_, a, _) = f.queues[0].driver.addresses();
     f.never_map.push(a - a % PAGE);
     // The worker misses, resends, gives up and breaks.
@@ -70,9 +85,7 @@ fn a_broken_queue_sleeps() {
 /// times out, and the queue breaks and sleeps.
 #[test]
 fn an_unreachable_used_ring_breaks_the_queue_without_spinning() {
-    let s = server(1, Duration::from_millis(100));
-    let (sock, t) = connect(&s);
-    let mut f = Frontend::connect(sock, 1, 64, true, 12);
+    let (mut f, t) = start(Duration::from_millis(100), 12);
     // One normal request first (maps the rings).
     let (h, d, st) = blk_request(&mut f, VIRTIO_BLK_T_OUT, 0, &pattern(1, 512), 0);
     f.submit(0, &[h, d.unwrap(), st]);
@@ -93,13 +106,8 @@ fn an_unreachable_used_ring_breaks_the_queue_without_spinning() {
 /// request fails (miss, resend, give up) although the kicks never stop.
 #[test]
 fn kicks_while_parked_do_not_postpone_the_timeout() {
-    let s = server(1, Duration::from_millis(200));
-    let (sock, t) = connect(&s);
-    let mut f = Frontend::connect(sock, 1, 64, true, 13);
-    let (h, d, st) = blk_request(&mut f, VIRTIO_BLK_T_IN, 0, &[], 512);
-    let d = d.unwrap();
-    f.never_map.push(d.iova);
-    f.submit(0, &[h, d, st]);
+    let (mut f, t) = start(Duration::from_millis(200), 13);
+    let st = submit_unanswered_read(&mut f);
     let start = Instant::now();
     let mut completed_at = None;
     while start.elapsed() < Duration::from_secs(3) && completed_at.is_none() {
@@ -133,13 +141,8 @@ fn kicks_while_parked_do_not_postpone_the_timeout() {
 #[test]
 fn a_queue_disabled_while_parked_sleeps() {
     use wire::vhost_user::{FrontendRequest, VringState};
-    let s = server(1, Duration::from_millis(100));
-    let (sock, t) = connect(&s);
-    let mut f = Frontend::connect(sock, 1, 64, true, 14);
-    let (h, d, st) = blk_request(&mut f, VIRTIO_BLK_T_IN, 0, &[], 512);
-    let d = d.unwrap();
-    f.never_map.push(d.iova);
-    f.submit(0, &[h, d, st]);
+    let (mut f, t) = start(Duration::from_millis(100), 14);
+    submit_unanswered_read(&mut f);
     serve_for(&mut f, Duration::from_millis(50));
     assert_eq!(f.ignored.len(), 1);
     f.request(FrontendRequest::SetVringEnable(VringState {
@@ -156,9 +159,7 @@ fn a_queue_disabled_while_parked_sleeps() {
 /// stops and signals its error eventfd), and the next INVALIDATE is acknowledged.
 #[test]
 fn a_status_byte_past_the_end_of_the_space_is_handled() {
-    let s = server(1, Duration::from_millis(100));
-    let (sock, t) = connect(&s);
-    let mut f = Frontend::connect(sock, 1, 64, true, 15);
+    let (mut f, t) = start(Duration::from_millis(100), 15);
     let (h, _, _) = blk_request(&mut f, VIRTIO_BLK_T_IN, 0, &[], 0);
     let bad = virtq::testing::Buf {
         iova: u64::MAX - 0xff,
@@ -187,9 +188,7 @@ fn a_status_byte_past_the_end_of_the_space_is_handled() {
 #[test]
 fn get_vring_base_hands_back_an_unfinished_request() {
     use wire::vhost_user::{FrontendRequest, Reply, ReplyKind, VringState};
-    let s = server(1, Duration::from_millis(100));
-    let (sock, t) = connect(&s);
-    let mut f = Frontend::connect(sock, 1, 64, true, 16);
+    let (mut f, t) = start(Duration::from_millis(100), 16);
     let (h, d, st) = blk_request(&mut f, VIRTIO_BLK_T_OUT, 0, &pattern(1, 512), 0);
     f.submit(0, &[h, d.unwrap(), st]);
     f.wait_used(0, 1, Duration::from_secs(5));

@@ -198,10 +198,9 @@ impl Connection {
     pub fn post_all(&self, reqs: &[FrontendRequest]) -> Result<(), WireError> {
         Self::check_no_answer(reqs)?;
         if let Some(r) = reqs.iter().find(|r| !r.fds().is_empty()) {
-            return Err(WireError::UnexpectedReply {
-                expected: r.req().code(),
-                got: r.req().code(),
-                flags: 0,
+            return Err(WireError::UnexpectedFds {
+                request: r.req().code(),
+                got: r.fds().len(),
             });
         }
         let _guard = self.call_lock.lock();
