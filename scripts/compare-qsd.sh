@@ -11,7 +11,16 @@
 #
 # Configs: qsd-none (qemu-storage-daemon, no IOMMU: its export offers no
 # VIRTIO_F_ACCESS_PLATFORM, so QEMU refuses iommu_platform=on), ours-none, ours-intel,
-# ours-virtio. qsd serves the image buffered (cache.direct=off) with a thread pool
+# ours-virtio; with --harness guest also qemu-none, qemu-intel, qemu-virtio: QEMU's own
+# virtio-blk-pci, which translates through the vIOMMU inside QEMU and so sends no IOTLB
+# message at all: the floor of what the guest's IOMMU costs, whatever the back-end.
+#
+# Harnesses: `blk` (default) is ../shared/e2e/run-blk.sh, whose QEMU command line has a
+# vhost-user-blk device only. `guest` is ../shared/e2e/run-guest.sh running
+# scripts/guest/blk-timed.sh (the same guest work as run-blk.sh's timed part) under the
+# guest's static busybox, with the device (vhost-user or QEMU's) and the same memfd
+# memory given as QEMU arguments here; the host fills the image and checks what the guest
+# wrote, as run-blk.sh does. Compare configs of one harness only. qsd serves the image buffered (cache.direct=off) with a thread pool
 # (aio=threads) and honours flushes (fdatasync), as our back-end does with buffered
 # preadv/pwritev and fdatasync; one queue each (the harness's QEMU asks for one).
 #
@@ -23,7 +32,8 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 E2E="${E2E_DIR:-$ROOT/../shared/e2e}"
-ALL_CONFIGS=qsd-none,ours-none,ours-intel,ours-virtio
+BLK_CONFIGS=qsd-none,ours-none,ours-intel,ours-virtio
+GUEST_CONFIGS=$BLK_CONFIGS,qemu-none,qemu-intel,qemu-virtio
 exec </dev/null
 
 die() { echo "compare-qsd: FAILED: $*" >&2; exit 1; }
@@ -33,8 +43,10 @@ usage() {
 usage: compare-qsd.sh [options]
   --rounds R        interleaved rounds, each config once per round (default 3)
   --mib N           MiB the guest writes and reads per direction (default 32, run-blk.sh --mib)
-  --configs LIST    comma-separated subset of $ALL_CONFIGS
-                    (default: all, in that order; runs go in the order given)
+  --harness H       blk (run-blk.sh, default) or guest (run-guest.sh, adds the qemu-* configs)
+  --configs LIST    comma-separated subset of $BLK_CONFIGS,
+                    with --harness guest of $GUEST_CONFIGS
+                    (default: all of the harness's, in that order; runs go in the order given)
   --json FILE       also write the per-round figures and the medians as JSON to FILE
   --ours-args ARGS  appended to our back-end's command line (e.g. '--busy-poll-us 50')
 env: E2E_DIR (harness, default ../shared/e2e), E2E_TIMEOUT (per run, default 180),
@@ -43,12 +55,13 @@ EOF
     exit 2
 }
 
-ROUNDS=3 MIB=32 CONFIGS=$ALL_CONFIGS JSON='' OURS_ARGS=''
+ROUNDS=3 MIB=32 CONFIGS='' JSON='' OURS_ARGS='' HARNESS=blk
 while [ $# -gt 0 ]; do
     case $1 in
         --rounds) ROUNDS=${2:?--rounds needs a value}; shift 2 ;;
         --mib) MIB=${2:?--mib needs a value}; shift 2 ;;
         --configs) CONFIGS=${2:?--configs needs a value}; shift 2 ;;
+        --harness) HARNESS=${2:?--harness needs a value}; shift 2 ;;
         --json) JSON=${2:?--json needs a value}; shift 2 ;;
         --ours-args) OURS_ARGS=${2?--ours-args needs a value}; shift 2 ;;
         -h | --help) usage ;;
@@ -57,21 +70,31 @@ while [ $# -gt 0 ]; do
 done
 [[ "$ROUNDS" =~ ^[0-9]+$ ]] && [ "$ROUNDS" -ge 1 ] || die "--rounds must be a positive integer, got '$ROUNDS'"
 [[ "$MIB" =~ ^[0-9]+$ ]] && [ "$MIB" -ge 1 ] || die "--mib must be a positive integer, got '$MIB'"
+case $HARNESS in
+    blk) ALL_CONFIGS=$BLK_CONFIGS ;;
+    guest) ALL_CONFIGS=$GUEST_CONFIGS ;;
+    *) die "--harness must be blk or guest, got '$HARNESS'" ;;
+esac
+[ -n "$CONFIGS" ] || CONFIGS=$ALL_CONFIGS
 IFS=, read -r -a configs <<<"$CONFIGS"
 [ ${#configs[@]} -gt 0 ] || die "--configs is empty"
 want_qsd=0
 for c in "${configs[@]}"; do
     case $c in qsd-intel | qsd-virtio) die "$c: QEMU refuses iommu_platform=on with qsd's export (no VIRTIO_F_ACCESS_PLATFORM)" ;; esac
+    case $HARNESS:$c in blk:qemu-*) die "$c: QEMU's own device needs --harness guest (run-blk.sh attaches vhost-user-blk only)" ;; esac
     case ,$ALL_CONFIGS, in *",$c,"*) ;; *) die "unknown config '$c' (known: $ALL_CONFIGS)" ;; esac
     [ "$c" = qsd-none ] && want_qsd=1
 done
 [ "$(printf '%s\n' "${configs[@]}" | sort | uniq -d)" = '' ] || die "--configs names a config twice"
-[ -x "$E2E/run-blk.sh" ] || die "no end-to-end harness at $E2E (set E2E_DIR)"
+[ -x "$E2E/run-blk.sh" ] && [ -x "$E2E/run-guest.sh" ] || die "no end-to-end harness at $E2E (set E2E_DIR)"
 
 log "installing QEMU and guest dependencies when missing"
 "$E2E/install-deps.sh" >/dev/null || die "install-deps.sh failed"
 log "building the guest when missing"
-"$E2E/build-guest.sh" >/dev/null || die "build-guest.sh failed"
+GUEST_INFO=$("$E2E/build-guest.sh") || die "build-guest.sh failed"
+E2E_GEN=$(sed -n 's/^E2E_GEN=//p' <<<"$GUEST_INFO")
+[ "$HARNESS" = blk ] || [ -x "$E2E_GEN" ] || die "build-guest.sh named no e2e-gen (E2E_GEN=)"
+[ "$HARNESS" = blk ] || [ -x /bin/busybox ] || die "the guest harness runs the guest's script under /bin/busybox (busybox-static), which is missing"
 QSD=''
 if [ "$want_qsd" = 1 ]; then
     # Debian ships it in qemu-utils; install-deps.sh pulls QEMU 10 from bookworm-backports,
@@ -96,6 +119,69 @@ QSD_CMD+=" --export type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,a
 [ "$want_qsd" = 1 ] && log "qsd: $QSD_CMD"
 [[ ",$CONFIGS," == *,ours-* ]] && log "ours: $OURS_CMD"
 
+# run_guest CONFIG BACKEND-CMD: one run through run-guest.sh (--harness guest). Makes the
+# image (the host region filled by e2e-gen), starts the back-end unless the config is
+# QEMU's own device, runs the guest's script, checks the image, and ends with one
+# "E2E-RESULT: PASS|FAIL ... seed=S wall_s=W guest_s=G" line as run-blk.sh does.
+run_guest() {
+    local c=$1 cmd=$2 iommu=${1#*-} work seed img sock hsha want dev pid='' rc t0 line
+    work=$(mktemp -d "${TMPDIR:-/tmp}/compare-qsd.XXXXXX")
+    seed=$(((RANDOM << 15 | RANDOM) + 1)) img=$work/disk.img sock=$work/vu.sock
+    t0=$(date +%s.%N)
+    finish_run() { # finish_run PASS|FAIL details
+        [ -n "$pid" ] && { kill -TERM -- "-$pid" 2>/dev/null; wait "$pid" 2>/dev/null; }
+        rm -rf "$work"
+        echo "E2E-RESULT: $1 run-guest config=$c seed=$seed wall_s=$(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }') ${*:2}"
+        [ "$1" = PASS ]
+    }
+    truncate -s $((2 * MIB))M "$img" || { finish_run FAIL "cannot create the image"; return; }
+    "$E2E_GEN" "$seed" "$MIB" | dd of="$img" bs=1M seek="$MIB" conv=notrunc 2>/dev/null ||
+        { finish_run FAIL "cannot fill the image"; return; }
+    hsha=$(tail -c +$((MIB * 1048576 + 1)) "$img" | sha256sum | cut -d' ' -f1)
+    case $iommu in
+        intel) dev=iommu_platform=on,ats=on ;; virtio) dev=iommu_platform=on ;; *) dev=iommu_platform=off ;;
+    esac
+    local q=(-object memory-backend-memfd,id=mem,size=512M,share=on -numa node,memdev=mem
+        -device pcie-root-port,id=rp0,chassis=1)
+    case $c in
+        qemu-*)
+            q+=(-blockdev "driver=file,node-name=file0,filename=$img,aio=threads,cache.direct=off"
+                -blockdev driver=raw,node-name=disk0,file=file0
+                -device "virtio-blk-pci,drive=disk0,bus=rp0,num-queues=1,disable-legacy=on,$dev") ;;
+        *)
+            cmd=${cmd//\{socket\}/$sock} cmd=${cmd//\{disk\}/$img}
+            setsid bash -c "$cmd" >"$work/backend.log" 2>&1 </dev/null &
+            pid=$!
+            for _ in $(seq 100); do
+                [ -S "$sock" ] && break
+                kill -0 "$pid" 2>/dev/null || break
+                sleep 0.1
+            done
+            [ -S "$sock" ] || { tail -20 "$work/backend.log"; finish_run FAIL "back-end did not listen"; return; }
+            q+=(-chardev "socket,id=vu0,path=$sock"
+                -device "vhost-user-blk-pci,chardev=vu0,bus=rp0,num-queues=1,disable-legacy=on,$dev") ;;
+    esac
+    local qa=()
+    for a in "${q[@]}"; do qa+=(--qemu-arg "$a"); done
+    "$E2E/run-guest.sh" --bin /bin/busybox --file "$ROOT/scripts/guest/blk-timed.sh:/e2e-run/blk-timed.sh" \
+        --iommu "$iommu" --timeout "${E2E_TIMEOUT:-180}" "${qa[@]}" \
+        -- sh /e2e-run/blk-timed.sh "$MIB" "$hsha" "$iommu" >"$work/guest.out" 2>&1
+    rc=$?
+    line=$(tr -d '\r' <"$work/guest.out" | grep -a -o 'BLK-TIMED: .*' | tail -1 || true)
+    if [ "$rc" -ne 0 ] || [[ "$line" != "BLK-TIMED: PASS"* ]]; then
+        tail -30 "$work/guest.out"
+        [ -n "$pid" ] && tail -20 "$work/backend.log"
+        finish_run FAIL "guest: ${line:-no result line (rc=$rc)}"
+        return
+    fi
+    want=$(sed -n 's/.* wsha=\([0-9a-f]*\).*/\1/p' <<<"$line")
+    [ "$(head -c $((MIB << 20)) "$img" | sha256sum | cut -d' ' -f1)" = "$want" ] ||
+        { finish_run FAIL "the image does not hold what the guest wrote"; return; }
+    [ "$(tail -c +$((MIB * 1048576 + 1)) "$img" | sha256sum | cut -d' ' -f1)" = "$hsha" ] ||
+        { finish_run FAIL "the host region of the image changed"; return; }
+    finish_run PASS "$(grep -o 'guest_s=[^ ]*' <<<"$line")"
+}
+
 field() { sed -n "s/.* $1=\\([^ ]*\\).*/\\1/p" <<<"$result"; } # field NAME of $result
 
 # One line per run: config round verdict guest_s wall_s seed load.
@@ -104,13 +190,17 @@ trap 'rm -f "$RECORDS"' EXIT
 failed=0
 for round in $(seq "$ROUNDS"); do
     for c in "${configs[@]}"; do
-        case $c in qsd-*) cmd=$QSD_CMD ;; *) cmd=$OURS_CMD ;; esac
+        case $c in qsd-*) cmd=$QSD_CMD ;; ours-*) cmd=$OURS_CMD ;; *) cmd='' ;; esac
         for attempt in 1 2; do
             load=$(cut -d' ' -f1 /proc/loadavg)
             out=$(mktemp)
             set +e
-            "$E2E/run-blk.sh" --timeout "${E2E_TIMEOUT:-180}" --mib "$MIB" \
-                --backend-cmd "$cmd" --iommu "${c#*-}" >"$out" 2>&1
+            if [ "$HARNESS" = blk ]; then
+                "$E2E/run-blk.sh" --timeout "${E2E_TIMEOUT:-180}" --mib "$MIB" \
+                    --backend-cmd "$cmd" --iommu "${c#*-}" >"$out" 2>&1
+            else
+                run_guest "$c" "$cmd" >"$out" 2>&1
+            fi
             rc=$?
             set -e
             result=$(grep '^E2E-RESULT:' "$out" | tail -1 || true)
@@ -170,9 +260,10 @@ echo
 
 if [ -n "$JSON" ]; then
     summary=$(for c in "${configs[@]}"; do m=$(median "$c"); echo "$c $m $(ratio "$m")"; done)
-    python3 - "$RECORDS" "$JSON" "$MIB" "$ROUNDS" "$OURS_CMD" "${QSD:+$QSD_CMD}" "$summary" <<'EOF' ||
+    python3 - "$RECORDS" "$JSON" "$MIB" "$ROUNDS" "$OURS_CMD" "${QSD:+$QSD_CMD}" "$summary" \
+        "$([ "$HARNESS" = blk ] && echo run-blk.sh || echo "run-guest.sh with scripts/guest/blk-timed.sh")" <<'EOF' ||
 import json, sys
-records, path, mib, rounds, ours_cmd, qsd_cmd, summary = sys.argv[1:]
+records, path, mib, rounds, ours_cmd, qsd_cmd, summary, harness = sys.argv[1:]
 num = lambda s: None if s in ("-", "") else float(s)
 configs = {}
 for line in summary.splitlines():
@@ -184,7 +275,7 @@ with open(records) as f:
         configs[c]["runs"].append({"round": int(rnd), "result": verdict,
             "guest_s": num(guest_s), "wall_s": num(wall_s),
             "seed": None if seed == "-" else int(seed), "loadavg_1m": num(load)})
-doc = {"mib": int(mib), "rounds": int(rounds), "timing": "guest_s of run-blk.sh",
+doc = {"mib": int(mib), "rounds": int(rounds), "timing": "guest_s of " + harness,
        "commands": {"ours": ours_cmd, "qsd": qsd_cmd or None}, "configs": configs}
 with open(path, "w") as f:
     json.dump(doc, f, indent=2)

@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use iotlb::Access;
+use iotlb::{Access, IovaRange};
 use virtq::{Fault, Translator};
 
 use super::{QueueState, Runner, PAGE};
@@ -12,6 +12,8 @@ use crate::device::Device;
 
 /// Available chains looked at for misses to send ahead.
 pub(super) const PREFETCH_CHAINS: u16 = 32;
+/// Buffers of one chain looked at (those the walk already translated not counted).
+pub(super) const PREFETCH_BUFFERS: usize = 64;
 /// Most MISSes sent ahead at once.
 pub(super) const PREFETCH_MISSES: usize = 96;
 /// Of the IOTLB's entries, the share one queue's MISSes sent ahead may fill: their answers
@@ -22,6 +24,57 @@ pub(super) const PREFETCH_SHARE: usize = 4;
 /// MISSes one of `queues` queues may send ahead with an IOTLB of `capacity` entries.
 pub(super) fn prefetch_budget(capacity: usize, queues: u16) -> usize {
     (capacity / (PREFETCH_SHARE * usize::from(queues.max(1)))).clamp(1, PREFETCH_MISSES)
+}
+
+/// The IOVA ranges a walk translated and keeps, sorted and merged, to be looked up by
+/// address (a chain of a few hundred buffers is looked at on each of its misses).
+pub(super) struct Walked {
+    ranges: Vec<IovaRange>,
+}
+
+impl Walked {
+    /// Nothing walked.
+    pub(super) const NONE: Walked = Walked { ranges: Vec::new() };
+
+    pub(super) fn new(walked: &[IovaRange]) -> Self {
+        let mut sorted = walked.to_vec();
+        sorted.sort_unstable_by_key(IovaRange::start);
+        let mut ranges: Vec<IovaRange> = Vec::with_capacity(sorted.len());
+        for r in sorted {
+            match ranges.last_mut() {
+                // Overlapping or adjacent: one range (`last + 1` cannot overflow when the
+                // next range starts after it).
+                Some(prev) if r.start() <= prev.last().saturating_add(1) => {
+                    if r.last() > prev.last() {
+                        *prev = IovaRange::new(prev.start(), r.last()).unwrap_or(*prev);
+                    }
+                }
+                _ => ranges.push(r),
+            }
+        }
+        Walked { ranges }
+    }
+
+    /// The walked range holding `iova`, if any.
+    pub(super) fn covering(&self, iova: u64) -> Option<&IovaRange> {
+        let after = self.ranges.partition_point(|r| r.start() <= iova);
+        after
+            .checked_sub(1)
+            .map(|i| &self.ranges[i])
+            .filter(|r| r.contains(iova))
+    }
+
+    /// Whether the walk translated all `len` bytes at `addr` (an empty buffer: nothing to
+    /// ask for either).
+    pub(super) fn covers(&self, addr: u64, len: u32) -> bool {
+        let Some(last) = u64::from(len).checked_sub(1) else {
+            return true;
+        };
+        match (self.covering(addr), addr.checked_add(last)) {
+            (Some(r), Some(end)) => r.last() >= end,
+            _ => false,
+        }
+    }
 }
 
 impl<D: Device> Runner<D> {
@@ -51,15 +104,22 @@ impl<D: Device> Runner<D> {
             // What the walk of the chain that missed already translated and keeps: never
             // asked for again (its entries may be evicted by now; asking would evict the
             // pages still ahead).
-            let walked: Vec<iotlb::IovaRange> = w.queue.walked().to_vec();
+            let walked = Walked::new(w.queue.walked());
             for ahead in 0..PREFETCH_CHAINS {
                 let Ok(Some(head)) = w.queue.peek_head(tr, gm, ahead) else {
                     break;
                 };
+                // (Only the chain being walked kept anything.)
+                let walked = if ahead == 0 { &walked } else { &Walked::NONE };
                 bufs.clear();
+                // Buffers the walk already translated do not count: a chain longer than
+                // the look-ahead gets its next buffers asked for at each miss, not its
+                // first ones again.
                 let visited = w.queue.visit_buffers(tr, gm, head, |addr, len, write| {
-                    bufs.push((addr, len, write));
-                    bufs.len() < 64
+                    if !walked.covers(addr, len) {
+                        bufs.push((addr, len, write));
+                    }
+                    bufs.len() < PREFETCH_BUFFERS
                 });
                 for &(addr, len, write) in &bufs {
                     let access = if write { Access::Write } else { Access::Read };
@@ -70,10 +130,8 @@ impl<D: Device> Runner<D> {
                         continue;
                     };
                     let mut cur = addr;
-                    // (Only the chain being walked kept anything.)
-                    let walked: &[iotlb::IovaRange] = if ahead == 0 { &walked } else { &[] };
                     while wanted.len() < budget {
-                        if let Some(r) = walked.iter().find(|r| r.contains(cur)) {
+                        if let Some(r) = walked.covering(cur) {
                             match r.last().checked_add(1) {
                                 Some(next) if next <= last => {
                                     cur = next;
@@ -88,7 +146,7 @@ impl<D: Device> Runner<D> {
                         else {
                             break;
                         };
-                        if walked.iter().any(|r| r.contains(iova)) {
+                        if walked.covering(iova).is_some() {
                             cur = iova;
                             continue;
                         }
@@ -145,5 +203,45 @@ impl<D: Device> Runner<D> {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(start: u64, last: u64) -> IovaRange {
+        IovaRange::new(start, last).unwrap()
+    }
+
+    #[test]
+    fn walked_ranges_are_merged_and_found_by_address() {
+        // Out of order (a driver's IOVAs go down), overlapping and adjacent.
+        let w = Walked::new(&[
+            r(0x5000, 0x5fff),
+            r(0x1000, 0x1fff),
+            r(0x2000, 0x2fff),
+            r(0x1800, 0x27ff),
+        ]);
+        assert_eq!(w.ranges, vec![r(0x1000, 0x2fff), r(0x5000, 0x5fff)]);
+        assert_eq!(w.covering(0x2abc), Some(&r(0x1000, 0x2fff)));
+        assert_eq!(w.covering(0x5fff), Some(&r(0x5000, 0x5fff)));
+        assert_eq!(w.covering(0xfff), None);
+        assert_eq!(w.covering(0x3000), None);
+        assert_eq!(w.covering(u64::MAX), None);
+    }
+
+    #[test]
+    fn a_buffer_is_covered_only_when_every_byte_was_walked() {
+        let w = Walked::new(&[r(0x1000, 0x2fff), r(u64::MAX - 0xfff, u64::MAX)]);
+        assert!(w.covers(0x1000, 0x2000));
+        assert!(!w.covers(0x1000, 0x2001));
+        assert!(!w.covers(0xfff, 2));
+        assert!(w.covers(u64::MAX - 0xff, 0x100));
+        // Past the end of the address space: never covered (and no overflow).
+        assert!(!w.covers(u64::MAX, 2));
+        // Nothing to ask for in an empty buffer.
+        assert!(w.covers(0x9000, 0));
+        assert!(!Walked::NONE.covers(0x1000, 1));
     }
 }
