@@ -150,6 +150,8 @@ run_guest() {
                 -device "virtio-blk-pci,drive=disk0,bus=rp0,num-queues=1,disable-legacy=on,$dev") ;;
         *)
             cmd=${cmd//\{socket\}/$sock} cmd=${cmd//\{disk\}/$img}
+            # Ours: its counters and service times, for the log line.
+            [[ $c == ours-* ]] && cmd+=" --json $work/stats.json"
             setsid bash -c "$cmd" >"$work/backend.log" 2>&1 </dev/null &
             pid=$!
             for _ in $(seq 100); do
@@ -179,7 +181,18 @@ run_guest() {
         { finish_run FAIL "the image does not hold what the guest wrote"; return; }
     [ "$(tail -c +$((MIB * 1048576 + 1)) "$img" | sha256sum | cut -d' ' -f1)" = "$hsha" ] ||
         { finish_run FAIL "the host region of the image changed"; return; }
-    finish_run PASS "$(grep -o 'guest_s=[^ ]*' <<<"$line")"
+    local backend=''
+    if [ -n "$pid" ]; then # stop it now: it writes stats.json as it exits
+        kill -TERM -- "-$pid" 2>/dev/null
+        wait "$pid" 2>/dev/null
+        pid=''
+        [ -f "$work/stats.json" ] && backend=" backend=$(python3 -c '
+import json, sys
+d = json.load(open(sys.argv[1]))
+keys = ("misses_sent", "prefetched", "invalidations", "miss_rtt_p50_us", "service_p50_us", "service_p99_us")
+print(",".join(f"{k}:{d[k]}" for k in keys if k in d))' "$work/stats.json")"
+    fi
+    finish_run PASS "$(grep -o 'guest_s=[^ ]*' <<<"$line")$backend"
 }
 
 field() { sed -n "s/.* $1=\\([^ ]*\\).*/\\1/p" <<<"$result"; } # field NAME of $result
@@ -223,7 +236,8 @@ for round in $(seq "$ROUNDS"); do
             tail -40 "$out" >&2
         fi
         rm -f "$out"
-        log "round $round/$ROUNDS $c: $verdict guest_s=${guest_s:--} wall_s=${wall_s:--} seed=${seed:--} load=$load"
+        backend=$(field backend)
+        log "round $round/$ROUNDS $c: $verdict guest_s=${guest_s:--} wall_s=${wall_s:--} seed=${seed:--} load=$load${backend:+ back-end: ${backend//,/ }}"
         printf '%s %s %s %s %s %s %s\n' "$c" "$round" "$verdict" "${guest_s:--}" \
             "${wall_s:--}" "${seed:--}" "$load" >>"$RECORDS"
     done

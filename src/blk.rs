@@ -52,7 +52,8 @@ pub struct BlkArgs {
     /// back-end with SIGBUS. QEMU's memory-backend-memfd seals by default (seal=on).
     #[arg(long)]
     allow_unsealed_memory: bool,
-    /// On exit, also write the statistics (the stats line's counters) as JSON to FILE.
+    /// On exit, also write the statistics (the stats line's counters, the miss round trip and
+    /// the message service time quantiles) as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
 }
@@ -121,6 +122,15 @@ pub fn run(args: &BlkArgs) -> Result<(), String> {
                 obj.insert(key.into(), (h.quantile(q).as_micros() as u64).into());
             }
         }
+        // How long a front-end message took us to serve (read to reply), in tenths of us:
+        // an IOTLB message is served in a few.
+        let h = server.service_time();
+        if let (Some(obj), true) = (doc.as_object_mut(), h.count() > 0) {
+            for (key, q) in [("service_p50_us", 0.5), ("service_p99_us", 0.99)] {
+                let us = (h.quantile(q).as_secs_f64() * 1e7).round() / 10.0;
+                obj.insert(key.into(), us.into());
+            }
+        }
         let text = serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())?;
         std::fs::write(path, text + "\n")
             .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
@@ -130,7 +140,8 @@ pub fn run(args: &BlkArgs) -> Result<(), String> {
 }
 
 /// The back-end's counters as a JSON object, by their stats-line names (the file `--json`
-/// writes adds the miss round trip's `miss_rtt_p50_us` and `miss_rtt_p99_us`).
+/// writes adds the miss round trip's `miss_rtt_p50_us` and `miss_rtt_p99_us`, and the
+/// message service time's `service_p50_us` and `service_p99_us`).
 pub fn stats_json(stats: &backend::Stats) -> serde_json::Value {
     bench::stats_json_of(&stats.fields())
 }

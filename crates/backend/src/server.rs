@@ -62,6 +62,7 @@ pub struct Server<D: Device> {
     current: Arc<Mutex<Option<UnixStream>>>,
     totals: Mutex<Stats>,
     miss_rtt: Arc<Histogram>,
+    service: Arc<Histogram>,
     /// Set once [`Server::serve`] listens (the socket file appears a moment earlier, at
     /// bind time, when a connect is still refused).
     listening: AtomicBool,
@@ -77,6 +78,7 @@ impl<D: Device> Server<D> {
             current: Arc::new(Mutex::new(None)),
             totals: Mutex::new(Stats::default()),
             miss_rtt: Arc::new(Histogram::new()),
+            service: Arc::new(Histogram::new()),
             listening: AtomicBool::new(false),
         }
     }
@@ -98,6 +100,13 @@ impl<D: Device> Server<D> {
     /// live; [`Histogram::reset`] it between measurements.
     pub fn miss_rtt(&self) -> &Histogram {
         &self.miss_rtt
+    }
+
+    /// How long the connection thread takes to serve a front-end message, every connection's:
+    /// from the message read to its reply written (our share of a front-end's synchronous
+    /// round trip; the rest is the front-end's and the wake-ups'). Recorded live.
+    pub fn service_time(&self) -> &Histogram {
+        &self.service
     }
 
     /// Listen on `path` and serve front-ends one after another until shut down.
@@ -163,6 +172,7 @@ impl<D: Device> Server<D> {
             stream,
             &self.config,
             self.miss_rtt.clone(),
+            self.service.clone(),
         );
         let end = session.run(&self.stop);
         *self.current.lock() = None;

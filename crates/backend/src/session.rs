@@ -35,6 +35,7 @@ use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use iotlb::{Iotlb, IovaRange, SharedIotlb};
 use parking_lot::{Mutex, RwLock};
@@ -154,6 +155,8 @@ pub(crate) struct Session<D: Device> {
     deferred_gen: Option<u64>,
     /// How memory regions are accepted.
     map: MapOptions,
+    /// Message service times (see [`crate::Server::service_time`]).
+    service: Arc<iotlb::hist::Histogram>,
 }
 
 /// Why a session ended.
@@ -171,6 +174,7 @@ impl<D: Device> Session<D> {
         sock: UnixStream,
         config: &EngineConfig,
         miss_rtt: Arc<iotlb::hist::Histogram>,
+        service: Arc<iotlb::hist::Histogram>,
     ) -> Self {
         let queues = usize::from(dev.queues());
         let capacity = config
@@ -218,6 +222,7 @@ impl<D: Device> Session<D> {
                 wakers: Wakers::new(queues),
             }),
             conn,
+            service,
             vrings: (0..queues).map(|_| Vring::new()).collect(),
             features: 0,
             protocol: 0,
@@ -281,6 +286,7 @@ impl<D: Device> Session<D> {
                     continue;
                 }
             };
+            let read = Instant::now();
             let mut res = self.handle(msg);
             if res.is_ok()
                 && !self.deferred.is_empty()
@@ -291,6 +297,7 @@ impl<D: Device> Session<D> {
             if self.shared.channel.has_held() {
                 self.release_held_misses();
             }
+            self.service.record(read.elapsed());
             if let Err(e) = res {
                 if e.is_fatal() {
                     break SessionEnd::Error(e);

@@ -44,4 +44,6 @@ fn a_long_chain_is_asked_for_in_bursts() {
         "{by_walk} MISSes sent by the walk for a chain of {BUFFERS} pages: the look-ahead \
          does not reach past the buffers it already walked"
     );
+    // Each UPDATE the connection thread applied was timed (read to reply).
+    assert!(s.service_time().count() >= stats.misses_sent);
 }
