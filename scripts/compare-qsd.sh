@@ -238,8 +238,8 @@ for round in $(seq "$ROUNDS"); do
         rm -f "$out"
         backend=$(field backend)
         log "round $round/$ROUNDS $c: $verdict guest_s=${guest_s:--} wall_s=${wall_s:--} seed=${seed:--} load=$load${backend:+ back-end: ${backend//,/ }}"
-        printf '%s %s %s %s %s %s %s\n' "$c" "$round" "$verdict" "${guest_s:--}" \
-            "${wall_s:--}" "${seed:--}" "$load" >>"$RECORDS"
+        printf '%s %s %s %s %s %s %s %s\n' "$c" "$round" "$verdict" "${guest_s:--}" \
+            "${wall_s:--}" "${seed:--}" "$load" "${backend:--}" >>"$RECORDS"
     done
 done
 
@@ -285,10 +285,13 @@ for line in summary.splitlines():
     configs[c] = {"runs": [], "median_guest_s": num(m), "ratio_to_qsd_none": num(r)}
 with open(records) as f:
     for line in f:
-        c, rnd, verdict, guest_s, wall_s, seed, load = line.split()
-        configs[c]["runs"].append({"round": int(rnd), "result": verdict,
-            "guest_s": num(guest_s), "wall_s": num(wall_s),
-            "seed": None if seed == "-" else int(seed), "loadavg_1m": num(load)})
+        c, rnd, verdict, guest_s, wall_s, seed, load, backend = line.split()
+        run = {"round": int(rnd), "result": verdict,
+               "guest_s": num(guest_s), "wall_s": num(wall_s),
+               "seed": None if seed == "-" else int(seed), "loadavg_1m": num(load)}
+        if backend != "-":  # our back-end's counters and service times (--harness guest)
+            run["backend"] = {k: num(v) for k, v in (kv.split(":") for kv in backend.split(","))}
+        configs[c]["runs"].append(run)
 doc = {"mib": int(mib), "rounds": int(rounds), "timing": "guest_s of " + harness,
        "commands": {"ours": ours_cmd, "qsd": qsd_cmd or None}, "configs": configs}
 with open(path, "w") as f:

@@ -122,14 +122,27 @@ mod tests {
             let rw = rw.clone();
             std::thread::spawn(move || write(&rw).push("writer"))
         };
-        std::thread::sleep(POLL_WINDOW * 50);
+        // Until the writer blocks (no sleep of a fixed length: on a loaded machine its
+        // thread may not have run yet): a waiting writer makes `try_read` fail.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while rw.try_read().is_some() {
+            assert!(Instant::now() < deadline, "the writer never blocked");
+            std::thread::sleep(POLL_WINDOW);
+        }
+        let asking = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let reader = {
-            let rw = rw.clone();
+            let (rw, asking) = (rw.clone(), asking.clone());
             std::thread::spawn(move || {
+                asking.store(true, std::sync::atomic::Ordering::SeqCst);
                 let seen = read(&rw).clone();
                 seen
             })
         };
+        while !asking.load(std::sync::atomic::Ordering::SeqCst) {
+            assert!(Instant::now() < deadline, "the reader never ran");
+            std::thread::yield_now();
+        }
+        // Past its poll window: blocked behind the writer, if it honours it.
         std::thread::sleep(POLL_WINDOW * 50);
         drop(held);
         writer.join().unwrap();

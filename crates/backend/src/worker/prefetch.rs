@@ -42,8 +42,8 @@ impl Walked {
         let mut ranges: Vec<IovaRange> = Vec::with_capacity(sorted.len());
         for r in sorted {
             match ranges.last_mut() {
-                // Overlapping or adjacent: one range (`last + 1` cannot overflow when the
-                // next range starts after it).
+                // Overlapping or adjacent: one range (saturating: nothing lies after a
+                // range that ends at the top of the address space).
                 Some(prev) if r.start() <= prev.last().saturating_add(1) => {
                     if r.last() > prev.last() {
                         *prev = IovaRange::new(prev.start(), r.last()).unwrap_or(*prev);
