@@ -2,6 +2,8 @@
 //!
 //! - [`blk`]: virtio-blk on a file or a block device;
 //! - [`io`]: positioned vectored I/O straight between files and guest memory;
+//! - [`net`]: virtio-net's frame-level facts (header, config, queue roles, control
+//!   commands, the loopback's MAC swap), for the net device to come;
 //! - `testing` (feature `testing`): block back-ends on in-memory disks for tests.
 //!
 //! Devices see complete chains of guest-physical segments and guest memory; everything
@@ -9,6 +11,7 @@
 
 pub mod blk;
 pub mod io;
+pub mod net;
 #[cfg(feature = "testing")]
 pub mod testing;
 
