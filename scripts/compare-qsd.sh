@@ -20,8 +20,10 @@
 # scripts/guest/blk-timed.sh (the same guest work as run-blk.sh's timed part) under the
 # guest's static busybox, with the device (vhost-user or QEMU's) and the same memfd
 # memory given as QEMU arguments here; the host fills the image and checks what the guest
-# wrote, as run-blk.sh does. Compare configs of one harness only. qsd serves the image buffered (cache.direct=off) with a thread pool
-# (aio=threads) and honours flushes (fdatasync), as our back-end does with buffered
+# wrote, as run-blk.sh does. Compare configs of one harness only.
+#
+# qsd (and QEMU's own device) serve the image buffered (cache.direct=off) with a thread
+# pool (aio=threads) and honour flushes (fdatasync), as our back-end does with buffered
 # preadv/pwritev and fdatasync; one queue each (the harness's QEMU asks for one).
 #
 # It does not tune either back-end: ours runs with its defaults plus --ours-args, qsd
@@ -113,11 +115,19 @@ BIN="$ROOT/target/release/vhost-iotlb"
 # syntax would need doubled).
 OURS_CMD="$(printf '%q' "$BIN") blk --socket {socket} --disk {disk}${OURS_ARGS:+ $OURS_ARGS}"
 QSD_CMD="$(printf '%q' "${QSD:-qemu-storage-daemon}")" # (not run without qsd-none)
-QSD_CMD+=" --blockdev driver=file,node-name=file0,filename={disk},aio=threads,cache.direct=off"
+# How qsd and QEMU's own device open the image: buffered, with a thread pool.
+FILE_OPTS=aio=threads,cache.direct=off
+QSD_CMD+=" --blockdev driver=file,node-name=file0,filename={disk},$FILE_OPTS"
 QSD_CMD+=" --blockdev driver=raw,node-name=disk0,file=file0"
 QSD_CMD+=" --export type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={socket},writable=on,num-queues=1"
 [ "$want_qsd" = 1 ] && log "qsd: $QSD_CMD"
 [[ ",$CONFIGS," == *,ours-* ]] && log "ours: $OURS_CMD"
+
+# region_sha IMAGE N: sha256 of the image's Nth region of MIB MiB (0: the guest writes it,
+# 1: the host's fill).
+region_sha() {
+    dd if="$1" bs=1M skip=$(($2 * MIB)) count="$MIB" 2>/dev/null | sha256sum | cut -d' ' -f1
+}
 
 # run_guest CONFIG BACKEND-CMD: one run through run-guest.sh (--harness guest). Makes the
 # image (the host region filled by e2e-gen), starts the back-end unless the config is
@@ -137,7 +147,7 @@ run_guest() {
     truncate -s $((2 * MIB))M "$img" || { finish_run FAIL "cannot create the image"; return; }
     "$E2E_GEN" "$seed" "$MIB" | dd of="$img" bs=1M seek="$MIB" conv=notrunc 2>/dev/null ||
         { finish_run FAIL "cannot fill the image"; return; }
-    hsha=$(tail -c +$((MIB * 1048576 + 1)) "$img" | sha256sum | cut -d' ' -f1)
+    hsha=$(region_sha "$img" 1)
     case $iommu in
         intel) dev=iommu_platform=on,ats=on ;; virtio) dev=iommu_platform=on ;; *) dev=iommu_platform=off ;;
     esac
@@ -145,7 +155,7 @@ run_guest() {
         -device pcie-root-port,id=rp0,chassis=1)
     case $c in
         qemu-*)
-            q+=(-blockdev "driver=file,node-name=file0,filename=$img,aio=threads,cache.direct=off"
+            q+=(-blockdev "driver=file,node-name=file0,filename=$img,$FILE_OPTS"
                 -blockdev driver=raw,node-name=disk0,file=file0
                 -device "virtio-blk-pci,drive=disk0,bus=rp0,num-queues=1,disable-legacy=on,$dev") ;;
         *)
@@ -177,9 +187,9 @@ run_guest() {
         return
     fi
     want=$(sed -n 's/.* wsha=\([0-9a-f]*\).*/\1/p' <<<"$line")
-    [ "$(head -c $((MIB << 20)) "$img" | sha256sum | cut -d' ' -f1)" = "$want" ] ||
+    [ "$(region_sha "$img" 0)" = "$want" ] ||
         { finish_run FAIL "the image does not hold what the guest wrote"; return; }
-    [ "$(tail -c +$((MIB * 1048576 + 1)) "$img" | sha256sum | cut -d' ' -f1)" = "$hsha" ] ||
+    [ "$(region_sha "$img" 1)" = "$hsha" ] ||
         { finish_run FAIL "the host region of the image changed"; return; }
     local backend=''
     if [ -n "$pid" ]; then # stop it now: it writes stats.json as it exits
@@ -197,7 +207,8 @@ print(",".join(f"{k}:{d[k]}" for k in keys if k in d))' "$work/stats.json")"
 
 field() { sed -n "s/.* $1=\\([^ ]*\\).*/\\1/p" <<<"$result"; } # field NAME of $result
 
-# One line per run: config round verdict guest_s wall_s seed load.
+# One line per run: config round verdict guest_s wall_s seed load backend (our counters,
+# '-' for other back-ends and with --harness blk).
 RECORDS=$(mktemp)
 trap 'rm -f "$RECORDS"' EXIT
 failed=0

@@ -104,7 +104,9 @@ impl<D: Device> Server<D> {
 
     /// How long the connection thread takes to serve a front-end message, every connection's:
     /// from the message read to its reply written (our share of a front-end's synchronous
-    /// round trip; the rest is the front-end's and the wake-ups'). Recorded live.
+    /// round trip; the rest is the front-end's and the wake-ups'). An acknowledgement held
+    /// back to go with the next messages' (more were already readable) is counted in the
+    /// message that sends them. Recorded live.
     pub fn service_time(&self) -> &Histogram {
         &self.service
     }
