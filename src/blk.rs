@@ -115,28 +115,36 @@ pub fn run(args: &BlkArgs) -> Result<(), String> {
     println!("{stats}");
     if let Some(path) = &args.json {
         let mut doc = stats_json(&stats);
-        // The miss round trip (MISS sent to the queue running again), by quantile.
-        let h = server.miss_rtt();
-        if let (Some(obj), true) = (doc.as_object_mut(), h.count() > 0) {
-            for (key, q) in [("miss_rtt_p50_us", 0.5), ("miss_rtt_p99_us", 0.99)] {
-                obj.insert(key.into(), (h.quantile(q).as_micros() as u64).into());
-            }
-        }
+        // The miss round trip (MISS sent to the queue running again), in whole us.
+        add_quantiles(&mut doc, "miss_rtt", server.miss_rtt(), |d| {
+            (d.as_micros() as u64).into()
+        });
         // How long a front-end message took us to serve (read to reply), in tenths of us:
         // an IOTLB message is served in a few.
-        let h = server.service_time();
-        if let (Some(obj), true) = (doc.as_object_mut(), h.count() > 0) {
-            for (key, q) in [("service_p50_us", 0.5), ("service_p99_us", 0.99)] {
-                let us = (h.quantile(q).as_secs_f64() * 1e7).round() / 10.0;
-                obj.insert(key.into(), us.into());
-            }
-        }
+        add_quantiles(&mut doc, "service", server.service_time(), |d| {
+            ((d.as_secs_f64() * 1e7).round() / 10.0).into()
+        });
         let text = serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())?;
         std::fs::write(path, text + "\n")
             .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     }
     drop(signal_thread); // detached: it exits with the process
     result
+}
+
+/// Add `{name}_p50_us` and `{name}_p99_us` of `h`, each written by `us`, to the JSON object
+/// `doc` (nothing when `h` recorded nothing).
+fn add_quantiles(
+    doc: &mut serde_json::Value,
+    name: &str,
+    h: &iotlb::hist::Histogram,
+    us: impl Fn(std::time::Duration) -> serde_json::Value,
+) {
+    if let (Some(obj), true) = (doc.as_object_mut(), h.count() > 0) {
+        for (suffix, q) in [("p50_us", 0.5), ("p99_us", 0.99)] {
+            obj.insert(format!("{name}_{suffix}"), us(h.quantile(q)));
+        }
+    }
 }
 
 /// The back-end's counters as a JSON object, by their stats-line names (the file `--json`
