@@ -6,7 +6,8 @@
 # installed/built when missing), the guest's own driver doing O_DIRECT I/O of 4 KiB to 4 MiB
 # behind intel-iommu and virtio-iommu with the default and a 16-entry IOTLB, one queue and
 # four (scripts/e2e-guest.sh), the kernel's /dev/vhost-net driven by our vIOMMU in the
-# same guest, and one run of the main job (`vhost-iotlb bench`) and of `bench --iotlb`, whose JSON output is checked
+# same guest, a Linux guest's virtio_net against `vhost-iotlb net --loopback` in three IOMMU
+# modes (scripts/e2e-net.sh), and one run of the main job (`vhost-iotlb bench`) and of `bench --iotlb`, whose JSON output is checked
 # for its keys.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -49,6 +50,9 @@ step "end to end: the guest's driver, O_DIRECT 4 KiB..4 MiB, small IOTLBs, 4 que
 
 step "kernel vhost-net behind our vIOMMU, in the guest (scripts/kernel-net.sh)"
 ./scripts/kernel-net.sh
+
+step "end to end: QEMU + Linux virtio_net + vhost-iotlb net --loopback (intel-iommu, virtio-iommu, none)"
+./scripts/e2e-net.sh
 
 step "main job: cargo run --release -- bench (end to end), then bench --iotlb"
 out="$(mktemp -d)"

@@ -5,12 +5,12 @@
 //! on exit (and, with `--json FILE`, writes the same counters as JSON). Logs go to stderr through `tracing` (`RUST_LOG=debug` for more).
 
 use std::path::PathBuf;
-use std::time::Duration;
 
-use backend::PollMode;
-use backend::{EngineConfig, Server};
+use backend::Server;
 use clap::Args;
 use devices::{Blk, BlkConfig};
+
+use crate::engine::{serve_until_signal, EngineArgs};
 
 /// Options of `vhost-iotlb blk`.
 #[derive(Args, Debug)]
@@ -27,31 +27,12 @@ pub struct BlkArgs {
     /// Largest queue size.
     #[arg(long, default_value_t = 256)]
     queue_size: u16,
-    /// Device IOTLB entries.
-    #[arg(long, default_value_t = iotlb::DEFAULT_CAPACITY)]
-    iotlb_capacity: usize,
-    /// Milliseconds a MISS may stay unanswered before it is sent again; the request fails
-    /// after a second timeout.
-    #[arg(long, value_name = "MS", default_value_t = 1000)]
-    miss_timeout: u64,
     /// Refuse writes.
     #[arg(long)]
     read_only: bool,
-    /// Busy-poll cap in microseconds: how long the connection thread may poll for the next
-    /// message, a queue parked on a miss for its answer, and (with `--poll adaptive`) an
-    /// empty queue for its next chain, before blocking (0: block at once).
-    #[arg(long, value_name = "US", default_value_t = 50)]
-    busy_poll_us: u64,
-    /// Which waits poll: `adaptive` (every wait, each window tuned between 0 and the cap to
-    /// how long waits turn out to be, as QEMU's poll-max-ns), `misses` (only the connection
-    /// thread and a queue waiting for a MISS's answer, for the whole cap), or `off`.
-    #[arg(long, value_name = "MODE", default_value_t = PollMode::Adaptive)]
-    poll: PollMode,
-    /// Accept guest memory in a memfd that is not sealed against shrinking (F_SEAL_SHRINK).
-    /// By default such a region is refused: a front-end that truncates it would kill the
-    /// back-end with SIGBUS. QEMU's memory-backend-memfd seals by default (seal=on).
-    #[arg(long)]
-    allow_unsealed_memory: bool,
+    /// Engine options.
+    #[command(flatten)]
+    engine: EngineArgs,
     /// On exit, also write the statistics (the stats line's counters, the miss round trip and
     /// the message service time quantiles) as JSON to FILE.
     #[arg(long, value_name = "FILE")]
@@ -60,13 +41,7 @@ pub struct BlkArgs {
 
 /// Run the back-end until SIGINT or SIGTERM.
 pub fn run(args: &BlkArgs) -> Result<(), String> {
-    if !(backend::MIN_IOTLB_CAPACITY..=iotlb::MAX_CAPACITY).contains(&args.iotlb_capacity) {
-        return Err(format!(
-            "--iotlb-capacity must be within {}..={}",
-            backend::MIN_IOTLB_CAPACITY,
-            iotlb::MAX_CAPACITY
-        ));
-    }
+    let engine = args.engine.config()?;
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(!args.read_only)
@@ -88,29 +63,8 @@ pub fn run(args: &BlkArgs) -> Result<(), String> {
         queues = args.queues,
         "vhost-iotlb blk"
     );
-    let server = Server::new(
-        blk,
-        EngineConfig {
-            iotlb_capacity: args.iotlb_capacity,
-            miss_timeout: Duration::from_millis(args.miss_timeout.max(1)),
-            busy_poll: Duration::from_micros(args.busy_poll_us),
-            poll: args.poll,
-            allow_unsealed_memory: args.allow_unsealed_memory,
-        },
-    );
-    let handle = server.shutdown_handle();
-    let mut signals = signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGINT,
-        signal_hook::consts::SIGTERM,
-    ])
-    .map_err(|e| format!("cannot install signal handlers: {e}"))?;
-    let signal_thread = std::thread::spawn(move || {
-        if let Some(sig) = signals.forever().next() {
-            tracing::info!(signal = sig, "vhost-iotlb blk: shutting down");
-            handle.shutdown();
-        }
-    });
-    let result = server.serve(&args.socket).map_err(|e| e.to_string());
+    let server = Server::new(blk, engine);
+    let result = serve_until_signal(&server, &args.socket, "blk");
     let stats = server.stats();
     println!("{stats}");
     if let Some(path) = &args.json {
@@ -128,7 +82,6 @@ pub fn run(args: &BlkArgs) -> Result<(), String> {
         std::fs::write(path, text + "\n")
             .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     }
-    drop(signal_thread); // detached: it exits with the process
     result
 }
 

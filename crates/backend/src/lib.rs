@@ -34,7 +34,7 @@ mod stats;
 pub mod testing;
 mod worker;
 
-pub use device::{Device, QueueHandler, Served, Unreported};
+pub use device::{Device, MoreChains, QueueHandler, QueueWakers, Served, Unreported};
 pub use server::{wait_for_socket, ServeError, Server, ShutdownHandle};
 pub use session::SessionEnd;
 pub use shared::{EngineConfig, MIN_IOTLB_CAPACITY};

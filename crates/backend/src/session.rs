@@ -219,7 +219,7 @@ impl<D: Device> Session<D> {
                 busy_poll: config.busy_poll,
                 poll: config.poll,
                 iotlb_capacity: capacity,
-                wakers: Wakers::new(queues),
+                wakers: Arc::new(Wakers::new(queues)),
             }),
             conn,
             service,

@@ -79,7 +79,7 @@ pub(crate) struct Shared<D: Device> {
     /// The running workers' wake-ups, by queue index: the one registry through which the
     /// connection thread (an UPDATE answered a miss; a queue enabled) and the workers (a
     /// MISS sent ahead that never went out) wake a queue.
-    pub wakers: Wakers,
+    pub wakers: Arc<Wakers>,
 }
 
 /// Each running worker's [`Waker`], by queue index.

@@ -153,8 +153,10 @@ impl Frontend {
         assert_eq!(feats & want, want, "the back-end offers {feats:#x}");
         f.request(FrontendRequest::SetFeatures(want | (feats & device_mask)));
         let proto = f.get_u64(FrontendRequest::GetProtocolFeatures);
-        let want_p = protocol::REPLY_ACK | protocol::BACKEND_REQ | protocol::CONFIG | protocol::MQ;
-        assert_eq!(proto & want_p, want_p);
+        let need_p = protocol::REPLY_ACK | protocol::BACKEND_REQ | protocol::MQ;
+        assert_eq!(proto & need_p, need_p);
+        // CONFIG when offered (virtio-net's config space is the front-end's).
+        let want_p = need_p | (proto & protocol::CONFIG);
         f.request_plain(FrontendRequest::SetProtocolFeatures(want_p));
         f.request(FrontendRequest::SetOwner);
         f.request(FrontendRequest::SetBackendReqFd(OwnedFd::from(theirs)));
@@ -555,7 +557,7 @@ impl crate::Device for NullDevice {
     fn write_config(&self, _offset: u32, _data: &[u8]) -> bool {
         false
     }
-    fn handler(&self, _index: u16) -> NullQueue {
+    fn handler(&self, _index: u16, _wake: crate::QueueWakers) -> NullQueue {
         NullQueue
     }
 }
@@ -564,6 +566,7 @@ impl crate::QueueHandler for NullQueue {
     fn serve(
         &mut self,
         chain: &virtq::Chain,
+        _more: &mut dyn crate::MoreChains,
         mem: &GuestMemoryMmap,
     ) -> Result<crate::Served, crate::Unreported> {
         let writable = u64::from(chain.writable_len());

@@ -263,7 +263,7 @@ impl Device for Blk {
         }
     }
 
-    fn handler(&self, _index: u16) -> BlkQueue {
+    fn handler(&self, _index: u16, _wake: backend::QueueWakers) -> BlkQueue {
         BlkQueue {
             file: self.file.clone(),
             sectors: self.sectors,
@@ -486,7 +486,12 @@ fn fallocate(file: &File, mode: i32, offset: u64, len: u64) -> Result<(), i32> {
 }
 
 impl QueueHandler for BlkQueue {
-    fn serve(&mut self, chain: &Chain, mem: &GuestMemoryMmap) -> Result<Served, Unreported> {
+    fn serve(
+        &mut self,
+        chain: &Chain,
+        _more: &mut dyn backend::MoreChains,
+        mem: &GuestMemoryMmap,
+    ) -> Result<Served, Unreported> {
         if chain.writable_len() == 0 {
             // No status byte: nothing can be reported, so nothing is done.
             tracing::warn!(

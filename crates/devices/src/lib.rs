@@ -2,8 +2,8 @@
 //!
 //! - [`blk`]: virtio-blk on a file or a block device;
 //! - [`io`]: positioned vectored I/O straight between files and guest memory;
-//! - [`net`]: virtio-net's frame-level facts (header, config, queue roles, control
-//!   commands, the loopback's MAC swap), for the net device to come;
+//! - [`net`]: virtio-net with a loopback, and its frame-level facts (header, config, queue
+//!   roles, control commands, the MAC swap);
 //! - `testing` (feature `testing`): block back-ends on in-memory disks for tests.
 //!
 //! Devices see complete chains of guest-physical segments and guest memory; everything
@@ -16,3 +16,4 @@ pub mod net;
 pub mod testing;
 
 pub use blk::{Blk, BlkConfig, BlkError, BlkQueue};
+pub use net::{Net, NetConfig, NetQueue, NetStats};

@@ -600,6 +600,42 @@ impl Queue {
         Ok(())
     }
 
+    /// Put `heads` (in the order they were popped) in the used ring with their lengths and
+    /// publish them with one used index store (release): the driver sees all of them or
+    /// none, as a frame spread over several receive chains needs (its first chain's header
+    /// counts them).
+    pub fn complete_all<T: Translator + ?Sized, M: GuestMemoryBackend>(
+        &mut self,
+        tr: &mut T,
+        mem: &M,
+        heads: &[(u16, u32)],
+    ) -> Result<(), PopError> {
+        self.ready()?;
+        let r = Self::ensure(&mut self.used, tr, mem).and_then(|()| self.sync_used(mem));
+        r.map_err(|e| self.ring_error(e))?;
+        let mut next = self.next_used;
+        for &(head, len) in heads {
+            let mut elem = [0u8; 8];
+            elem[0..4].copy_from_slice(&u32::from(head).to_le_bytes());
+            elem[4..8].copy_from_slice(&len.to_le_bytes());
+            let slot = u64::from(next.0 % self.size);
+            let r = self.used.write(mem, 4 + 8 * slot, &elem);
+            r.map_err(|e| self.ring_error(e))?;
+            next += Wrapping(1);
+        }
+        let r = self.used.store_u16(mem, 2, next.0, Ordering::Release);
+        r.map_err(|e| self.ring_error(e))?;
+        self.next_used = next;
+        Ok(())
+    }
+
+    /// Give back the last `n` chains popped and not completed: the next [`Queue::pop`]
+    /// takes them again, walked anew (for a device that could not use them now).
+    pub fn unpop(&mut self, n: u16) {
+        self.walk.cancel();
+        self.next_avail -= Wrapping(n);
+    }
+
     /// Whether the driver wants an interrupt for what was completed since the last time this
     /// returned true (honours `VIRTQ_AVAIL_F_NO_INTERRUPT` or the used event index).
     pub fn needs_notification<T: Translator + ?Sized, M: GuestMemoryBackend>(

@@ -11,6 +11,15 @@
 //! completions under load, and when the queue runs dry; a queue parked on a miss holds the
 //! interrupt while it busy-polls for the answer and sends it before it blocks).
 //!
+//! A device's handler may have nothing to do with its ring for a while
+//! ([`crate::QueueHandler::ready`] false: a receive queue with no frame, a transmit queue
+//! whose peer is full): the worker then sleeps on its eventfds (no ring polling) until a
+//! kick or a [`crate::QueueWakers::wake`] from whoever made it ready. A request may span
+//! several chains ([`crate::MoreChains`]: a merged receive frame): they are popped in one
+//! section and published with one used index store, or all given back ([`crate::Served::Retry`])
+//! when the ring runs out of chains or one's translation is missing (the queue then waits
+//! for a kick or parks on the miss, and serves the request again whole).
+//!
 //! On a miss the queue does not consume the chain: the worker registers in the IOTLB's
 //! pending table, sends `BACKEND_IOTLB_MSG(MISS)` on the back-end channel if it is the first
 //! to miss on that page (never waiting for any reply), and parks. An UPDATE wakes it and the
@@ -200,6 +209,13 @@ struct QueueState<H> {
     queue: Queue,
     handler: H,
     chain: Chain,
+    /// The chains after `chain` a request spanning several takes ([`crate::MoreChains`]),
+    /// one at a time, and the ones it took.
+    extra: Chain,
+    taken: Vec<(u16, u32)>,
+    /// The handler was not [`crate::QueueHandler::ready`] at the last look: the wait sleeps
+    /// (a kick or a [`crate::QueueWakers::wake`]) rather than poll the ring.
+    device_idle: bool,
     /// A request taken off the avail ring and not completed yet.
     open: Option<u16>,
     /// Completions since the driver was last notified.

@@ -17,7 +17,7 @@ use super::poll::Polling;
 use super::serve::Drained;
 use super::wake::{consume, signal};
 use super::{QueueState, Runner};
-use crate::device::Device;
+use crate::device::{Device, QueueWakers};
 use crate::quiesce::Section;
 use crate::ratelimit::{AccessFailLimit, Limit, WARNINGS_PER_WINDOW};
 use crate::stats::EngineCounters;
@@ -45,8 +45,14 @@ impl<D: Device> Runner<D> {
         };
         let mut w = QueueState {
             queue,
-            handler: self.shared.dev.handler(self.cfg.index),
+            handler: self
+                .shared
+                .dev
+                .handler(self.cfg.index, QueueWakers(self.shared.wakers.clone())),
             chain: Chain::new(),
+            extra: Chain::new(),
+            taken: Vec::new(),
+            device_idle: false,
             open: None,
             unnotified: 0,
             held_since: None,
@@ -82,7 +88,7 @@ impl<D: Device> Runner<D> {
                 self.sleep(Some(Duration::ZERO));
             } else if for_chain {
                 let since = *w.poll.idle_since.get_or_insert_with(Instant::now);
-                let came = if w.poll.kicks_off {
+                let came = if w.poll.kicks_off && !w.device_idle {
                     // The drain left kicks off to poll for the next chain. If none comes
                     // within the window, the drain asks for kicks again (and looks at the
                     // ring once more) before the next wait blocks.

@@ -8,13 +8,13 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use iotlb::Access;
-use virtq::{Fault, PopError, Translator};
+use virtq::{Chain, Fault, PopError, Queue, Translator};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::miss::{Next, Parked, Unfinished};
 use super::wake::signal;
 use super::{QueueState, Runner};
-use crate::device::{Device, QueueHandler, Served, Unreported};
+use crate::device::{Device, MoreChains, QueueHandler, Served, Unreported};
 use crate::stats::EngineCounters;
 
 /// Completions between two driver notifications under sustained load.
@@ -42,10 +42,11 @@ pub(super) enum Drained {
 
 /// What one section of [`Runner::drain`] did.
 pub(super) enum Popped {
-    /// Served `head`; `done` is how completing it went.
+    /// Served `head` (and `chains - 1` chains after it); `done` is how completing them went.
     Served {
         head: u16,
         len: u32,
+        chains: u16,
         done: Result<(), PopError>,
         /// When it was popped: the queue got past any miss it waited for (the round trip
         /// ends there, not after the device served the request).
@@ -58,6 +59,9 @@ pub(super) enum Popped {
     Deferred { head: u16, popped: Instant },
     /// A chain came in while notifications were being re-enabled.
     More,
+    /// The device gave the chains back ([`Served::Retry`]) with nothing missing: ask it
+    /// again.
+    Retried,
     /// Nothing to do.
     Empty,
 }
@@ -86,6 +90,74 @@ pub(super) enum FailStep {
     Unwritable(&'static str),
 }
 
+/// The queue has no chain to pop (`pop` said so, or a request's next chain was not there):
+/// leave kicks off while the wait polls the avail index, or ask for a kick at the next avail
+/// index and look once more.
+fn went_empty<H>(
+    w: &mut QueueState<H>,
+    tr: &mut dyn Translator,
+    gm: &GuestMemoryMmap,
+) -> Result<Popped, PopError> {
+    // The wait will poll for the next chain: the driver need not kick meanwhile (with
+    // EVENT_IDX, leaving avail_event behind is enough; without, the used ring's NO_NOTIFY
+    // flag says so).
+    if w.poll.poll_for_chains() {
+        if !w.poll.kicks_off {
+            w.queue.set_notification(tr, gm, false)?;
+            w.poll.kicks_off = true;
+        }
+        return Ok(Popped::Empty);
+    }
+    // With EVENT_IDX the driver kicks only where avail_event says; a chain that came in
+    // between would otherwise wait for a kick that is not coming.
+    w.queue.set_notification(tr, gm, true).map(|more| {
+        w.poll.kicks_off = false;
+        if more {
+            Popped::More
+        } else {
+            Popped::Empty
+        }
+    })
+}
+
+/// The engine's [`MoreChains`]: the queue's next chains, popped in the section the
+/// request's first chain was popped in.
+struct Taker<'a> {
+    queue: &'a mut Queue,
+    tr: &'a mut dyn Translator,
+    gm: &'a GuestMemoryMmap,
+    chain: &'a mut Chain,
+    /// The chains done with, in ring order, and the used length each was given.
+    taken: &'a mut Vec<(u16, u32)>,
+    /// The chain being filled.
+    current: u16,
+    /// Why the last [`MoreChains::next`] gave `None`: `Ok` if the ring had no chain.
+    stopped: Option<Result<(), PopError>>,
+}
+
+impl MoreChains for Taker<'_> {
+    fn next(&mut self, used: u32) -> Option<&Chain> {
+        if self.stopped.is_some() {
+            return None;
+        }
+        match self.queue.pop(&mut *self.tr, self.gm, self.chain) {
+            Ok(true) => {
+                self.taken.push((self.current, used));
+                self.current = self.chain.head();
+                Some(self.chain)
+            }
+            Ok(false) => {
+                self.stopped = Some(Ok(()));
+                None
+            }
+            Err(e) => {
+                self.stopped = Some(Err(e));
+                None
+            }
+        }
+    }
+}
+
 impl<D: Device> Runner<D> {
     /// Serve chains until the queue is empty, a miss parks it, it breaks, or its budget is
     /// spent (or a stop or a disable came: [`Drained::Yielded`]).
@@ -106,6 +178,11 @@ impl<D: Device> Runner<D> {
             {
                 break Drained::Yielded;
             }
+            if !w.handler.ready() {
+                w.device_idle = true;
+                break Drained::Empty;
+            }
+            w.device_idle = false;
             let popped = self.section(|gm| match w.queue.pop(tr, gm, &mut w.chain) {
                 Ok(true) => {
                     let head = w.chain.head();
@@ -114,41 +191,84 @@ impl<D: Device> Runner<D> {
                     let bytes =
                         u64::from(w.chain.readable_len()) + u64::from(w.chain.writable_len());
                     EngineCounters::max(&self.shared.stats.largest_request, bytes);
-                    match w.handler.serve(&w.chain, gm) {
-                        Ok(Served::Deferred) => Ok(Popped::Deferred { head, popped }),
-                        Ok(Served::Done(len)) => {
+                    w.taken.clear();
+                    let mut more = Taker {
+                        queue: &mut w.queue,
+                        tr: &mut *tr,
+                        gm,
+                        chain: &mut w.extra,
+                        taken: &mut w.taken,
+                        current: head,
+                        stopped: None,
+                    };
+                    let served = w.handler.serve(&w.chain, &mut more, gm);
+                    let (current, stopped) = (more.current, more.stopped);
+                    let extra = w.taken.len() as u16;
+                    match served {
+                        Ok(Served::Done(len)) if extra == 0 => {
                             let done = w.queue.complete(tr, gm, head, len);
                             Ok(Popped::Served {
                                 head,
                                 len,
+                                chains: 1,
                                 done,
                                 popped,
                             })
                         }
-                        Err(Unreported) => Ok(Popped::Unreported { head, popped }),
+                        Ok(Served::Done(len)) => {
+                            w.taken.push((current, len));
+                            let done = w.queue.complete_all(tr, gm, &w.taken);
+                            // Published together: none of them can be left to park on.
+                            let done = done.map_err(|e| match e {
+                                PopError::Miss { .. } => {
+                                    PopError::Broken("used ring unmapped within a section".into())
+                                }
+                                e => e,
+                            });
+                            Ok(Popped::Served {
+                                head,
+                                len,
+                                chains: extra + 1,
+                                done,
+                                popped,
+                            })
+                        }
+                        Ok(Served::Retry) => {
+                            w.open = None;
+                            match stopped {
+                                // The next chain was refused (and consumed): the ones before
+                                // it are given back empty, and it is failed as any refused
+                                // chain.
+                                Some(Err(
+                                    e @ (PopError::Denied { .. } | PopError::Invalid { .. }),
+                                )) => {
+                                    w.taken.push((current, 0));
+                                    let empty: Vec<(u16, u32)> =
+                                        w.taken.iter().map(|&(h, _)| (h, 0)).collect();
+                                    w.queue.complete_all(tr, gm, &empty).and(Err(e))
+                                }
+                                Some(Err(e)) if !matches!(e, PopError::Miss { .. }) => Err(e),
+                                stopped => {
+                                    w.queue.unpop(extra + 1);
+                                    match stopped {
+                                        Some(Err(e)) => Err(e),
+                                        Some(Ok(())) => went_empty(w, tr, gm),
+                                        None => Ok(Popped::Retried),
+                                    }
+                                }
+                            }
+                        }
+                        Ok(Served::Deferred) if extra == 0 => Ok(Popped::Deferred { head, popped }),
+                        // A deferred request spans one chain (the engine reports it at one
+                        // status byte); a device that took more is wrong, and its request is
+                        // not completed.
+                        Ok(Served::Deferred) | Err(Unreported) => {
+                            w.queue.unpop(extra);
+                            Ok(Popped::Unreported { head, popped })
+                        }
                     }
                 }
-                // The wait will poll for the next chain: the driver need not kick meanwhile
-                // (with EVENT_IDX, leaving avail_event behind is enough; without, the used
-                // ring's NO_NOTIFY flag says so).
-                Ok(false) if w.poll.poll_for_chains() => {
-                    if !w.poll.kicks_off {
-                        w.queue.set_notification(tr, gm, false)?;
-                        w.poll.kicks_off = true;
-                    }
-                    Ok(Popped::Empty)
-                }
-                // Ask for a kick at the next avail index (with EVENT_IDX the driver kicks
-                // only where avail_event says), then look once more: a chain that came in
-                // between would otherwise wait for a kick that is not coming.
-                Ok(false) => w.queue.set_notification(tr, gm, true).map(|more| {
-                    w.poll.kicks_off = false;
-                    if more {
-                        Popped::More
-                    } else {
-                        Popped::Empty
-                    }
-                }),
+                Ok(false) => went_empty(w, tr, gm),
                 Err(e) => Err(e),
             });
             // A walk that got further than the address it was parked on: that miss is over.
@@ -165,13 +285,20 @@ impl<D: Device> Runner<D> {
             }
             match popped {
                 Ok(Popped::Served {
-                    head, len, done, ..
+                    head,
+                    len,
+                    chains,
+                    done,
+                    ..
                 }) => {
                     EngineCounters::add(&self.shared.stats.requests, 1);
                     served += 1;
                     bytes += u64::from(w.chain.readable_len()) + u64::from(w.chain.writable_len());
                     match done {
-                        Ok(()) => self.count_completion(w, tr),
+                        Ok(()) => {
+                            w.unnotified += u32::from(chains) - 1;
+                            self.count_completion(w, tr);
+                        }
                         // The used ring was invalidated while the request was served (pop
                         // translated it first): park until it is mapped again, then
                         // complete. The request is not served twice.
@@ -213,6 +340,11 @@ impl<D: Device> Runner<D> {
                     break Drained::Broken;
                 }
                 Ok(Popped::More) => continue,
+                Ok(Popped::Retried) => {
+                    // Counted against the budget: a device that keeps giving chains back
+                    // must not hold the wait loop off.
+                    served += 1;
+                }
                 Ok(Popped::Empty) => break Drained::Empty,
                 Err(PopError::Miss { iova, access }) => match self.miss(iova, access) {
                     Some(p) => {
@@ -409,6 +541,9 @@ impl<D: Device> Runner<D> {
         status: Option<u64>,
         outcome: Outcome,
     ) -> FailStep {
+        if outcome == Outcome::Failed && !w.handler.status_in_chain() {
+            return FailStep::Written(0);
+        }
         let iova = match status {
             Some(iova) => iova,
             None => match w.queue.last_writable(tr, gm, head) {

@@ -141,18 +141,23 @@ impl Device for Gated {
     fn chain_limits(&self) -> ChainLimits {
         self.blk.chain_limits()
     }
-    fn handler(&self, index: u16) -> GatedQueue {
+    fn handler(&self, index: u16, wake: backend::QueueWakers) -> GatedQueue {
         GatedQueue {
-            inner: self.blk.handler(index),
+            inner: self.blk.handler(index, wake),
             gate: self.gate.clone(),
         }
     }
 }
 
 impl QueueHandler for GatedQueue {
-    fn serve(&mut self, chain: &Chain, mem: &GuestMemoryMmap) -> Result<Served, Unreported> {
+    fn serve(
+        &mut self,
+        chain: &Chain,
+        more: &mut dyn backend::MoreChains,
+        mem: &GuestMemoryMmap,
+    ) -> Result<Served, Unreported> {
         self.gate.pass(Stop::InServe);
-        self.inner.serve(chain, mem)
+        self.inner.serve(chain, more, mem)
     }
     fn run_deferred(&mut self) {
         self.gate.pass(Stop::InDeferred);
