@@ -213,8 +213,9 @@ struct QueueState<H> {
     /// one at a time, and the ones it took.
     extra: Chain,
     taken: Vec<(u16, u32)>,
-    /// The handler was not [`crate::QueueHandler::ready`] at the last look: the wait sleeps
-    /// (a kick or a [`crate::QueueWakers::wake`]) rather than poll the ring.
+    /// The handler was not [`crate::QueueHandler::ready`] at the last look, or gave back a
+    /// request the ring has too few chains for: the wait sleeps (a kick or a
+    /// [`crate::QueueWakers::wake`]) rather than poll a ring that is not empty.
     device_idle: bool,
     /// A request taken off the avail ring and not completed yet.
     open: Option<u16>,

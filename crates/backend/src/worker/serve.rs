@@ -62,6 +62,9 @@ pub(super) enum Popped {
     /// The device gave the chains back ([`Served::Retry`]) with nothing missing: ask it
     /// again.
     Retried,
+    /// The device gave the chains back because the ring had too few for its request: wait
+    /// for a kick (the driver adding one), not for the ring to be non-empty.
+    Starved,
     /// Nothing to do.
     Empty,
 }
@@ -158,6 +161,84 @@ impl MoreChains for Taker<'_> {
     }
 }
 
+/// What the handler's answer for the request at `head` comes to, inside the section it was
+/// served in: complete its chains (`current` is the last one taken), give them back, or fail
+/// the chain that stopped it (`stopped`: why [`MoreChains::next`] last gave `None`).
+#[allow(clippy::too_many_arguments)]
+fn settle<H>(
+    w: &mut QueueState<H>,
+    tr: &mut dyn Translator,
+    gm: &GuestMemoryMmap,
+    head: u16,
+    popped: Instant,
+    answer: Result<Served, Unreported>,
+    current: u16,
+    stopped: Option<Result<(), PopError>>,
+) -> Result<Popped, PopError> {
+    let extra = w.taken.len() as u16;
+    let served = |len, done| Popped::Served {
+        head,
+        len,
+        chains: extra + 1,
+        done,
+        popped,
+    };
+    match answer {
+        Ok(Served::Done(len)) if extra == 0 => Ok(served(len, w.queue.complete(tr, gm, head, len))),
+        Ok(Served::Done(len)) => {
+            w.taken.push((current, len));
+            // Published together, with the used ring translated when they were popped in
+            // this section: none of them can be left to park on.
+            let done = w.queue.complete_all(tr, gm, &w.taken).map_err(|e| match e {
+                PopError::Miss { .. } => {
+                    PopError::Broken("used ring unmapped within a section".into())
+                }
+                e => e,
+            });
+            Ok(served(len, done))
+        }
+        Ok(Served::Retry) => {
+            w.open = None;
+            match stopped {
+                // The next chain was refused (and consumed): the ones before it are given
+                // back empty, and it is failed as any refused chain.
+                Some(Err(e @ (PopError::Denied { .. } | PopError::Invalid { .. }))) => {
+                    w.taken.push((current, 0));
+                    let empty: Vec<(u16, u32)> = w.taken.iter().map(|&(h, _)| (h, 0)).collect();
+                    w.queue.complete_all(tr, gm, &empty).and(Err(e))
+                }
+                // Parked on the miss; the walk starts again from the first chain.
+                Some(Err(e @ PopError::Miss { .. })) => {
+                    w.queue.unpop(extra + 1);
+                    Err(e)
+                }
+                Some(Err(e)) => Err(e),
+                // The ring has too few chains for the request: ask for a kick once the
+                // driver adds one past those there are (the avail event at the end of them),
+                // then give them back; until then the wait sleeps, since the ring is not
+                // empty and polling it would only find the same chains.
+                Some(Ok(())) => {
+                    let more = w.queue.set_notification(tr, gm, true)?;
+                    w.poll.kicks_off = false;
+                    w.queue.unpop(extra + 1);
+                    Ok(if more { Popped::More } else { Popped::Starved })
+                }
+                None => {
+                    w.queue.unpop(extra + 1);
+                    Ok(Popped::Retried)
+                }
+            }
+        }
+        Ok(Served::Deferred) if extra == 0 => Ok(Popped::Deferred { head, popped }),
+        // A deferred request spans one chain (the engine reports it at one status byte); a
+        // device that took more is wrong, and its request is not completed.
+        Ok(Served::Deferred) | Err(Unreported) => {
+            w.queue.unpop(extra);
+            Ok(Popped::Unreported { head, popped })
+        }
+    }
+}
+
 impl<D: Device> Runner<D> {
     /// Serve chains until the queue is empty, a miss parks it, it breaks, or its budget is
     /// spent (or a stop or a disable came: [`Drained::Yielded`]).
@@ -203,70 +284,7 @@ impl<D: Device> Runner<D> {
                     };
                     let served = w.handler.serve(&w.chain, &mut more, gm);
                     let (current, stopped) = (more.current, more.stopped);
-                    let extra = w.taken.len() as u16;
-                    match served {
-                        Ok(Served::Done(len)) if extra == 0 => {
-                            let done = w.queue.complete(tr, gm, head, len);
-                            Ok(Popped::Served {
-                                head,
-                                len,
-                                chains: 1,
-                                done,
-                                popped,
-                            })
-                        }
-                        Ok(Served::Done(len)) => {
-                            w.taken.push((current, len));
-                            let done = w.queue.complete_all(tr, gm, &w.taken);
-                            // Published together: none of them can be left to park on.
-                            let done = done.map_err(|e| match e {
-                                PopError::Miss { .. } => {
-                                    PopError::Broken("used ring unmapped within a section".into())
-                                }
-                                e => e,
-                            });
-                            Ok(Popped::Served {
-                                head,
-                                len,
-                                chains: extra + 1,
-                                done,
-                                popped,
-                            })
-                        }
-                        Ok(Served::Retry) => {
-                            w.open = None;
-                            match stopped {
-                                // The next chain was refused (and consumed): the ones before
-                                // it are given back empty, and it is failed as any refused
-                                // chain.
-                                Some(Err(
-                                    e @ (PopError::Denied { .. } | PopError::Invalid { .. }),
-                                )) => {
-                                    w.taken.push((current, 0));
-                                    let empty: Vec<(u16, u32)> =
-                                        w.taken.iter().map(|&(h, _)| (h, 0)).collect();
-                                    w.queue.complete_all(tr, gm, &empty).and(Err(e))
-                                }
-                                Some(Err(e)) if !matches!(e, PopError::Miss { .. }) => Err(e),
-                                stopped => {
-                                    w.queue.unpop(extra + 1);
-                                    match stopped {
-                                        Some(Err(e)) => Err(e),
-                                        Some(Ok(())) => went_empty(w, tr, gm),
-                                        None => Ok(Popped::Retried),
-                                    }
-                                }
-                            }
-                        }
-                        Ok(Served::Deferred) if extra == 0 => Ok(Popped::Deferred { head, popped }),
-                        // A deferred request spans one chain (the engine reports it at one
-                        // status byte); a device that took more is wrong, and its request is
-                        // not completed.
-                        Ok(Served::Deferred) | Err(Unreported) => {
-                            w.queue.unpop(extra);
-                            Ok(Popped::Unreported { head, popped })
-                        }
-                    }
+                    settle(w, tr, gm, head, popped, served, current, stopped)
                 }
                 Ok(false) => went_empty(w, tr, gm),
                 Err(e) => Err(e),
@@ -346,6 +364,10 @@ impl<D: Device> Runner<D> {
                     served += 1;
                 }
                 Ok(Popped::Empty) => break Drained::Empty,
+                Ok(Popped::Starved) => {
+                    w.device_idle = true;
+                    break Drained::Empty;
+                }
                 Err(PopError::Miss { iova, access }) => match self.miss(iova, access) {
                     Some(p) => {
                         if let Some(sent) = p.sent {
