@@ -6,8 +6,8 @@
 # installed/built when missing), the guest's own driver doing O_DIRECT I/O of 4 KiB to 4 MiB
 # behind intel-iommu and virtio-iommu with the default and a 16-entry IOTLB, one queue and
 # four (scripts/e2e-guest.sh), the kernel's /dev/vhost-net driven by our vIOMMU in the
-# same guest, a Linux guest's virtio_net against `vhost-iotlb net --loopback` in three IOMMU
-# modes (scripts/e2e-net.sh), and one run of the main job (`vhost-iotlb bench`) and of `bench --iotlb`, whose JSON output is checked
+# same guest, frames through a Linux guest's virtio_net to `vhost-iotlb net --loopback` in
+# three IOMMU modes, with DPDK's testpmd as a reference (scripts/e2e-net.sh), and one run of the main job (`vhost-iotlb bench`) and of `bench --iotlb`, whose JSON output is checked
 # for its keys.
 set -euo pipefail
 cd "$(dirname "$0")/.."

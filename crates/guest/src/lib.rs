@@ -7,13 +7,19 @@
 //! byte both ways. The same binary fills the disk image on the host before the run and
 //! verifies it after.
 //!
+//! `net-check` sends frames of 60 bytes up to the MTU on an AF_PACKET socket through the
+//! guest's virtio_net and checks that each comes back from a loopback peer byte for byte,
+//! with its MAC addresses swapped.
+//!
 //! - [`layout`]: where each check lives on the disk, and the data pattern (a function of a
 //!   seed and the disk offset, so both sides compute it);
-//! - [`direct`]: O_DIRECT I/O from page-aligned memory: pools of 4 KiB pages and huge pages.
+//! - [`direct`]: O_DIRECT I/O from page-aligned memory: pools of 4 KiB pages and huge pages;
+//! - [`frames`]: the frames `net-check` sends, and the check of what comes back.
 //!
 //! This crate depends on none of the project's other crates: it is the driver's side, and it
 //! runs where they do not. It must stay a static binary with no runtime dependency (the guest
 //! has no libc).
 
 pub mod direct;
+pub mod frames;
 pub mod layout;
