@@ -4,7 +4,9 @@
 //! several receive chains published together; a transmit queue whose receive side is full
 //! waits instead of dropping; a receive ring that runs out midway through a frame gives
 //! every chain back and delivers the frame whole later; a receive buffer the IOMMU maps
-//! read-only is given back empty and the frame goes to the next.
+//! read-only is given back empty and the frame goes to the next; a frame the device cannot
+//! send (shorter than its header, asking for segmentation) is dropped and counted, and its
+//! buffer given back.
 
 mod common;
 
@@ -328,4 +330,31 @@ fn a_read_only_receive_buffer_is_given_back_empty_and_the_frame_goes_on() {
         1,
         "the front-end heard of the denied write"
     );
+}
+
+#[test]
+fn a_frame_the_device_cannot_send_is_dropped_counted_and_its_buffer_given_back() {
+    let (s, stats) = server(256);
+    let mut p = Pair::new(frontend(&s, true, false, 256), 2048);
+    p.post_rx(4);
+    // Shorter than its header.
+    let short = p.f.buf(8, false);
+    p.f.submit(TX, &[short]);
+    // A header asking for segmentation (gso_type TCPV4), which was not offered.
+    let hdr = p.f.buf(HEADER_LEN as u32, false);
+    let mut h = [0u8; HEADER_LEN];
+    h[1] = 1;
+    p.f.space.write(&p.f.mem, hdr.iova, &h);
+    let body = p.f.buf(100, false);
+    p.f.space.write(&p.f.mem, body.iova, &frame(1, 100));
+    p.f.submit(TX, &[hdr, body]);
+    // Then a good one, which must come back alone.
+    let good = frame(2, 100);
+    p.send(&good);
+    p.wait_for(1, 3);
+    assert_eq!(stats.tx_dropped.load(Ordering::Relaxed), 2);
+    assert!(p.got[0] == swapped(&good));
+    std::thread::sleep(Duration::from_millis(100));
+    p.collect(true);
+    assert_eq!(p.got.len(), 1, "nothing else was delivered");
 }

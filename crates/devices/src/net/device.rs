@@ -174,8 +174,8 @@ impl Device for Net {
     }
 
     fn write_config(&self, _offset: u32, _data: &[u8]) -> bool {
-        // The MAC is writable only with the legacy VIRTIO_NET_F_CTRL_MAC_ADDR-less
-        // interface, which a VERSION_1 device does not offer.
+        // Read-only for the driver: a VERSION_1 driver changes the MAC through the control
+        // queue's MAC_ADDR_SET, which needs VIRTIO_NET_F_CTRL_MAC_ADDR (not offered).
         false
     }
 
@@ -184,6 +184,7 @@ impl Device for Net {
     }
 
     fn handler(&self, index: u16, wake: QueueWakers) -> NetQueue {
+        // The engine asks only for indices below `queues()`: the last is the control queue.
         let role = queue_role(index, self.cfg.pairs).unwrap_or(QueueRole::Ctrl);
         NetQueue {
             role,
@@ -215,38 +216,38 @@ pub struct NetQueue {
 }
 
 impl NetQueue {
-    fn transmit(&mut self, pair: u16, chain: &Chain, mem: &GuestMemoryMmap) {
+    /// Copy a transmitted frame out of `chain` into a buffer of `pair`'s, or say why it
+    /// cannot be sent.
+    fn tx_frame(&self, pair: u16, chain: &Chain, mem: &GuestMemoryMmap) -> Result<Vec<u8>, String> {
         let total = chain.readable_len() as usize;
-        let Some(len) = total.checked_sub(HEADER_LEN).filter(|&l| l <= MAX_FRAME) else {
-            add(&self.stats.tx_dropped, 1);
-            tracing::debug!(
-                len = total,
-                "net: tx chain shorter than its header or too long; dropped"
-            );
-            return;
-        };
+        let len = total
+            .checked_sub(HEADER_LEN)
+            .filter(|&l| l <= MAX_FRAME)
+            .ok_or_else(|| format!("{total} bytes: shorter than its header or too long"))?;
         let mut r = chain.reader(mem);
-        let header = match r.read_array::<HEADER_LEN>() {
-            Ok(h) => h,
-            Err(e) => {
-                add(&self.stats.tx_dropped, 1);
-                tracing::debug!(error = %e, "net: tx header unreadable; dropped");
-                return;
-            }
-        };
-        if let Err(e) = TxHeader::parse(&header) {
-            add(&self.stats.tx_dropped, 1);
-            tracing::debug!(error = %e, "net: tx frame dropped");
-            return;
-        }
+        let header = r
+            .read_array::<HEADER_LEN>()
+            .map_err(|e| format!("header unreadable: {e}"))?;
+        TxHeader::parse(&header).map_err(|e| e.to_string())?;
         let mut frame = self.packets.buffer(pair);
         frame.resize(len, 0);
         if let Err(e) = r.read_exact(&mut frame) {
-            add(&self.stats.tx_dropped, 1);
-            tracing::debug!(error = %e, "net: tx frame unreadable; dropped");
             self.packets.recycle(pair, frame);
-            return;
+            return Err(format!("frame unreadable: {e}"));
         }
+        Ok(frame)
+    }
+
+    fn transmit(&mut self, pair: u16, chain: &Chain, mem: &GuestMemoryMmap) {
+        let mut frame = match self.tx_frame(pair, chain, mem) {
+            Ok(f) => f,
+            Err(why) => {
+                add(&self.stats.tx_dropped, 1);
+                tracing::debug!(reason = %why, "net: tx frame dropped");
+                return;
+            }
+        };
+        let len = frame.len();
         // Too short for two addresses: passed on as it is (a peer's problem, not ours).
         swap_macs(&mut frame);
         let (edge, queued) = self.packets.push(pair, frame);
