@@ -595,21 +595,52 @@ pub fn null_server(
     std::sync::Arc::new(crate::Server::new(NullDevice { queues }, engine))
 }
 
-/// CPU ticks (utime + stime, in clock ticks) of every thread of this process named `name`
-/// (a worker is `vq<index>`): a spinning thread shows, a sleeping one does not.
-pub fn cpu_ticks(name: &str) -> u64 {
-    let mut total = 0;
+/// CPU ticks (utime + stime, in clock ticks) of each thread of this process named `name`
+/// (a worker is `vq<index>`), by thread id.
+fn thread_ticks(name: &str) -> std::collections::HashMap<String, u64> {
+    let mut ticks = std::collections::HashMap::new();
     for e in std::fs::read_dir("/proc/self/task").unwrap() {
         let p = e.unwrap().path();
         let comm = std::fs::read_to_string(p.join("comm")).unwrap_or_default();
         if comm.trim() != name {
             continue;
         }
-        let stat = std::fs::read_to_string(p.join("stat")).unwrap_or_default();
+        // A thread that exited since the directory was read has no stat any more.
+        let Ok(stat) = std::fs::read_to_string(p.join("stat")) else {
+            continue;
+        };
         let after = &stat[stat.rfind(')').unwrap() + 2..];
         let f: Vec<&str> = after.split_whitespace().collect();
         // Fields after ')' start at field 3; utime is field 14, stime field 15.
-        total += f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+        let t = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+        ticks.insert(p.file_name().unwrap().to_string_lossy().into_owned(), t);
     }
-    total
+    ticks
+}
+
+/// CPU time used by this process's threads named `name` (a worker is `vq<index>`) from
+/// [`CpuMeter::start`] on: a spinning thread shows, a sleeping one does not. Threads are
+/// told apart by id, so one that exits meanwhile (another test's, running in parallel)
+/// takes nothing away; one that starts meanwhile counts whole.
+pub struct CpuMeter {
+    name: String,
+    start: std::collections::HashMap<String, u64>,
+}
+
+impl CpuMeter {
+    /// Start measuring the threads named `name`.
+    pub fn start(name: &str) -> Self {
+        CpuMeter {
+            name: name.to_owned(),
+            start: thread_ticks(name),
+        }
+    }
+
+    /// Clock ticks they used since the start.
+    pub fn ticks(&self) -> u64 {
+        thread_ticks(&self.name)
+            .iter()
+            .map(|(tid, &now)| now.saturating_sub(self.start.get(tid).copied().unwrap_or(0)))
+            .sum()
+    }
 }

@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use backend::testing::{connect, cpu_ticks, null_server, request, status, Frontend};
+use backend::testing::{connect, null_server, request, status, CpuMeter, Frontend};
 use backend::{EngineConfig, PollMode};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN};
 
@@ -68,9 +68,9 @@ fn a_driver_that_kicks_only_when_asked_is_always_served() {
         // Idle now: the window shrinks to nothing and the worker sleeps (a CPU-time check,
         // as in worker_liveness: a spinning thread uses a whole core).
         std::thread::sleep(Duration::from_millis(300));
-        let before = cpu_ticks("vq0");
+        let meter = CpuMeter::start("vq0");
         std::thread::sleep(Duration::from_secs(1));
-        let idle = cpu_ticks("vq0") - before;
+        let idle = meter.ticks();
         drop(f);
         t.join().unwrap();
         if poll == PollMode::Adaptive {

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use backend::testing::{
-    connect, cpu_ticks, null_server, pattern, request as blk_request, status, Frontend, NullDevice,
+    connect, null_server, pattern, request as blk_request, status, CpuMeter, Frontend, NullDevice,
 };
 use backend::{EngineConfig, Server};
 use iotlb::IovaRange;
@@ -48,9 +48,9 @@ fn submit_unanswered_read(f: &mut Frontend) -> virtq::testing::Buf {
 
 /// CPU ticks the `vq0` worker uses while `work` runs.
 fn vq0_ticks_during(work: impl FnOnce()) -> u64 {
-    let before = cpu_ticks("vq0");
+    let meter = CpuMeter::start("vq0");
     work();
-    cpu_ticks("vq0") - before
+    meter.ticks()
 }
 
 /// Close the front-end, join the server, and check that `ticks` over 1 s (from

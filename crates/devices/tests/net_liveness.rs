@@ -11,7 +11,7 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use backend::testing::cpu_ticks;
+use backend::testing::CpuMeter;
 use backend::{EngineConfig, PollMode, Server};
 use common::{connect, Frontend};
 use devices::net::HEADER_LEN;
@@ -50,9 +50,9 @@ fn a_starved_receive_queue_sleeps_and_lets_go() {
         std::thread::sleep(Duration::from_millis(2));
     }
     std::thread::sleep(Duration::from_millis(300));
-    let before = cpu_ticks("vq0");
+    let meter = CpuMeter::start("vq0");
     std::thread::sleep(Duration::from_secs(1));
-    let busy = cpu_ticks("vq0") - before;
+    let busy = meter.ticks();
     assert!(
         busy <= 20,
         "the starved receive worker used {busy} ticks in 1 s: it spins"
