@@ -33,10 +33,7 @@ impl CpuSample {
         };
         for task in tasks.flatten() {
             let dir = task.path();
-            let Some(ns) = std::fs::read_to_string(dir.join("schedstat"))
-                .ok()
-                .and_then(|t| t.split_whitespace().next()?.parse::<u64>().ok())
-            else {
+            let Some(ns) = task_ns(&dir) else {
                 continue;
             };
             let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
@@ -58,6 +55,30 @@ impl CpuSample {
             steal: self.steal.saturating_sub(earlier.steal),
         }
     }
+}
+
+/// CPU time of every thread of process `pid` so far (`/proc/PID/task/*/schedstat`), e.g. a
+/// peer back-end the bench runs.
+pub(crate) fn process_cpu(pid: u32) -> Duration {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Duration::ZERO;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| task_ns(&t.path()))
+        .map(Duration::from_nanos)
+        .sum()
+}
+
+/// Nanoseconds on a CPU of the task at `dir` (`/proc/.../task/TID`): `schedstat`'s first
+/// value.
+fn task_ns(dir: &std::path::Path) -> Option<u64> {
+    std::fs::read_to_string(dir.join("schedstat"))
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// Our back-end's threads, by name: the server thread the bench starts, and the queue

@@ -45,7 +45,7 @@ use std::path::{Path, PathBuf};
 
 use clap::Args;
 
-use crate::{plot, report, workloads, BenchError};
+use crate::{net, net_report, plot, report, workloads, BenchError};
 
 /// Options of the end-to-end benchmark.
 #[derive(Args, Debug, Clone)]
@@ -91,11 +91,45 @@ pub struct E2eArgs {
     /// to `off` is the median of each round's ratio to `off` in the same round.
     #[arg(long, default_value_t = 5)]
     pub rounds: u32,
+    /// The device: `blk` (virtio-blk on an in-memory disk) or `net` (virtio-net, each frame
+    /// sent back with its MAC addresses swapped; see `net.rs`).
+    #[arg(long, value_enum, default_value_t = DeviceKind::Blk)]
+    pub device: DeviceKind,
+    /// With `--device net`: also run every workload against this peer in the same run
+    /// (`dpdk`: DPDK's vhost library in `dpdk-testpmd`, macswap; `apt-get install dpdk-dev`).
+    #[arg(long, value_enum)]
+    pub peer: Option<PeerKind>,
+    /// With `--device net`: bytes per frame, Ethernet header included.
+    #[arg(long, default_value_t = 64)]
+    pub frame_bytes: u32,
+}
+
+/// The devices `bench` drives.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceKind {
+    /// virtio-blk.
+    Blk,
+    /// virtio-net.
+    Net,
+}
+
+/// The peers `bench --device net` can compare ours with.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerKind {
+    /// DPDK's vhost library (`dpdk-testpmd`).
+    Dpdk,
 }
 
 /// Run the benchmark, print the table, write `json` and the plot if asked.
 pub(crate) fn run(args: &E2eArgs, json_path: Option<&Path>) -> Result<(), BenchError> {
     let bad = |option, rule| Err(BenchError::BadOption { option, rule });
+    check_common(args)?;
+    if args.device == DeviceKind::Net {
+        return run_net(args, json_path);
+    }
+    if args.peer.is_some() {
+        return bad("--peer", "used with --device net");
+    }
     if args.block_kib == 0 || args.block_kib % 4 != 0 || args.block_kib > 1024 {
         return bad("--block-kib", "a multiple of 4 up to 1024");
     }
@@ -105,6 +139,34 @@ pub(crate) fn run(args: &E2eArgs, json_path: Option<&Path>) -> Result<(), BenchE
             "within 1..=85 (three descriptors each in a 256 ring)",
         );
     }
+    let list = workloads::workloads(args);
+    if let Some(unknown) = args
+        .workloads
+        .iter()
+        .find(|n| !list.iter().any(|w| w.name == n.as_str()))
+    {
+        return Err(BenchError::UnknownWorkload(unknown.clone()));
+    }
+    let rows = in_scratch_dir(|dir| crate::run::run_all(args, &list, dir))?;
+
+    report::print_table(args, &rows);
+    write_outputs(json_path, &report::to_json(&rows), args, || {
+        plot::plot(&rows)
+    })?;
+    let failed: Vec<&'static str> = rows
+        .iter()
+        .filter(|r| r.verify_failures + r.poison_violations + r.errors > 0)
+        .map(|r| r.name)
+        .collect();
+    if !failed.is_empty() {
+        return Err(BenchError::DataCheck { workloads: failed });
+    }
+    Ok(())
+}
+
+/// The options both devices check the same way.
+fn check_common(args: &E2eArgs) -> Result<(), BenchError> {
+    let bad = |option, rule| Err(BenchError::BadOption { option, rule });
     if !(1..=20).contains(&args.rounds) {
         return bad("--rounds", "within 1..=20");
     }
@@ -117,38 +179,90 @@ pub(crate) fn run(args: &E2eArgs, json_path: Option<&Path>) -> Result<(), BenchE
             max: iotlb::MAX_CAPACITY,
         });
     }
-    let list = workloads::workloads(args);
-    if let Some(unknown) = args
-        .workloads
-        .iter()
-        .find(|n| !list.iter().any(|w| w.name == n.as_str()))
-    {
-        return Err(BenchError::UnknownWorkload(unknown.clone()));
-    }
+    Ok(())
+}
+
+/// Run `f` with a fresh scratch directory (sockets, testpmd's log), removed afterwards
+/// unless `VHOST_IOTLB_BENCH_KEEP` is set (then its path is printed, for a post-mortem).
+fn in_scratch_dir<T>(f: impl FnOnce(&Path) -> Result<T, BenchError>) -> Result<T, BenchError> {
     let dir = std::env::temp_dir().join(format!("vhost-iotlb-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|source| BenchError::ScratchDir {
         path: dir.clone(),
         source,
     })?;
-    let result = crate::run::run_all(args, &list, &dir);
-    let _ = std::fs::remove_dir_all(&dir);
-    let rows = result?;
+    let result = f(&dir);
+    if std::env::var_os("VHOST_IOTLB_BENCH_KEEP").is_some() {
+        eprintln!("kept {}", dir.display());
+    } else {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    result
+}
 
-    report::print_table(args, &rows);
+/// Write the JSON and the plot where asked.
+fn write_outputs(
+    json_path: Option<&Path>,
+    json: &serde_json::Value,
+    args: &E2eArgs,
+    svg: impl FnOnce() -> String,
+) -> Result<(), BenchError> {
     if let Some(path) = json_path {
-        let text = serde_json::to_string_pretty(&report::to_json(&rows))?;
+        let text = serde_json::to_string_pretty(json)?;
         std::fs::write(path, text + "\n").map_err(BenchError::writing(path))?;
         eprintln!("wrote {}", path.display());
     }
     if let Some(path) = &args.plot {
-        std::fs::write(path, plot::plot(&rows)).map_err(BenchError::writing(path))?;
+        std::fs::write(path, svg()).map_err(BenchError::writing(path))?;
         eprintln!("wrote {}", path.display());
     }
-    let failed: Vec<&'static str> = rows
-        .iter()
-        .filter(|r| r.verify_failures + r.poison_violations + r.errors > 0)
-        .map(|r| r.name)
-        .collect();
+    Ok(())
+}
+
+/// `--device net`: check its options, run ours (and the peer) and report.
+fn run_net(args: &E2eArgs, json_path: Option<&Path>) -> Result<(), BenchError> {
+    let bad = |option, rule| Err(BenchError::BadOption { option, rule });
+    if args.socket.is_some() {
+        return bad(
+            "--socket",
+            "left out with --device net (it starts its back-ends)",
+        );
+    }
+    if !(60..=frontend::driver::MAX_FRAME).contains(&args.frame_bytes) {
+        return bad("--frame-bytes", "within 60..=4084");
+    }
+    if args.depth == 0 || args.depth > 256 {
+        return bad(
+            "--depth",
+            "within 1..=256 (frames out, a 256-entry ring each way)",
+        );
+    }
+    let list = net::workloads(args);
+    let names = net::workload_names(args);
+    if let Some(unknown) = args.workloads.iter().find(|n| !names.contains(&n.as_str())) {
+        return Err(BenchError::UnknownWorkload(unknown.clone()));
+    }
+    let peers: Vec<net::Peer> = match args.peer {
+        Some(PeerKind::Dpdk) => vec![net::Peer::Ours, net::Peer::Dpdk],
+        None => vec![net::Peer::Ours],
+    };
+    let (rows, totals) = in_scratch_dir(|dir| net::run_all(args, &list, &peers, dir))?;
+    net_report::print_table(args, &rows, totals);
+    write_outputs(
+        json_path,
+        &net_report::to_json(args, &rows, totals),
+        args,
+        || {
+            plot::grouped_bars(
+            &net_report::panels(&rows),
+            &[
+                "Bars: the median round; whiskers: min–max over rounds.".to_string(),
+                "Frames back per second: each frame crossed the device twice (transmit, receive)."
+                    .to_string(),
+            ],
+        )
+        },
+    )?;
+    let failed: Vec<&'static str> = rows.iter().filter(|r| r.failed()).map(|r| r.name).collect();
     if !failed.is_empty() {
         return Err(BenchError::DataCheck { workloads: failed });
     }

@@ -60,6 +60,23 @@ pub enum BenchError {
     /// The virtio-blk device of our back-end refused its disk or configuration.
     #[error("our back-end's device: {0}")]
     Device(#[from] BlkError),
+    /// `dpdk-testpmd` is not installed (`--peer dpdk`).
+    #[error("dpdk-testpmd not found on PATH: install it with `apt-get install dpdk-dev` (./scripts/test.sh does)")]
+    TestpmdMissing,
+    /// `dpdk-testpmd` did not start listening.
+    #[error("dpdk-testpmd did not start: {why} (its output: {})", log.display())]
+    TestpmdStart {
+        /// Its output.
+        log: PathBuf,
+        /// What went wrong.
+        why: String,
+    },
+    /// `dpdk-testpmd` stopped during the run.
+    #[error("dpdk-testpmd stopped during the run (its output: {})", log.display())]
+    TestpmdStopped {
+        /// Its output.
+        log: PathBuf,
+    },
     /// A thread could not be started.
     #[error("cannot start the {name} thread: {source}")]
     Spawn {

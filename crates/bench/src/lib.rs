@@ -22,12 +22,15 @@ mod cpu;
 mod e2e;
 mod error;
 mod iotlb;
+mod net;
+mod net_report;
 mod plot;
 mod report;
 mod run;
+mod testpmd;
 mod workloads;
 
-pub use e2e::E2eArgs;
+pub use e2e::{DeviceKind, E2eArgs, PeerKind};
 pub use error::BenchError;
 pub use report::stats_json_of;
 

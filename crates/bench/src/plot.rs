@@ -163,10 +163,10 @@ impl Frame {
 
     /// The workload names under the slots of width `slot`, rotated if they would overlap;
     /// returns how far down they go.
-    fn x_labels(&self, s: &mut String, rows: &[&Row], slot: f64) -> f64 {
-        let widest = rows.iter().map(|r| r.name.len()).max().unwrap_or(0) as f64 * CHAR_W;
+    fn x_labels(&self, s: &mut String, names: &[&str], slot: f64) -> f64 {
+        let widest = names.iter().map(|n| n.len()).max().unwrap_or(0) as f64 * CHAR_W;
         let rotate = widest > slot - 4.0;
-        for (i, r) in rows.iter().enumerate() {
+        for (i, name) in names.iter().enumerate() {
             let cx = self.x + (i as f64 + 0.5) * slot;
             let y = self.bottom() + 16.0;
             if rotate {
@@ -174,13 +174,13 @@ impl Frame {
                 let _ = writeln!(
                     s,
                     r#"<text x="{x:.1}" y="{y:.1}" text-anchor="end" transform="rotate(-35 {x:.1} {y:.1})">{}</text>"#,
-                    esc(r.name)
+                    esc(name)
                 );
             } else {
                 let _ = writeln!(
                     s,
                     r#"<text x="{cx:.1}" y="{y:.1}" text-anchor="middle">{}</text>"#,
-                    esc(r.name)
+                    esc(name)
                 );
             }
         }
@@ -328,7 +328,8 @@ fn throughput(s: &mut String, rows: &[Row], top: f64, bottom: f64) -> f64 {
                 yhi.min(y) - 5.0
             );
         }
-        labels_bottom = labels_bottom.max(f.x_labels(s, g, group_slot));
+        let names: Vec<&str> = g.iter().map(|r| r.name).collect();
+        labels_bottom = labels_bottom.max(f.x_labels(s, &names, group_slot));
     }
     labels_bottom
 }
@@ -406,8 +407,8 @@ fn miss_rtt(s: &mut String, rows: &[Row], top: f64, bottom: f64) -> f64 {
             }
         }
     }
-    let all: Vec<&Row> = rows.iter().collect();
-    f.x_labels(s, &all, slot)
+    let names: Vec<&str> = rows.iter().map(|r| r.name).collect();
+    f.x_labels(s, &names, slot)
 }
 
 /// The throughput panel above the miss round trip panel, and the footer.
@@ -453,15 +454,124 @@ pub(crate) fn plot(rows: &[Row]) -> String {
         }
         first + 16.0 * footer.len() as f64
     };
+    document(&body, height)
+}
+
+/// The SVG document around `body`, `height` tall.
+fn document(body: &str, height: f64) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
         r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height:.0}" viewBox="0 0 {WIDTH} {height:.0}" font-family="sans-serif" font-size="12">"#
     );
     let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
-    s.push_str(&body);
+    s.push_str(body);
     s.push_str("</svg>\n");
     s
+}
+
+/// One bar of a grouped-bar panel: its value, whisker and the text above it.
+#[derive(Debug, Clone)]
+pub(crate) struct Bar {
+    pub(crate) value: f64,
+    pub(crate) lo: f64,
+    pub(crate) hi: f64,
+    pub(crate) label: String,
+}
+
+/// A series of a grouped-bar panel: a bar (or none) per group, in one colour.
+#[derive(Debug, Clone)]
+pub(crate) struct Series {
+    pub(crate) name: &'static str,
+    pub(crate) color: &'static str,
+    pub(crate) bars: Vec<Option<Bar>>,
+}
+
+/// A panel of bars grouped by workload, a bar per series in each group.
+#[derive(Debug, Clone)]
+pub(crate) struct Panel {
+    pub(crate) title: String,
+    pub(crate) axis: String,
+    pub(crate) groups: Vec<String>,
+    pub(crate) series: Vec<Series>,
+}
+
+/// Panels one above the other, each with its axis, legend, whiskers (min–max) and the
+/// labels above the bars, then `footer`.
+pub(crate) fn grouped_bars(panels: &[Panel], footer: &[String]) -> String {
+    let mut s = String::new();
+    let mut top = 80.0;
+    for p in panels {
+        let legend_items: Vec<(&str, &str)> = p.series.iter().map(|x| (x.name, x.color)).collect();
+        panel_title(&mut s, &esc(&p.title), top - 40.0, &legend_items);
+        let hi = p
+            .series
+            .iter()
+            .flat_map(|x| x.bars.iter().flatten())
+            .map(|b| b.hi.max(b.value))
+            .fold(0.0, f64::max);
+        let f = Frame {
+            x: AXIS_MARGIN,
+            top,
+            w: WIDTH - AXIS_MARGIN - RIGHT_MARGIN,
+            h: 220.0,
+            t: ticks(hi * 1.12),
+        };
+        f.axes(&mut s, &p.axis, true);
+        let slot = f.w / p.groups.len().max(1) as f64;
+        let n = p.series.len().max(1) as f64;
+        let bw = slot * 0.7 / n;
+        for (k, x) in p.series.iter().enumerate() {
+            for (i, bar) in x.bars.iter().enumerate() {
+                let Some(b) = bar else { continue };
+                let left = f.x + i as f64 * slot + slot * 0.15 + k as f64 * bw;
+                let cx = left + bw / 2.0;
+                let y = f.y(b.value);
+                let _ = writeln!(
+                    s,
+                    r#"<rect x="{left:.1}" y="{y:.1}" width="{:.1}" height="{:.1}" fill="{}"><title>{} {}: {:.1} (min {:.1}, max {:.1})</title></rect>"#,
+                    bw * 0.92,
+                    f.bottom() - y,
+                    x.color,
+                    esc(&p.groups[i]),
+                    x.name,
+                    b.value,
+                    b.lo,
+                    b.hi
+                );
+                let (ylo, yhi) = (f.y(b.lo), f.y(b.hi));
+                if yhi < ylo {
+                    let cap = bw * 0.2;
+                    let _ = writeln!(
+                        s,
+                        r##"<path d="M{:.1} {ylo:.1}H{:.1}M{cx:.1} {ylo:.1}V{yhi:.1}M{:.1} {yhi:.1}H{:.1}" stroke="#222" fill="none"/>"##,
+                        cx - cap,
+                        cx + cap,
+                        cx - cap,
+                        cx + cap
+                    );
+                }
+                let _ = writeln!(
+                    s,
+                    r#"<text x="{cx:.1}" y="{:.1}" text-anchor="middle" font-size="10">{}</text>"#,
+                    yhi.min(y) - 4.0,
+                    esc(&b.label)
+                );
+            }
+        }
+        let names: Vec<&str> = p.groups.iter().map(String::as_str).collect();
+        top = f.x_labels(&mut s, &names, slot) + 80.0;
+    }
+    let first = top - 40.0;
+    for (i, line) in footer.iter().enumerate() {
+        let _ = writeln!(
+            s,
+            r##"<text x="16" y="{:.1}" font-size="11" fill="#444">{}</text>"##,
+            first + 16.0 * i as f64,
+            esc(line)
+        );
+    }
+    document(&s, first + 16.0 * footer.len() as f64)
 }
 
 #[cfg(test)]

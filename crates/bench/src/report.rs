@@ -356,7 +356,7 @@ fn print_stalls(rows: &[Row]) {
 }
 
 /// `v` in thousands above 10 000 ("95k"), as it is below.
-fn kilo(v: f64) -> String {
+pub(crate) fn kilo(v: f64) -> String {
     if v >= 10_000.0 {
         format!("{:.0}k", v / 1000.0)
     } else {

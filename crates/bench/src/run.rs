@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use backend::{EngineConfig, ServeError, Server, Stats};
+use backend::{Device, EngineConfig, ServeError, Server, Stats};
 use devices::{Blk, BlkConfig};
 use frontend::driver::{BlkDriver, DriverConfig, DriverReport};
 use frontend::vhost_user::{FrontendConfig, GuestRam, VhostUserFrontend};
@@ -23,20 +23,33 @@ use crate::report::{self, us, Row};
 use crate::workloads::Workload;
 use crate::{BenchError, E2eArgs};
 
-/// Our back-end for one workload: a fresh in-memory disk and a server on a fresh socket.
-struct OwnBackend {
-    server: Arc<Server<Blk>>,
+/// Our back-end for one workload: a server of a fresh device on a fresh socket.
+pub(crate) struct OwnBackend<D: Device> {
+    pub(crate) server: Arc<Server<D>>,
     thread: Option<std::thread::JoinHandle<Result<(), ServeError>>>,
-    socket: PathBuf,
+    pub(crate) socket: PathBuf,
 }
 
-impl OwnBackend {
+/// The engine settings of the bench's back-ends.
+pub(crate) fn engine_config(
+    capacity: usize,
+    busy_poll: Duration,
+    poll: backend::PollMode,
+) -> EngineConfig {
+    EngineConfig {
+        iotlb_capacity: capacity,
+        miss_timeout: Duration::from_secs(1),
+        busy_poll,
+        poll,
+        ..EngineConfig::default()
+    }
+}
+
+impl OwnBackend<Blk> {
     fn start(
         dir: &Path,
         name: &str,
-        capacity: usize,
-        busy_poll: Duration,
-        poll: backend::PollMode,
+        engine: EngineConfig,
         disk_bytes: u64,
     ) -> Result<Self, BenchError> {
         // In RAM (memfd): the figures are about the IOTLB path, not about a file system
@@ -59,16 +72,19 @@ impl OwnBackend {
                 ..BlkConfig::default()
             },
         )?;
-        let server = Arc::new(Server::new(
-            blk,
-            EngineConfig {
-                iotlb_capacity: capacity,
-                miss_timeout: Duration::from_secs(1),
-                busy_poll,
-                poll,
-                ..EngineConfig::default()
-            },
-        ));
+        OwnBackend::serve(dir, name, blk, engine)
+    }
+}
+
+impl<D: Device> OwnBackend<D> {
+    /// Serve `dev` on `DIR/NAME.sock`, once it listens.
+    pub(crate) fn serve(
+        dir: &Path,
+        name: &str,
+        dev: D,
+        engine: EngineConfig,
+    ) -> Result<Self, BenchError> {
+        let server = Arc::new(Server::new(dev, engine));
         let socket = dir.join(format!("{name}.sock"));
         let (s, p) = (server.clone(), socket.clone());
         let thread = std::thread::Builder::new()
@@ -100,7 +116,7 @@ impl OwnBackend {
 
     /// Stop serving; returns the counters of the connection that ran and its miss round
     /// trip (p50, p99) in µs.
-    fn stop(mut self) -> Result<(Stats, Option<(f64, f64)>), BenchError> {
+    pub(crate) fn stop(mut self) -> Result<(Stats, Option<(f64, f64)>), BenchError> {
         self.server.shutdown_handle().shutdown();
         if let Some(t) = self.thread.take() {
             t.join()
@@ -257,14 +273,12 @@ pub(crate) fn run_all(
                 Some(sock) => run_workload(&per, w, sock, false, || {}).map(|m| (m, None, None)),
                 None => {
                     // 1 GiB (sparse, in memory): room for every slot's blocks.
-                    let own = OwnBackend::start(
-                        dir,
-                        w.name,
+                    let engine = engine_config(
                         w.capacity(&per),
                         Duration::from_micros(per.busy_poll_us),
                         per.poll,
-                        1 << 30,
-                    )?;
+                    );
+                    let own = OwnBackend::start(dir, w.name, engine, 1 << 30)?;
                     let socket = own.socket.clone();
                     let server = own.server.clone();
                     let r = run_workload(&per, w, &socket, true, || server.miss_rtt().reset());

@@ -227,6 +227,38 @@ pub struct ChannelStats {
     pub other: AtomicU64,
     /// Time from a MISS received to its UPDATE acknowledged.
     pub service: Histogram,
+    /// The pages MISSes asked for and when they came, for a driver that measures how long a
+    /// device waits on one (off until [`MissLog::enable`]).
+    pub miss_log: MissLog,
+}
+
+/// MISSes by IOVA page and arrival time, kept once a driver asks for them: the driver then
+/// sees when the buffer a MISS was about completes, which times the device's whole round
+/// trip the same way for any back-end.
+#[derive(Debug, Default)]
+pub struct MissLog {
+    on: std::sync::atomic::AtomicBool,
+    entries: parking_lot::Mutex<Vec<(u64, Instant)>>,
+}
+
+impl MissLog {
+    /// Start keeping MISSes.
+    pub fn enable(&self) {
+        self.on.store(true, Ordering::Relaxed);
+    }
+
+    /// The MISSes kept since the last call: (IOVA page, when it was received).
+    pub fn take(&self) -> Vec<(u64, Instant)> {
+        std::mem::take(&mut *self.entries.lock())
+    }
+
+    fn record(&self, iova: u64, at: Instant) {
+        if self.on.load(Ordering::Relaxed) {
+            self.entries
+                .lock()
+                .push((iova & !(crate::viommu::PAGE - 1), at));
+        }
+    }
 }
 
 /// The vIOMMU's handle on a vhost-user back-end's IOTLB: UPDATE and INVALIDATE on the main
@@ -627,6 +659,7 @@ fn serve_channel(chan: &Connection, viommu: &Viommu, dev: &dyn DeviceIotlb, stat
             .iter()
             .filter_map(|(_, r, _)| match r {
                 BackendRequest::IotlbMsg(IotlbMsg::Miss { iova, perm }) => {
+                    tracing::trace!(iova = %format_args!("{iova:#x}"), ?perm, "vhost-user front-end: MISS");
                     let access = if perm.allows(Access::Write) {
                         Access::Write
                     } else {
@@ -663,8 +696,9 @@ fn serve_channel(chan: &Connection, viommu: &Viommu, dev: &dyn DeviceIotlb, stat
         };
         for (header, req, received) in &batch {
             let ok = match req {
-                BackendRequest::IotlbMsg(IotlbMsg::Miss { .. }) => {
+                BackendRequest::IotlbMsg(IotlbMsg::Miss { iova, .. }) => {
                     add(&stats.misses);
+                    stats.miss_log.record(*iova, *received);
                     if misses_ok {
                         stats.service.record(received.elapsed());
                     }

@@ -226,19 +226,24 @@ impl PageTable {
             .map(|(start, p)| (p.gpa + (iova - start), p.perm))
     }
 
-    /// The UPDATE answering a miss at `iova`: the largest run of entries around it that are
-    /// contiguous in IOVA and guest-physical space with one permission, at most `limit` bytes
-    /// (but always the whole entry holding `iova`).
+    /// The UPDATE answering a miss at `iova`: the entry holding it and the entries after it
+    /// that are contiguous in IOVA and guest-physical space with one permission, at most
+    /// `limit` bytes (but always the whole entry holding `iova`).
+    ///
+    /// It starts at that entry, as a hardware IOMMU's translation does, never before it:
+    /// answers to misses on one region then start where each miss was. DPDK's vhost library
+    /// (22.11) takes an UPDATE whose start it already holds for the same entry, whatever its
+    /// size, and drops it; an answer reaching back to an earlier start left its miss
+    /// unanswered for ever (a MISS storm, the queue stalled).
     pub fn run(&self, iova: u64, limit: u64) -> Option<(IovaRange, u64, Perm)> {
-        let (start, pte) = self.entry(iova)?;
-        let (mut lo, mut hi) = (start, start + pte.size); // [lo, hi)
-        let mut gpa_lo = pte.gpa;
-        // Forward first (accesses mostly walk upwards), then backward with what is left.
+        let (lo, pte) = self.entry(iova)?;
+        let mut hi = lo + pte.size; // [lo, hi)
+                                    // Accesses mostly walk upwards: what follows is likely next.
         while hi - lo < limit {
             match self.ptes.get(&hi) {
                 Some(n)
                     if n.perm == pte.perm
-                        && n.gpa == gpa_lo + (hi - lo)
+                        && n.gpa == pte.gpa + (hi - lo)
                         && hi - lo + n.size <= limit =>
                 {
                     hi += n.size
@@ -246,21 +251,7 @@ impl PageTable {
                 _ => break,
             }
         }
-        while hi - lo < limit {
-            match self.ptes.range(..lo).next_back() {
-                Some((&p, n))
-                    if p + n.size == lo
-                        && n.perm == pte.perm
-                        && n.gpa + n.size == gpa_lo
-                        && hi - p <= limit =>
-                {
-                    lo = p;
-                    gpa_lo = n.gpa;
-                }
-                _ => break,
-            }
-        }
-        Some((IovaRange::from_size(lo, hi - lo).ok()?, gpa_lo, pte.perm))
+        Some((IovaRange::from_size(lo, hi - lo).ok()?, pte.gpa, pte.perm))
     }
 
     /// Entries mapped.
@@ -622,6 +613,9 @@ impl Viommu {
         dev: &dyn DeviceIotlb,
         updates: &[(IovaRange, u64, Perm)],
     ) -> Result<(), ForwardError> {
+        for (range, gpa, perm) in updates {
+            tracing::trace!(?range, gpa = %format_args!("{gpa:#x}"), ?perm, "vIOMMU: UPDATE");
+        }
         if self.config.ack_answers {
             dev.update_all(updates)
         } else {
@@ -641,14 +635,19 @@ impl Viommu {
         let mut answered = 0;
         {
             let d = self.domain.lock();
-            for &(iova, _) in misses {
+            // Lowest first: an answer runs forward from its miss, so it covers the misses
+            // above it on the same run, which need none of their own.
+            let mut sorted: Vec<u64> = misses.iter().map(|&(iova, _)| iova).collect();
+            sorted.sort_unstable();
+            for iova in sorted {
+                if updates.iter().any(|x| x.0.contains(iova)) {
+                    answered += 1;
+                    continue;
+                }
                 match d.table.run(iova, self.config.max_update.max(PAGE)) {
                     Some(u) => {
                         answered += 1;
-                        // Misses on the same run are answered once.
-                        if !updates.iter().any(|x| x.0 == u.0) {
-                            updates.push(u);
-                        }
+                        updates.push(u);
                     }
                     None => Self::add(&self.stats.faults_unmapped),
                 }
@@ -714,11 +713,16 @@ mod tests {
         t.map(0x10000, 0x90000, 4 * PAGE, Perm::ReadWrite).unwrap();
         t.map(0x14000, 0xf0000, PAGE, Perm::ReadWrite).unwrap();
         t.map(0xf000, 0x8f000, PAGE, Perm::ReadOnly).unwrap();
+        // From the faulting page forward, never back.
         assert_eq!(
             t.run(0x11234, 1 << 20),
+            Some((r(0x11000, 3 * PAGE), 0x91000, Perm::ReadWrite))
+        );
+        assert_eq!(
+            t.run(0x10000, 1 << 20),
             Some((r(0x10000, 4 * PAGE), 0x90000, Perm::ReadWrite))
         );
-        // Limited: the faulting page first, then forward.
+        // Limited.
         assert_eq!(
             t.run(0x11234, 2 * PAGE),
             Some((r(0x11000, 2 * PAGE), 0x91000, Perm::ReadWrite))
@@ -727,10 +731,10 @@ mod tests {
             t.run(0x11234, PAGE),
             Some((r(0x11000, PAGE), 0x91000, Perm::ReadWrite))
         );
-        // Backward when forward is exhausted.
+        // Not backward when forward is exhausted.
         assert_eq!(
             t.run(0x13000, 3 * PAGE),
-            Some((r(0x11000, 3 * PAGE), 0x91000, Perm::ReadWrite))
+            Some((r(0x13000, PAGE), 0x93000, Perm::ReadWrite))
         );
         assert_eq!(t.run(0x20000, 1 << 20), None);
     }
@@ -803,5 +807,29 @@ mod tests {
         assert!(log[0].starts_with("U ") && log[1].starts_with("U "));
         assert_eq!(log[2], format!("I {}", IovaRange::FULL));
         assert_eq!(v.stats().prepushed.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn misses_on_one_run_get_one_answer_from_the_lowest() {
+        let rec = Arc::new(Recorder::default());
+        let v = Viommu::new(ViommuConfig::default());
+        v.attach(rec.clone());
+        // One 4-page buffer: contiguous in both spaces, one run.
+        let iova = v.map(0x10000, 4 * PAGE, Perm::ReadWrite).unwrap();
+        let misses = [
+            (iova + 2 * PAGE, Access::Write),
+            (iova + PAGE, Access::Write),
+            (iova + 3 * PAGE + 8, Access::Write),
+        ];
+        assert_eq!(
+            v.fault_all(&*rec, &misses).unwrap(),
+            3,
+            "all three answered"
+        );
+        assert_eq!(
+            *rec.0.lock(),
+            vec![format!("U {} 0x11000 ReadWrite", r(iova + PAGE, 3 * PAGE))],
+            "one UPDATE, from the lowest miss forward, never before it"
+        );
     }
 }

@@ -204,6 +204,20 @@ struct Runner<D: Device> {
     base: Arc<AtomicU16>,
 }
 
+/// Why a drain stopped before the ring was empty.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Idle {
+    /// It did not: the ring was empty (or it yielded).
+    No,
+    /// The handler was not [`crate::QueueHandler::ready`]: the wait polls the handler for the
+    /// chain window (another queue's [`crate::QueueWakers::wake`] makes it ready), then
+    /// sleeps.
+    Device,
+    /// The handler gave back a request the ring has too few chains for: the wait sleeps
+    /// until the driver kicks (more chains); the handler is ready, so polling it would spin.
+    Starved,
+}
+
 /// What a worker works with.
 struct QueueState<H> {
     queue: Queue,
@@ -213,10 +227,9 @@ struct QueueState<H> {
     /// one at a time, and the ones it took.
     extra: Chain,
     taken: Vec<(u16, u32)>,
-    /// The handler was not [`crate::QueueHandler::ready`] at the last look, or gave back a
-    /// request the ring has too few chains for: the wait sleeps (a kick or a
-    /// [`crate::QueueWakers::wake`]) rather than poll a ring that is not empty.
-    device_idle: bool,
+    /// Why the last drain stopped with chains possibly left on the ring; the wait then does
+    /// not poll the ring (see [`Idle`]).
+    device_idle: Idle,
     /// A request taken off the avail ring and not completed yet.
     open: Option<u16>,
     /// Completions since the driver was last notified.

@@ -1,7 +1,8 @@
 //! A worker's busy-polling: for the UPDATE that answers its miss (the wake-up flag, then the
 //! eventfds), and, under adaptive polling, for the driver's next chain (the avail index,
 //! with kicks turned off meanwhile, as QEMU's virtqueue polling does, so that a driver adding
-//! chains to a polled queue makes no notification at all). Each kind of wait has its own
+//! chains to a polled queue makes no notification at all) or for the device to have work
+//! for the queue again (the handler's `ready`, which another queue's wake-up changes). Each kind of wait has its own
 //! window ([`PollWindow`]), tuned by how long the waits turn out to be.
 //!
 //! This file only polls: it never serves a chain, parks or blocks (the wait loop in `run`
@@ -15,7 +16,7 @@ use virtq::Translator;
 use wire::poll::{PollMode, PollWindow, WaitKind};
 
 use super::{QueueState, Runner};
-use crate::device::Device;
+use crate::device::{Device, QueueHandler};
 
 /// Busy-poll looks at the wake-up flag (or the avail index) per look at the kick and wake-up
 /// eventfds.
@@ -94,6 +95,18 @@ impl<D: Device> Runner<D> {
                 || !self.cfg.enabled.load(Ordering::Relaxed)
                 // An error (the avail ring unmapped meanwhile, say) is for the drain to meet.
                 || !matches!(self.section(|gm| w.queue.has_available(tr, gm)), Ok(false))
+        })
+    }
+
+    /// The device had nothing to do for the queue (`QueueHandler::ready` false): poll the
+    /// wake-up flag and the handler for up to the chain window. True when it became ready
+    /// or something else came (a kick, a stop, a disable); false when the window ran out.
+    pub(super) fn spin_for_ready(&self, w: &mut QueueState<D::Handler>) -> bool {
+        let window = w.poll.kicks.window();
+        self.spin(window, || {
+            self.stop.load(Ordering::Relaxed)
+                || !self.cfg.enabled.load(Ordering::Relaxed)
+                || w.handler.ready()
         })
     }
 

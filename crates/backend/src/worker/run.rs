@@ -16,7 +16,7 @@ use super::miss::{Next, Parked};
 use super::poll::Polling;
 use super::serve::Drained;
 use super::wake::{consume, signal};
-use super::{QueueState, Runner};
+use super::{Idle, QueueState, Runner};
 use crate::device::{Device, QueueWakers};
 use crate::quiesce::Section;
 use crate::ratelimit::{AccessFailLimit, Limit, WARNINGS_PER_WINDOW};
@@ -52,7 +52,7 @@ impl<D: Device> Runner<D> {
             chain: Chain::new(),
             extra: Chain::new(),
             taken: Vec::new(),
-            device_idle: false,
+            device_idle: Idle::No,
             open: None,
             unnotified: 0,
             held_since: None,
@@ -88,7 +88,7 @@ impl<D: Device> Runner<D> {
                 self.sleep(Some(Duration::ZERO));
             } else if for_chain {
                 let since = *w.poll.idle_since.get_or_insert_with(Instant::now);
-                let came = if w.poll.kicks_off && !w.device_idle {
+                let came = if w.poll.kicks_off && w.device_idle == Idle::No {
                     // The drain left kicks off to poll for the next chain. If none comes
                     // within the window, the drain asks for kicks again (and looks at the
                     // ring once more) before the next wait blocks.
@@ -99,7 +99,11 @@ impl<D: Device> Runner<D> {
                     if w.unnotified > 0 {
                         self.notify(&mut w, &mut *tr);
                     }
-                    self.sleep(None)
+                    // A device with nothing to do (net's receive queue with no frame) polls
+                    // for the wake-up that makes it ready for the same window: the queue
+                    // that wakes it (its transmit side) then costs it no thread wake-up.
+                    (w.device_idle == Idle::Device && self.spin_for_ready(&mut w))
+                        || self.sleep(None)
                 };
                 if came {
                     w.poll.chain_came(since);

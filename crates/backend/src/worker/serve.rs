@@ -13,7 +13,7 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::miss::{Next, Parked, Unfinished};
 use super::wake::signal;
-use super::{QueueState, Runner};
+use super::{Idle, QueueState, Runner};
 use crate::device::{Device, MoreChains, QueueHandler, Served, Unreported};
 use crate::stats::EngineCounters;
 
@@ -260,10 +260,10 @@ impl<D: Device> Runner<D> {
                 break Drained::Yielded;
             }
             if !w.handler.ready() {
-                w.device_idle = true;
+                w.device_idle = Idle::Device;
                 break Drained::Empty;
             }
-            w.device_idle = false;
+            w.device_idle = Idle::No;
             let popped = self.section(|gm| match w.queue.pop(tr, gm, &mut w.chain) {
                 Ok(true) => {
                     let head = w.chain.head();
@@ -365,7 +365,7 @@ impl<D: Device> Runner<D> {
                 }
                 Ok(Popped::Empty) => break Drained::Empty,
                 Ok(Popped::Starved) => {
-                    w.device_idle = true;
+                    w.device_idle = Idle::Starved;
                     break Drained::Empty;
                 }
                 Err(PopError::Miss { iova, access }) => match self.miss(iova, access) {

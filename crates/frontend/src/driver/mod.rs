@@ -25,8 +25,12 @@
 //! request loop; `requests.rs` builds, publishes and completes requests on the split ring;
 //! `pages.rs` hands out per-request buffer pages and keeps their poison.
 
+mod net;
 mod pages;
 mod requests;
+mod ring;
+
+pub use net::{NetDriver, NetDriverConfig, NetReport, DRIVER_MAC, MAX_FRAME, NET_HDR, PEER_MAC};
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -37,10 +41,11 @@ use rustix::event::{poll, PollFd, PollFlags, Timespec};
 use virtq::testing::Rng;
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::vhost_user::{FrontendError, GuestRam, Notifiers, RingSetup, VhostUserFrontend};
+use crate::vhost_user::{FrontendError, GuestRam, VhostUserFrontend};
 use crate::viommu::{Viommu, ViommuError, PAGE};
 use pages::PagePool;
 use requests::{Slot, UNKNOWN};
+use ring::DriverRing;
 
 /// How buffers are mapped behind the IOMMU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -161,15 +166,10 @@ pub struct BlkDriver<'a> {
     cfg: DriverConfig,
     /// Bytes per request.
     bytes: u64,
-    desc: u64,
-    avail: u64,
-    used: u64,
-    notifiers: Notifiers,
+    ring: DriverRing,
     slots: Vec<Slot>,
     free_slots: Vec<usize>,
     pool: PagePool,
-    avail_idx: u16,
-    last_used: u16,
     versions: Vec<u32>,
     rng: Rng,
     buf: Vec<u8>,
@@ -212,7 +212,6 @@ impl<'a> BlkDriver<'a> {
         cfg: DriverConfig,
         ram_base: u64,
     ) -> Result<Self, DriverError> {
-        let n = u64::from(cfg.queue_size);
         if !cfg.queue_size.is_power_of_two()
             || cfg.inflight == 0
             || cfg.inflight > cfg.queue_size / 3
@@ -243,18 +242,7 @@ impl<'a> BlkDriver<'a> {
             next: ram_base.div_ceil(PAGE) * PAGE,
             end: ram.size(),
         };
-        let desc = bump.pages((16 * n).div_ceil(PAGE))?;
-        let avail = bump.pages((6 + 2 * n).div_ceil(PAGE))?;
-        let used = bump.pages((6 + 8 * n).div_ceil(PAGE))?;
-        // Ring addresses as the device sees them: mapped for good behind the IOMMU.
-        let (desc_dev, avail_dev, used_dev) = match &viommu {
-            Some(v) => (
-                v.map(desc, (16 * n).div_ceil(PAGE) * PAGE, Perm::ReadOnly)?,
-                v.map(avail, (6 + 2 * n).div_ceil(PAGE) * PAGE, Perm::ReadOnly)?,
-                v.map(used, (6 + 8 * n).div_ceil(PAGE) * PAGE, Perm::ReadWrite)?,
-            ),
-            None => (desc, avail, used),
-        };
+        let ring = DriverRing::start(fe, &mut bump, cfg.queue, cfg.queue_size)?;
         let persistent = viommu.is_none() || cfg.mapping == Mapping::Persistent;
         let per_slot = if persistent {
             u64::from(cfg.buffers_per_slot.max(1))
@@ -307,32 +295,16 @@ impl<'a> BlkDriver<'a> {
                 busy: None,
             });
         }
-        let notifiers = fe.start_queue(RingSetup {
-            index: cfg.queue,
-            size: cfg.queue_size,
-            desc: desc_dev,
-            avail: avail_dev,
-            used: used_dev,
-        })?;
         Ok(BlkDriver {
             fe,
             ram,
             viommu,
             cfg,
             bytes,
-            desc,
-            avail,
-            used,
-            notifiers,
+            ring,
             free_slots: (0..slots.len()).rev().collect(),
             slots,
-            pool: PagePool {
-                free: pages,
-                deferred: Vec::new(),
-                poisoned: Default::default(),
-            },
-            avail_idx: 0,
-            last_used: 0,
+            pool: PagePool::new(pages, bytes as usize, cfg.verify),
             versions: vec![if cfg.fresh_disk { 0 } else { UNKNOWN }; cfg.disk_blocks as usize],
             rng,
             buf: vec![0; bytes as usize],
@@ -344,10 +316,8 @@ impl<'a> BlkDriver<'a> {
     /// Guest RAM the driver needs beyond `ram_base` for `cfg` (rings, request headers, data
     /// pages), rounded to pages.
     pub fn ram_needed(cfg: &DriverConfig) -> u64 {
-        let n = u64::from(cfg.queue_size);
         let inflight = u64::from(cfg.inflight);
-        let rings =
-            (16 * n).div_ceil(PAGE) + (6 + 2 * n).div_ceil(PAGE) + (6 + 8 * n).div_ceil(PAGE);
+        let rings = DriverRing::ram_needed(cfg.queue_size) / PAGE;
         let buffers = inflight * u64::from(cfg.buffers_per_slot.max(1)) + inflight * 4;
         let bp = u64::from(cfg.block_pages.max(1));
         (rings + inflight + buffers * (bp + 1) + 1) * PAGE
@@ -403,18 +373,20 @@ impl<'a> BlkDriver<'a> {
             }
             // Wait for an interrupt (the device signals after publishing used entries, so
             // one that came after the check above is pending on the eventfd).
-            let mut fds = [PollFd::new(&self.notifiers.call, PollFlags::IN)];
+            let mut fds = [PollFd::new(&self.ring.notifiers.call, PollFlags::IN)];
             let ts = Timespec {
                 tv_sec: 0,
                 tv_nsec: 20_000_000,
             };
             let _ = poll(&mut fds, Some(&ts));
-            self.notifiers.take_call();
+            self.ring.notifiers.take_call();
         }
         if let Some(v) = &self.viommu {
             v.flush()?;
-            self.release_deferred();
+            self.pool.release_deferred(&self.ram, Some(v));
         }
+        self.report.poison_checks = self.pool.count.checks;
+        self.report.poison_violations = self.pool.count.violations;
         self.report.elapsed += start.elapsed();
         Ok(())
     }
@@ -427,6 +399,7 @@ impl<'a> BlkDriver<'a> {
     /// Start counting afresh (after a warm-up).
     pub fn reset_report(&mut self) {
         self.report = DriverReport::default();
+        self.pool.count = Default::default();
     }
 
     /// What was done so far.
@@ -438,10 +411,10 @@ impl<'a> BlkDriver<'a> {
     /// submitted (nothing in flight is lost).
     pub fn finish(self) -> Result<DriverReport, DriverError> {
         let base = self.fe.stop_queue(self.cfg.queue)?;
-        if base != self.avail_idx {
+        if base != self.ring.avail_idx {
             return Err(DriverError::Config(format!(
                 "GET_VRING_BASE returned {base}, {} requests were submitted",
-                self.avail_idx
+                self.ring.avail_idx
             )));
         }
         Ok(self.report)

@@ -1,13 +1,17 @@
-//! The driver's per-request buffer pages: a pool of guest-physical pages handed out for
-//! per-request mappings, poisoned once their unmap is complete (strict: acknowledged; lazy:
-//! flushed) and checked intact when handed out again. Nothing here builds or reads the ring.
+//! The drivers' per-request buffers: a pool of guest-physical buffers (one unit each, a
+//! whole number of pages) handed out for per-request mappings, poisoned once their unmap is
+//! complete (strict: acknowledged; lazy: flushed) and checked intact when handed out again.
+//! A device that wrote through a translation after acknowledging its invalidation breaks the
+//! poison. Shared by the blk and net simulators; nothing here builds or reads a ring.
 
+use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 
 use vm_memory::{Bytes, GuestAddress};
 
-use super::{BlkDriver, DriverError};
-use crate::viommu::Invalidation;
+use super::DriverError;
+use crate::vhost_user::GuestRam;
+use crate::viommu::{Invalidation, Viommu};
 
 /// Fill of freed pages.
 pub(super) const POISON: u64 = 0xdead_beef_0bad_f00d;
@@ -18,41 +22,70 @@ pub(super) fn poison_page(out: &mut [u8]) {
     }
 }
 
+/// What the poison checks found.
+#[derive(Debug, Default, Clone, Copy)]
+pub(super) struct PoisonCount {
+    /// Buffers checked when handed out again.
+    pub(super) checks: u64,
+    /// Of which found written after their unmap was complete.
+    pub(super) violations: u64,
+}
+
 /// Buffers for per-request mappings, with poison checks.
 #[derive(Debug)]
 pub(super) struct PagePool {
-    pub(super) free: Vec<u64>,
-    /// Pages whose unmap is not complete yet (lazy): the invalidation count before it.
-    pub(super) deferred: Vec<(u64, u64)>,
-    pub(super) poisoned: std::collections::HashSet<u64>,
+    free: Vec<u64>,
+    /// Buffers whose unmap is not complete yet (lazy): the invalidation count before it.
+    deferred: Vec<(u64, u64)>,
+    poisoned: HashSet<u64>,
+    verify: bool,
+    buf: Vec<u8>,
+    expect: Vec<u8>,
+    /// What the checks found so far.
+    pub(super) count: PoisonCount,
 }
 
-impl BlkDriver<'_> {
-    /// Take a page for a per-request buffer, checking its poison.
-    pub(super) fn take_page(&mut self) -> Result<u64, DriverError> {
-        self.release_deferred();
-        if self.pool.free.is_empty() && !self.pool.deferred.is_empty() {
-            // Lazy mode ran the pool dry before a batch filled: flush now, as a guest's
-            // flush timer would.
-            if let Some(v) = &self.viommu {
+impl PagePool {
+    /// A pool of the buffers at `free`, `unit` bytes each; poison is kept only if `verify`.
+    pub(super) fn new(free: Vec<u64>, unit: usize, verify: bool) -> Self {
+        let mut expect = vec![0; unit];
+        poison_page(&mut expect);
+        PagePool {
+            free,
+            deferred: Vec::new(),
+            poisoned: HashSet::new(),
+            verify,
+            buf: vec![0; unit],
+            expect,
+            count: PoisonCount::default(),
+        }
+    }
+
+    /// Take a buffer, checking its poison. A lazy vIOMMU whose batch has not filled when the
+    /// pool runs dry is flushed, as a guest's flush timer would.
+    pub(super) fn take(
+        &mut self,
+        ram: &GuestRam,
+        viommu: Option<&Viommu>,
+    ) -> Result<u64, DriverError> {
+        self.release_deferred(ram, viommu);
+        if self.free.is_empty() && !self.deferred.is_empty() {
+            if let Some(v) = viommu {
                 v.flush()?;
             }
-            self.release_deferred();
+            self.release_deferred(ram, viommu);
         }
         let gpa = self
-            .pool
             .free
             .pop()
             .ok_or_else(|| DriverError::Config("per-request page pool empty".into()))?;
-        if self.cfg.verify && self.pool.poisoned.remove(&gpa) {
-            self.ram
-                .memory()
+        if self.verify && self.poisoned.remove(&gpa) {
+            ram.memory()
                 .read_slice(&mut self.buf, GuestAddress(gpa))
-                .map_err(Self::mem_err)?;
-            poison_page(&mut self.expect);
-            self.report.poison_checks += 1;
+                .map_err(|e| DriverError::Memory(e.to_string()))?;
+            self.count.checks += 1;
             if self.buf != self.expect {
-                self.report.poison_violations += 1;
+                self.count.violations += 1;
                 tracing::error!(
                     gpa = %format_args!("{gpa:#x}"),
                     "driver: a page was written after its unmap was acknowledged"
@@ -62,39 +95,40 @@ impl BlkDriver<'_> {
         Ok(gpa)
     }
 
-    /// A page whose mappings are being torn down: poison it once no device may reach it.
-    pub(super) fn put_page(&mut self, gpa: u64, invalidations_before: u64) {
-        self.pool.deferred.push((gpa, invalidations_before));
-        self.release_deferred();
+    /// A buffer whose mappings are being torn down (`invalidations_before`: the vIOMMU's
+    /// invalidation count before the unmap): poison it once no device may reach it.
+    pub(super) fn put(
+        &mut self,
+        gpa: u64,
+        invalidations_before: u64,
+        ram: &GuestRam,
+        viommu: Option<&Viommu>,
+    ) {
+        self.deferred.push((gpa, invalidations_before));
+        self.release_deferred(ram, viommu);
     }
 
-    pub(super) fn release_deferred(&mut self) {
-        let done = match &self.viommu {
-            Some(v) => v.stats().invalidations.load(Ordering::Relaxed),
-            None => u64::MAX,
-        };
-        let strict = self
-            .viommu
-            .as_ref()
-            .is_none_or(|v| v.config().invalidation == Invalidation::Strict);
+    /// Poison and free the buffers whose unmap is complete.
+    pub(super) fn release_deferred(&mut self, ram: &GuestRam, viommu: Option<&Viommu>) {
+        let done = viommu.map_or(u64::MAX, |v| {
+            v.stats().invalidations.load(Ordering::Relaxed)
+        });
+        let strict = viommu.is_none_or(|v| v.config().invalidation == Invalidation::Strict);
         let mut i = 0;
-        while i < self.pool.deferred.len() {
-            let (gpa, before) = self.pool.deferred[i];
+        while i < self.deferred.len() {
+            let (gpa, before) = self.deferred[i];
             // Strict: the unmap returned after the acknowledgement. Lazy: wait for a flush.
             if strict || done > before {
-                self.pool.deferred.swap_remove(i);
-                if self.cfg.verify {
-                    poison_page(&mut self.buf);
-                    if self
-                        .ram
+                self.deferred.swap_remove(i);
+                if self.verify
+                    && ram
                         .memory()
-                        .write_slice(&self.buf, GuestAddress(gpa))
+                        .write_slice(&self.expect, GuestAddress(gpa))
                         .is_ok()
-                    {
-                        self.pool.poisoned.insert(gpa);
-                    }
+                {
+                    self.poisoned.insert(gpa);
                 }
-                self.pool.free.push(gpa);
+                self.free.push(gpa);
             } else {
                 i += 1;
             }

@@ -8,6 +8,7 @@ use std::time::Instant;
 use iotlb::Perm;
 use vm_memory::{Bytes, GuestAddress};
 
+use super::ring::{F_NEXT, F_WRITE};
 use super::{BlkDriver, DriverError, Mapping};
 use crate::viommu::PAGE;
 
@@ -17,10 +18,6 @@ pub(super) const T_IN: u32 = 0;
 pub(super) const T_OUT: u32 = 1;
 /// Sector size.
 pub(super) const SECTOR: u64 = 512;
-/// `VIRTQ_DESC_F_NEXT`.
-pub(super) const F_NEXT: u16 = 1;
-/// `VIRTQ_DESC_F_WRITE`.
-pub(super) const F_WRITE: u16 = 2;
 /// Status byte before the device writes it.
 pub(super) const STATUS_UNSET: u8 = 0xff;
 /// A block whose content is unknown (a write that failed).
@@ -87,7 +84,7 @@ impl BlkDriver<'_> {
         };
         let per_request = self.viommu.is_some() && self.cfg.mapping == Mapping::PerRequest;
         let data_gpa = if per_request {
-            self.take_page()?
+            self.pool.take(&self.ram, self.viommu.as_deref())?
         } else {
             let slot = &self.slots[s];
             slot.data[self.rng.below(slot.data.len() as u64) as usize].0
@@ -135,7 +132,6 @@ impl BlkDriver<'_> {
             (slot.hdr_dev, slot.status_dev, dev, [0; 3])
         };
         let head = (s * 3) as u16;
-        let d = self.desc + u64::from(head) * 16;
         let descs: [(u64, u32, u16); 3] = [
             (hdr, 16, F_NEXT),
             (
@@ -146,15 +142,11 @@ impl BlkDriver<'_> {
             (status + 16, 1, F_WRITE),
         ];
         for (i, (addr, len, flags)) in descs.into_iter().enumerate() {
-            let at = d + 16 * i as u64;
-            self.write(at, addr.to_le())?;
-            self.write(at + 8, len.to_le())?;
-            self.write(at + 12, flags.to_le())?;
-            self.write(at + 14, (head + i as u16 + 1).to_le())?;
+            let i = i as u16;
+            self.ring
+                .write_desc(&self.ram, head + i, addr, len, flags, head + i + 1)?;
         }
-        let ring_slot = u64::from(self.avail_idx % self.cfg.queue_size);
-        self.write(self.avail + 4 + 2 * ring_slot, head.to_le())?;
-        self.avail_idx = self.avail_idx.wrapping_add(1);
+        self.ring.push(&self.ram, head)?;
         self.slots[s].busy = Some(InFlight {
             submitted: Instant::now(),
             write,
@@ -167,38 +159,16 @@ impl BlkDriver<'_> {
     }
 
     pub(super) fn publish(&self) -> Result<(), DriverError> {
-        // Descriptors and ring entries before the index (release).
-        self.ram
-            .memory()
-            .store(
-                self.avail_idx.to_le(),
-                GuestAddress(self.avail + 2),
-                Ordering::Release,
-            )
-            .map_err(Self::mem_err)?;
-        self.notifiers.kick();
-        Ok(())
+        self.ring.publish(&self.ram, false)
     }
 
     /// Take every completion the device published; returns how many.
     pub(super) fn harvest(&mut self) -> Result<usize, DriverError> {
-        let used_idx = u16::from_le(
-            self.ram
-                .memory()
-                .load::<u16>(GuestAddress(self.used + 2), Ordering::Acquire)
-                .map_err(Self::mem_err)?,
-        );
+        let used_idx = self.ring.used_idx(&self.ram)?;
         let mut n = 0;
         let mut teardown = Vec::new();
-        while self.last_used != used_idx {
-            let at = self.used + 4 + 8 * u64::from(self.last_used % self.cfg.queue_size);
-            let id: u32 = self
-                .ram
-                .memory()
-                .read_obj(GuestAddress(at))
-                .map_err(Self::mem_err)?;
-            self.last_used = self.last_used.wrapping_add(1);
-            self.complete(u32::from_le(id), &mut teardown)?;
+        while let Some((id, _)) = self.ring.next_used(&self.ram, used_idx)? {
+            self.complete(id, &mut teardown)?;
             n += 1;
         }
         // Unmap the batch's buffers together, as a guest's completion handler does: their
@@ -212,7 +182,7 @@ impl BlkDriver<'_> {
             }
             v.unmap_all(&ranges)?;
             for (_, page) in teardown {
-                self.put_page(page, before);
+                self.pool.put(page, before, &self.ram, Some(v));
             }
         }
         Ok(n)
