@@ -7,6 +7,7 @@
 //! No guest memory here: frames are bytes the handlers copied.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use parking_lot::Mutex;
 
@@ -30,17 +31,27 @@ pub(super) enum Edge {
     None,
 }
 
+/// One pair's queue, and its length readable without the lock (a receive worker polling
+/// for a frame looks at it in a loop; taking the lock there would contend with the
+/// transmit side pushing).
+#[derive(Debug, Default)]
+struct Slot {
+    pair: Mutex<Pair>,
+    /// `pair.frames.len()`, stored under the lock.
+    queued: AtomicUsize,
+}
+
 /// The frames of every pair of one device.
 #[derive(Debug)]
 pub struct Packets {
-    pairs: Vec<Mutex<Pair>>,
+    pairs: Vec<Slot>,
 }
 
 impl Packets {
     /// Queues for `pairs` pairs.
     pub fn new(pairs: u16) -> Self {
         Packets {
-            pairs: (0..pairs).map(|_| Mutex::new(Pair::default())).collect(),
+            pairs: (0..pairs).map(|_| Slot::default()).collect(),
         }
     }
 
@@ -48,7 +59,7 @@ impl Packets {
     pub(super) fn has_room(&self, pair: u16) -> bool {
         self.pairs
             .get(usize::from(pair))
-            .is_some_and(|p| p.lock().frames.len() < PAIR_FRAMES)
+            .is_some_and(|p| p.queued.load(Ordering::Acquire) < PAIR_FRAMES)
     }
 
     /// A buffer to copy a frame into (a spent one if there is one).
@@ -56,7 +67,7 @@ impl Packets {
         let mut b = self
             .pairs
             .get(usize::from(pair))
-            .and_then(|p| p.lock().spare.pop())
+            .and_then(|p| p.pair.lock().spare.pop())
             .unwrap_or_default();
         b.clear();
         b
@@ -66,14 +77,15 @@ impl Packets {
     /// the bound (a caller that did not ask [`Packets::has_room`]) is dropped: `None` and
     /// false.
     pub(super) fn push(&self, pair: u16, frame: Vec<u8>) -> (Edge, bool) {
-        let Some(p) = self.pairs.get(usize::from(pair)) else {
+        let Some(slot) = self.pairs.get(usize::from(pair)) else {
             return (Edge::None, false);
         };
-        let mut p = p.lock();
+        let mut p = slot.pair.lock();
         if p.frames.len() >= PAIR_FRAMES {
             return (Edge::None, false);
         }
         p.frames.push_back(frame);
+        slot.queued.store(p.frames.len(), Ordering::Release);
         let edge = if p.frames.len() == 1 {
             Edge::Crossed
         } else {
@@ -84,16 +96,23 @@ impl Packets {
 
     /// The next frame for `pair`'s receive queue; `Crossed` if the queue was full.
     pub(super) fn pop(&self, pair: u16) -> Option<(Vec<u8>, Edge)> {
-        let mut p = self.pairs.get(usize::from(pair))?.lock();
+        let slot = self.pairs.get(usize::from(pair))?;
+        // Nothing queued: no lock. A frame pushed just after is seen at the next look (its
+        // push reports the edge, and the receive side is woken).
+        if slot.queued.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        let mut p = slot.pair.lock();
         let full = p.frames.len() >= PAIR_FRAMES;
         let frame = p.frames.pop_front()?;
+        slot.queued.store(p.frames.len(), Ordering::Release);
         Some((frame, if full { Edge::Crossed } else { Edge::None }))
     }
 
     /// Give a spent buffer back for reuse.
     pub(super) fn recycle(&self, pair: u16, buf: Vec<u8>) {
         if let Some(p) = self.pairs.get(usize::from(pair)) {
-            let mut p = p.lock();
+            let mut p = p.pair.lock();
             if p.spare.len() < PAIR_FRAMES {
                 p.spare.push(buf);
             }
