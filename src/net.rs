@@ -1,7 +1,8 @@
 //! `vhost-iotlb net`: serve a vhost-user-net back-end with a device IOTLB.
 //!
 //! `--loopback` sends every frame the guest transmits back to it on the same queue pair
-//! with its MAC addresses swapped (what DPDK's testpmd does in `macswap` mode). Listens on
+//! with its MAC addresses swapped (what DPDK's testpmd does in `macswap` mode); `--tap NAME`
+//! links the (one) queue pair to a Linux tap interface instead. Listens on
 //! `--socket`, serves one front-end at a time, stops on SIGINT or SIGTERM and prints the
 //! engine's stats line and the device's frame counters on exit.
 
@@ -17,13 +18,18 @@ use crate::engine::{serve_until_signal, EngineArgs};
 
 /// Options of `vhost-iotlb net`.
 #[derive(Args, Debug)]
+#[command(group(clap::ArgGroup::new("link").required(true).args(["loopback", "tap"])))]
 pub struct NetArgs {
     /// The vhost-user socket to listen on.
     #[arg(long, value_name = "PATH")]
     socket: PathBuf,
     /// Send each transmitted frame back to the guest, MAC addresses swapped.
-    #[arg(long, required = true)]
+    #[arg(long)]
     loopback: bool,
+    /// Link the device to this tap interface (created if missing; needs CAP_NET_ADMIN).
+    /// One queue pair.
+    #[arg(long, value_name = "NAME")]
+    tap: Option<String>,
     /// Queue pairs (rx and tx each).
     #[arg(long, default_value_t = 1)]
     queues: u16,
@@ -50,17 +56,33 @@ pub fn run(args: &NetArgs) -> Result<(), String> {
     if !args.queue_size.is_power_of_two() {
         return Err("--queue-size must be a power of two".into());
     }
-    let net = Net::loopback(NetConfig {
+    let cfg = NetConfig {
         pairs: args.queues,
         mtu: args.mtu,
         queue_size: args.queue_size,
         ..NetConfig::default()
-    });
+    };
+    let net = match &args.tap {
+        Some(name) => {
+            if args.queues != 1 {
+                return Err("--tap serves one queue pair: leave --queues at 1".into());
+            }
+            let tap = devices::net::Tap::open(name).map_err(|e| format!("tap {name}: {e}"))?;
+            Net::tap(cfg, tap).map_err(|e| format!("tap {name}: {e}"))?
+        }
+        None => Net::loopback(cfg),
+    };
     let counters = net.stats().clone();
     tracing::info!(
         pairs = args.queues,
         mtu = args.mtu,
-        "vhost-iotlb net: loopback"
+        tap = args.tap.as_deref().unwrap_or("-"),
+        "vhost-iotlb net: {}",
+        if args.tap.is_some() {
+            "tap"
+        } else {
+            "loopback"
+        }
     );
     let server = Server::new(net, engine);
     let result = serve_until_signal(&server, &args.socket, "net");

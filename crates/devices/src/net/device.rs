@@ -23,6 +23,10 @@
 //! byte in a net chain ([`QueueHandler::status_in_chain`]); a received frame is never lost
 //! to one (it waits for the next chain).
 //!
+//! Frames go to one of two links ([`Net::loopback`], [`Net::tap`]): the loopback swaps the
+//! MACs and queues the frame for the same pair's receive queue (a transmit queue whose pair
+//! is full waits); the tap writes it to the interface, and its reader queues what comes in.
+//!
 //! Each side wakes the other on the change that makes it ready (a frame queued for an empty
 //! receive side, room made on a full one): no polling between queues, no lost wake-up.
 
@@ -41,6 +45,7 @@ use super::frame::{
     CONFIG_LEN, HEADER_LEN, MAC_LEN, MAX_PAIRS,
 };
 use super::packets::{Edge, Packets};
+use super::tap::{Tap, TapError, TapLink, TapShared};
 
 /// Largest frame sent or received (without the header): a 64 KiB IP packet and its
 /// Ethernet header, as Linux's virtio-net allows with a large MTU.
@@ -98,14 +103,16 @@ fn add(c: &AtomicU64, n: u64) {
     c.fetch_add(n, Ordering::Relaxed);
 }
 
-/// virtio-net with a loopback: every transmitted frame comes back on the same pair's
-/// receive queue with its MAC addresses swapped.
+/// virtio-net with a loopback (every transmitted frame comes back on the same pair's
+/// receive queue with its MAC addresses swapped) or a tap.
 #[derive(Debug)]
 pub struct Net {
     cfg: NetConfig,
     acked: AtomicU64,
     packets: Arc<Packets>,
     stats: Arc<NetStats>,
+    /// The tap link, if the device has one (else: the loopback).
+    tap: Option<TapLink>,
 }
 
 impl Net {
@@ -117,7 +124,23 @@ impl Net {
             cfg,
             acked: AtomicU64::new(0),
             stats: Arc::new(NetStats::default()),
+            tap: None,
         }
+    }
+
+    /// A device whose one queue pair is linked to `tap` (`cfg.pairs` is taken as 1).
+    pub fn tap(mut cfg: NetConfig, tap: Tap) -> Result<Self, TapError> {
+        cfg.pairs = 1;
+        let packets = Arc::new(Packets::new(1));
+        let stats = Arc::new(NetStats::default());
+        let link = TapLink::start(tap, packets.clone(), stats.clone())?;
+        Ok(Net {
+            packets,
+            cfg,
+            acked: AtomicU64::new(0),
+            stats,
+            tap: Some(link),
+        })
     }
 
     /// Its counters.
@@ -186,7 +209,12 @@ impl Device for Net {
     fn handler(&self, index: u16, wake: QueueWakers) -> NetQueue {
         // The engine asks only for indices below `queues()`: the last is the control queue.
         let role = queue_role(index, self.cfg.pairs).unwrap_or(QueueRole::Ctrl);
+        let tap = self.tap.as_ref().map(|t| t.shared.clone());
+        if let (Some(t), QueueRole::Rx(0)) = (&tap, role) {
+            t.set_waker(wake.clone());
+        }
         NetQueue {
+            tap,
             role,
             pairs: self.cfg.pairs,
             merge: self.acked(vn::VIRTIO_NET_F_MRG_RXBUF),
@@ -203,6 +231,8 @@ impl Device for Net {
 #[derive(Debug)]
 pub struct NetQueue {
     role: QueueRole,
+    /// The tap transmitted frames go to (else the loopback).
+    tap: Option<Arc<TapShared>>,
     pairs: u16,
     merge: bool,
     packets: Arc<Packets>,
@@ -248,6 +278,22 @@ impl NetQueue {
             }
         };
         let len = frame.len();
+        if let Some(tap) = &self.tap {
+            let sent = tap.send(&frame);
+            self.packets.recycle(pair, frame);
+            add(
+                if sent {
+                    &self.stats.tx_frames
+                } else {
+                    &self.stats.tx_dropped
+                },
+                1,
+            );
+            if sent {
+                add(&self.stats.tx_bytes, len as u64);
+            }
+            return;
+        }
         // Too short for two addresses: passed on as it is (a peer's problem, not ours).
         swap_macs(&mut frame);
         let (edge, queued) = self.packets.push(pair, frame);
@@ -394,7 +440,8 @@ impl QueueHandler for NetQueue {
 
     fn ready(&mut self) -> bool {
         match self.role {
-            QueueRole::Tx(pair) => self.packets.has_room(pair),
+            // A tap takes frames whenever they come.
+            QueueRole::Tx(pair) => self.tap.is_some() || self.packets.has_room(pair),
             QueueRole::Rx(pair) => {
                 if self.frame.is_none() {
                     if let Some((frame, edge)) = self.packets.pop(pair) {
