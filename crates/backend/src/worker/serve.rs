@@ -261,6 +261,15 @@ impl<D: Device> Runner<D> {
             }
             if !w.handler.ready() {
                 w.device_idle = Idle::Device;
+                // The device wakes this queue when it has work (QueueWakers), and the drain
+                // then reads the avail index itself: kicks meanwhile (a receive ring being
+                // refilled) would only wake the worker to find nothing to do.
+                if !w.poll.kicks_off {
+                    match self.section(|gm| w.queue.set_notification(tr, gm, false)) {
+                        Ok(_) => w.poll.kicks_off = true,
+                        Err(e) => tracing::debug!(error = %e, "vhost-user: cannot turn kicks off"),
+                    }
+                }
                 break Drained::Empty;
             }
             w.device_idle = Idle::No;
