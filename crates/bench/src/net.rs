@@ -125,6 +125,8 @@ pub(crate) fn workload_names(args: &E2eArgs) -> Vec<&'static str> {
 pub(crate) struct NetMeasured {
     pub(crate) report: NetReport,
     pub(crate) misses: u64,
+    /// MISSes for an IOVA the vIOMMU no longer maps (left unanswered, as QEMU does).
+    pub(crate) unmapped: u64,
     pub(crate) invalidations: u64,
     /// CPU of the device side (our back-end's threads, or testpmd's process).
     pub(crate) device_cpu: Duration,
@@ -182,6 +184,7 @@ fn run_workload(
     let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
     let inval = |fe: &VhostUserFrontend| fe.viommu().map_or(0, |v| load(&v.stats().invalidations));
     let (misses0, inval0) = (load(&fe.channel_stats().misses), inval(&fe));
+    let unmapped0 = load(&fe.channel_stats().unmapped);
     d.reset_report();
     at_measure();
     let (cpu0, dev0) = (CpuSample::now(), device_cpu());
@@ -194,12 +197,14 @@ fn run_workload(
     let cpu = CpuSample::now().since(&cpu0);
     let device = device_cpu().saturating_sub(dev0);
     let misses = load(&fe.channel_stats().misses) - misses0;
+    let unmapped = load(&fe.channel_stats().unmapped) - unmapped0;
     let invalidations = inval(&fe) - inval0;
     let report = d.finish().map_err(driver)?;
     drop(fe);
     Ok(NetMeasured {
         report,
         misses,
+        unmapped,
         invalidations,
         device_cpu: device,
         // In-process, our back-end's threads are the device side; the rest is the driver.

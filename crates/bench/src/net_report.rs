@@ -36,6 +36,8 @@ pub(crate) struct NetRow {
     /// MISS sent to queue running again, measured inside our back-end (ours only).
     pub(crate) backend_rtt_p50_us: Option<f64>,
     pub(crate) invalidations_per_s: f64,
+    /// MISSes for IOVAs no longer mapped (unanswered).
+    pub(crate) unmapped_misses: u64,
     /// Frames lost for good, and of those counted lost, the ones that turned up later.
     pub(crate) lost: u64,
     pub(crate) late: u64,
@@ -105,6 +107,7 @@ pub(crate) fn row(
         miss_rtt_p99_us: q(0.99),
         backend_rtt_p50_us: backend_rtt.map(|(p50, _)| p50),
         invalidations_per_s: m.invalidations as f64 / secs,
+        unmapped_misses: m.unmapped,
         lost: r.missing(),
         late: r.late,
         corrupt: r.corrupt,
@@ -132,6 +135,7 @@ pub(crate) fn summarize(samples: Vec<Vec<NetRow>>) -> Vec<NetRow> {
             let pps: Vec<f64> = rounds.iter().map(|r| r.pps).collect();
             let cpu: Vec<f64> = rounds.iter().map(|r| r.device_cpu_s_per_m).collect();
             let sum = |f: fn(&NetRow) -> u64, rounds: &[NetRow]| rounds.iter().map(f).sum::<u64>();
+            let unmapped = sum(|r| r.unmapped_misses, &rounds);
             let counts = (
                 sum(|r| r.lost, &rounds),
                 sum(|r| r.late, &rounds),
@@ -151,6 +155,7 @@ pub(crate) fn summarize(samples: Vec<Vec<NetRow>>) -> Vec<NetRow> {
                 r.poison_checks,
                 r.bad_completions,
             ) = counts;
+            r.unmapped_misses = unmapped;
             r.pps_rounds = pps;
             r.cpu_rounds = cpu;
             Some(r)
@@ -241,13 +246,15 @@ pub(crate) fn print_table(args: &E2eArgs, rows: &[NetRow], totals: Option<PortTo
         let total = |f: fn(&NetRow) -> u64| of.iter().map(|r| f(r)).sum::<u64>();
         println!(
             "{}: every frame back checked byte for byte: {} wrong; freed buffers poisoned and \
-             checked when reused: {} checks, {} broken; {} frames lost, {} late.",
+             checked when reused: {} checks, {} broken; {} frames lost, {} late; {} MISSes for \
+             IOVAs no longer mapped (unanswered, as QEMU leaves them).",
             peer.name(),
             total(|r| r.corrupt + r.bad_completions),
             total(|r| r.poison_checks),
             total(|r| r.poison_violations),
             total(|r| r.lost),
             total(|r| r.late),
+            total(|r| r.unmapped_misses),
         );
     }
     if checks == 0 {
@@ -296,6 +303,7 @@ pub(crate) fn to_json(
                 "miss_rtt_p99_us": r.miss_rtt_p99_us,
                 "backend_miss_rtt_p50_us": r.backend_rtt_p50_us,
                 "invalidations_per_s": r.invalidations_per_s,
+                "unmapped_misses": r.unmapped_misses,
                 "lost": r.lost,
                 "late": r.late,
                 "corrupt": r.corrupt,

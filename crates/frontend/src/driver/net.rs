@@ -18,7 +18,8 @@
 //!   when nothing comes back for `loss_timeout` after the device took every frame, all that
 //!   are out are counted lost. One that turns up later is counted late, not lost.
 //! - The miss round trip is measured here, the same way for any back-end: from a MISS for a
-//!   buffer's page received by the front-end to the used entry of that buffer.
+//!   buffer's page received by the front-end (or, if later, from the ring's previous used
+//!   entry: a miss asked ahead was not waited on meanwhile) to the used entry of that buffer.
 //!
 //! Guest memory is only reached through vm-memory's accessors. Nothing here knows the
 //! back-end's internals.
@@ -187,6 +188,9 @@ pub struct NetDriver<'a> {
     next_seq: u32,
     /// MISSes not matched yet: IOVA page, when received.
     misses: HashMap<u64, Instant>,
+    /// When each ring's last used entry was taken (before this harvest).
+    rx_moved: Instant,
+    tx_moved: Instant,
     frame: Vec<u8>,
     got: Vec<u8>,
     report: NetReport,
@@ -289,6 +293,8 @@ impl<'a> NetDriver<'a> {
             mean_rtt_ns: 0,
             next_seq: 0,
             misses: HashMap::new(),
+            rx_moved: Instant::now(),
+            tx_moved: Instant::now(),
             frame: Vec::new(),
             got: vec![0; PAGE as usize],
             report: NetReport::default(),
@@ -442,16 +448,20 @@ impl<'a> NetDriver<'a> {
         }
     }
 
-    /// A buffer the device finished with: time the MISS it waited on, if any.
-    fn buffer_done(&mut self, b: &Buf) {
+    /// A buffer the device finished with: time the MISS it waited on, if any, from when
+    /// the device could have gone on with it: the later of the MISS and the ring's previous
+    /// completions (`ring_moved`). A back-end that asked ahead for a buffer further down the
+    /// ring did not wait on that miss for the time the buffers before it took.
+    fn buffer_done(&mut self, b: &Buf, ring_moved: Instant) {
         if let Some(at) = self.misses.remove(&b.dev) {
-            self.report.miss_rtt.record(at.elapsed());
+            self.report.miss_rtt.record(at.max(ring_moved).elapsed());
         }
     }
 
     /// Take the transmit ring's used entries; returns how many.
     fn harvest_tx(&mut self, done: &mut Vec<(Buf, bool)>) -> Result<usize, DriverError> {
         let used = self.tx.used_idx(&self.ram)?;
+        let moved = self.tx_moved;
         let mut n = 0;
         while let Some((id, _)) = self.tx.next_used(&self.ram, used)? {
             let b = usize::try_from(id)
@@ -463,7 +473,8 @@ impl<'a> NetDriver<'a> {
                 tracing::error!(id, "net driver: tx used entry for no buffer");
                 continue;
             };
-            self.buffer_done(&b);
+            self.buffer_done(&b, moved);
+            self.tx_moved = Instant::now();
             self.tx_free.push(id as u16);
             done.push((b, false));
             n += 1;
@@ -474,6 +485,7 @@ impl<'a> NetDriver<'a> {
     /// Take the receive ring's used entries and check each frame; returns how many.
     fn harvest_rx(&mut self, done: &mut Vec<(Buf, bool)>) -> Result<usize, DriverError> {
         let used = self.rx.used_idx(&self.ram)?;
+        let moved = self.rx_moved;
         let mut n = 0;
         while let Some((id, len)) = self.rx.next_used(&self.ram, used)? {
             let b = usize::try_from(id)
@@ -485,7 +497,8 @@ impl<'a> NetDriver<'a> {
                 tracing::error!(id, "net driver: rx used entry for no buffer");
                 continue;
             };
-            self.buffer_done(&b);
+            self.buffer_done(&b, moved);
+            self.rx_moved = Instant::now();
             self.rx_free.push(id as u16);
             self.check_frame(&b, len)?;
             done.push((b, true));
