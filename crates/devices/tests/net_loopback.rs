@@ -6,7 +6,7 @@
 //! every chain back and delivers the frame whole later; a receive buffer the IOMMU maps
 //! read-only is given back empty and the frame goes to the next; a frame the device cannot
 //! send (shorter than its header, asking for segmentation) is dropped and counted, and its
-//! buffer given back.
+//! buffer given back. And the tap link, over a real tap interface: a datagram each way.
 
 mod common;
 
@@ -357,4 +357,144 @@ fn a_frame_the_device_cannot_send_is_dropped_counted_and_its_buffer_given_back()
     std::thread::sleep(Duration::from_millis(100));
     p.collect(true);
     assert_eq!(p.got.len(), 1, "nothing else was delivered");
+}
+
+/// A UDP datagram from `src` to `dst` (port 4000 to `port`) in an Ethernet frame from
+/// `smac` to `dmac` (IPv4 header checksummed, UDP checksum left out, as IPv4 allows).
+fn udp_frame(
+    dmac: [u8; 6],
+    smac: [u8; 6],
+    src: [u8; 4],
+    dst: [u8; 4],
+    port: u16,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut f = Vec::new();
+    f.extend_from_slice(&dmac);
+    f.extend_from_slice(&smac);
+    f.extend_from_slice(&0x0800u16.to_be_bytes());
+    let total = (20 + 8 + payload.len()) as u16;
+    let mut ip = vec![0x45, 0, 0, 0, 0, 1, 0x40, 0, 64, 17, 0, 0];
+    ip[2..4].copy_from_slice(&total.to_be_bytes());
+    ip.extend_from_slice(&src);
+    ip.extend_from_slice(&dst);
+    let sum = ip
+        .chunks(2)
+        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+        .sum::<u32>();
+    let sum = (sum & 0xffff) + (sum >> 16);
+    let sum = !((sum & 0xffff) + (sum >> 16)) as u16;
+    ip[10..12].copy_from_slice(&sum.to_be_bytes());
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(&4000u16.to_be_bytes());
+    f.extend_from_slice(&port.to_be_bytes());
+    f.extend_from_slice(&(8 + payload.len() as u16).to_be_bytes());
+    f.extend_from_slice(&[0, 0]);
+    f.extend_from_slice(payload);
+    f
+}
+
+fn ip(args: &[&str]) {
+    let st = std::process::Command::new("ip")
+        .args(args)
+        .status()
+        .expect("running ip (iproute2)");
+    assert!(st.success(), "ip {args:?} failed");
+}
+
+/// The tap link over a real tap interface in this (test) host's network namespace, with
+/// an address of its own: a UDP datagram the guest transmits reaches a host socket, and
+/// one the host sends arrives on the receive queue, byte for byte. Needs root and
+/// /dev/net/tun, as the test suite's CI has.
+#[test]
+fn a_tap_carries_frames_both_ways() {
+    let pid = std::process::id();
+    let name = format!("vhit{}", pid % 100_000);
+    let subnet = (pid % 250) as u8 + 1;
+    let (host, guest) = ([10, 78, subnet, 1], [10, 78, subnet, 2]);
+    let tap = devices::net::Tap::open(&name).expect("open a tap: root and /dev/net/tun needed");
+    let net = Net::tap(NetConfig::default(), tap).unwrap();
+    let stats = net.stats().clone();
+    let s = Arc::new(Server::new(net, EngineConfig::default()));
+    let mut p = Pair::new(frontend(&s, true, false, 256), 9100);
+    p.post_rx(16);
+    let host_ip = std::net::Ipv4Addr::from(host);
+    let guest_ip = std::net::Ipv4Addr::from(guest);
+    ip(&["addr", "add", &format!("{host_ip}/24"), "dev", &name]);
+    ip(&["link", "set", &name, "up"]);
+    let guest_mac = NetConfig::default().mac;
+    let mac_text = guest_mac.map(|b| format!("{b:02x}")).join(":");
+    ip(&[
+        "neigh",
+        "replace",
+        &guest_ip.to_string(),
+        "lladdr",
+        &mac_text,
+        "dev",
+        &name,
+    ]);
+    let tap_mac: Vec<u8> = std::fs::read_to_string(format!("/sys/class/net/{name}/address"))
+        .unwrap()
+        .trim()
+        .split(':')
+        .map(|h| u8::from_str_radix(h, 16).unwrap())
+        .collect();
+    let sock = std::net::UdpSocket::bind((host_ip, 0)).unwrap();
+    sock.set_nonblocking(true).unwrap();
+    let port = sock.local_addr().unwrap().port();
+
+    // Guest to host.
+    let out = b"from the guest, through the tap";
+    p.send(&udp_frame(
+        tap_mac.clone().try_into().unwrap(),
+        guest_mac,
+        guest,
+        host,
+        port,
+        out,
+    ));
+    let mut buf = [0u8; 256];
+    let end = Instant::now() + WAIT;
+    // The device may be waiting on a MISS, which the test front-end serves in `collect`.
+    let (n, from) = loop {
+        p.collect(true);
+        match sock.recv_from(&mut buf) {
+            Ok(r) => break r,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => panic!("receiving on the host: {e}"),
+        }
+        assert!(
+            Instant::now() < end,
+            "the datagram never reached the host: {stats:?}"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    assert_eq!(&buf[..n], out);
+    assert_eq!(from, std::net::SocketAddr::from((guest_ip, 4000)));
+
+    // Host to guest: the kernel sends it out of the tap (the neighbour entry says where).
+    let back = b"from the host, into the receive queue";
+    sock.send_to(back, (guest_ip, 4000)).unwrap();
+    let end = Instant::now() + WAIT;
+    let got = loop {
+        p.collect(true);
+        if let Some(f) = p
+            .got
+            .iter()
+            .find(|f| f.windows(back.len()).any(|w| w == back))
+        {
+            break f.clone();
+        }
+        assert!(
+            Instant::now() < end,
+            "the host's datagram never arrived: {:?}",
+            p.got
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    assert_eq!(&got[..6], &guest_mac, "to the guest's MAC");
+    assert_eq!(&got[6..12], &tap_mac[..], "from the tap's");
+    assert!(stats.tx_frames.load(Ordering::Relaxed) >= 1);
+    assert!(stats.rx_frames.load(Ordering::Relaxed) >= 1);
+    assert_eq!(stats.tx_dropped.load(Ordering::Relaxed), 0);
 }
