@@ -6,9 +6,10 @@
 # installed/built when missing), the guest's own driver doing O_DIRECT I/O of 4 KiB to 4 MiB
 # behind intel-iommu and virtio-iommu with the default and a 16-entry IOTLB, one queue and
 # four (scripts/e2e-guest.sh), the kernel's /dev/vhost-net driven by our vIOMMU in the
-# same guest, frames through a Linux guest's virtio_net to `vhost-iotlb net --loopback` in
-# three IOMMU modes, with DPDK's testpmd as a reference (scripts/e2e-net.sh), and one run of the main job (`vhost-iotlb bench`) and of `bench --iotlb`, whose JSON output is checked
-# for its keys.
+# same guest, frames through a Linux guest's virtio_net to `vhost-iotlb net --loopback`
+# and `--tap` in three IOMMU modes, with DPDK's testpmd as a reference (scripts/e2e-net.sh),
+# and one run of the main job (`vhost-iotlb bench`), of `bench --iotlb` and of a short
+# `bench --device net --peer dpdk`, whose JSON output is checked.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -86,5 +87,27 @@ cargo run --release -q -- bench --iotlb --json "$out/iotlb.json"
 for key in '"lookup_ns"' '"ours"' '"vm_memory"' '"linear"' '"entries"' '"hit_rate"' '"zipf"' '"scan"' '"fifo"' '"random"'; do
     grep -q "$key" "$out/iotlb.json" || { echo "bench --iotlb JSON lacks $key" >&2; exit 1; }
 done
+
+step "bench --device net --peer dpdk (short: one round; ours must lose and break nothing)"
+cargo run --release -q -- bench --device net --peer dpdk --duration 1.5 --rounds 1 \
+    --json "$out/net.json" --plot "$out/net.svg"
+python3 - "$out/net.json" <<'PY'
+import json, sys
+doc = json.load(open(sys.argv[1]))
+rows = {(r["workload"], r["peer"]): r for r in doc["rows"]}
+want = {"off", "warm", "strict", "lazy", "thrash", "prepush"}
+for peer in ("ours", "dpdk"):
+    missing = want - {w for (w, p) in rows if p == peer}
+    assert not missing, f"net bench JSON lacks {peer} rows {missing}"
+for w in want:
+    r = rows[(w, "ours")]
+    assert r["returned"] > 0 and r["lost"] == 0 and r["corrupt"] == 0, r
+    assert r["poison_violations"] == 0, r
+    assert r["vs_dpdk"] is not None and r["cpu_device_s_per_mpkt"] > 0, r
+print("net bench JSON: " + ", ".join(
+    f"{w} {rows[(w, 'ours')]['pps'] / 1e3:.0f}k/{rows[(w, 'dpdk')]['pps'] / 1e3:.0f}k pps"
+    for w in sorted(want)))
+PY
+grep -q "<svg" "$out/net.svg" || { echo "net bench plot is not an SVG" >&2; exit 1; }
 
 step "all checks passed"
