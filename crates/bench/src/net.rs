@@ -21,18 +21,18 @@
 
 use std::path::Path;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+
 use std::time::{Duration, Instant};
 
 use devices::{Net, NetConfig};
 use frontend::driver::{Mapping, NetDriver, NetDriverConfig, NetReport};
-use frontend::vhost_user::{FrontendConfig, GuestRam, VhostUserFrontend};
-use frontend::viommu::{Invalidation, Viommu, ViommuConfig};
+use frontend::vhost_user::VhostUserFrontend;
+use frontend::viommu::{Invalidation, ViommuConfig};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::cpu::CpuSample;
 use crate::net_report::{self, NetRow};
-use crate::run::{engine_config, OwnBackend};
+use crate::run::{connect, engine_config, OwnBackend};
 use crate::testpmd::Testpmd;
 use crate::{BenchError, E2eArgs};
 
@@ -155,23 +155,7 @@ fn run_workload(
         busy_poll: Duration::from_micros(args.busy_poll_us),
         seed: 0x5eed ^ w.name.len() as u64,
     };
-    let ram = Arc::new(
-        GuestRam::new(NetDriver::ram_needed(&cfg).div_ceil(2 << 20) * (2 << 20))
-            .map_err(BenchError::GuestRam)?,
-    );
-    let viommu = w.viommu.map(|c| Arc::new(Viommu::new(c)));
-    let fe_cfg = FrontendConfig {
-        queues: 2,
-        busy_poll: Duration::from_micros(args.busy_poll_us),
-        poll: args.poll,
-        ..FrontendConfig::default()
-    };
-    let fe = VhostUserFrontend::connect(socket, ram, fe_cfg, viommu).map_err(|source| {
-        BenchError::Connect {
-            socket: socket.to_path_buf(),
-            source,
-        }
-    })?;
+    let fe = connect(args, socket, NetDriver::ram_needed(&cfg), w.viommu, 2)?;
     let driver = |source| BenchError::Driver {
         workload: w.name,
         source,

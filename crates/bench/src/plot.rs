@@ -232,6 +232,19 @@ fn spread(r: &Row) -> (f64, f64) {
     (lo.min(r.iops), hi.max(r.iops))
 }
 
+/// A whisker at `cx` from `ylo` to `yhi` (SVG y), capped a fifth of `bar_w` each side.
+fn whisker(s: &mut String, cx: f64, ylo: f64, yhi: f64, bar_w: f64) {
+    let cap = bar_w * 0.2;
+    let _ = writeln!(
+        s,
+        r##"<path d="M{:.1} {ylo:.1}H{:.1}M{cx:.1} {ylo:.1}V{yhi:.1}M{:.1} {yhi:.1}H{:.1}" stroke="#222" fill="none"/>"##,
+        cx - cap,
+        cx + cap,
+        cx - cap,
+        cx + cap
+    );
+}
+
 /// A panel's title at `y`, with its legend at the right.
 fn panel_title(s: &mut String, title: &str, y: f64, entries: &[(&str, &str)]) {
     let _ = writeln!(
@@ -312,15 +325,7 @@ fn throughput(s: &mut String, rows: &[Row], top: f64, bottom: f64) -> f64 {
             );
             let (ylo, yhi) = (f.y(lo), f.y(hi));
             if r.iops_rounds.len() > 1 {
-                let cap = bw * 0.2;
-                let _ = writeln!(
-                    s,
-                    r##"<path d="M{:.1} {ylo:.1}H{:.1}M{cx:.1} {ylo:.1}V{yhi:.1}M{:.1} {yhi:.1}H{:.1}" stroke="#222" fill="none"/>"##,
-                    cx - cap,
-                    cx + cap,
-                    cx - cap,
-                    cx + cap
-                );
+                whisker(s, cx, ylo, yhi, bw);
             }
             let _ = writeln!(
                 s,
@@ -541,15 +546,7 @@ pub(crate) fn grouped_bars(panels: &[Panel], footer: &[String]) -> String {
                 );
                 let (ylo, yhi) = (f.y(b.lo), f.y(b.hi));
                 if yhi < ylo {
-                    let cap = bw * 0.2;
-                    let _ = writeln!(
-                        s,
-                        r##"<path d="M{:.1} {ylo:.1}H{:.1}M{cx:.1} {ylo:.1}V{yhi:.1}M{:.1} {yhi:.1}H{:.1}" stroke="#222" fill="none"/>"##,
-                        cx - cap,
-                        cx + cap,
-                        cx - cap,
-                        cx + cap
-                    );
+                    whisker(&mut s, cx, ylo, yhi, bw);
                 }
                 let _ = writeln!(
                     s,

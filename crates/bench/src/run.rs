@@ -15,7 +15,7 @@ use backend::{Device, EngineConfig, ServeError, Server, Stats};
 use devices::{Blk, BlkConfig};
 use frontend::driver::{BlkDriver, DriverConfig, DriverReport};
 use frontend::vhost_user::{FrontendConfig, GuestRam, VhostUserFrontend};
-use frontend::viommu::Viommu;
+use frontend::viommu::{Viommu, ViommuConfig};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::cpu::CpuSample;
@@ -128,6 +128,32 @@ impl<D: Device> OwnBackend<D> {
     }
 }
 
+/// Connect our front-end to the back-end at `socket`: guest RAM of at least `ram_bytes` (in
+/// 2 MiB steps), behind a vIOMMU of `viommu` (or none), able to start `queues` queues, with
+/// the bench's polling options.
+pub(crate) fn connect(
+    args: &E2eArgs,
+    socket: &Path,
+    ram_bytes: u64,
+    viommu: Option<ViommuConfig>,
+    queues: u16,
+) -> Result<VhostUserFrontend, BenchError> {
+    let ram = Arc::new(
+        GuestRam::new(ram_bytes.div_ceil(2 << 20) * (2 << 20)).map_err(BenchError::GuestRam)?,
+    );
+    let viommu = viommu.map(|c| Arc::new(Viommu::new(c)));
+    let fe_cfg = FrontendConfig {
+        queues,
+        busy_poll: Duration::from_micros(args.busy_poll_us),
+        poll: args.poll,
+        ..FrontendConfig::default()
+    };
+    VhostUserFrontend::connect(socket, ram, fe_cfg, viommu).map_err(|source| BenchError::Connect {
+        socket: socket.to_path_buf(),
+        source,
+    })
+}
+
 /// What a workload's measured phase saw from the front-end's side.
 pub(crate) struct Measured {
     pub(crate) report: DriverReport,
@@ -166,22 +192,7 @@ pub(crate) fn run_workload(
         fresh_disk,
         seed: 0x5eed ^ w.name.len() as u64,
     };
-    let ram = Arc::new(
-        GuestRam::new(BlkDriver::ram_needed(&cfg).div_ceil(2 << 20) * (2 << 20))
-            .map_err(BenchError::GuestRam)?,
-    );
-    let viommu = w.viommu.map(|c| Arc::new(Viommu::new(c)));
-    let fe_cfg = FrontendConfig {
-        busy_poll: Duration::from_micros(args.busy_poll_us),
-        poll: args.poll,
-        ..FrontendConfig::default()
-    };
-    let fe = VhostUserFrontend::connect(socket, ram, fe_cfg, viommu).map_err(|source| {
-        BenchError::Connect {
-            socket: socket.to_path_buf(),
-            source,
-        }
-    })?;
+    let fe = connect(args, socket, BlkDriver::ram_needed(&cfg), w.viommu, 1)?;
     // The first field of the virtio-blk config space: the capacity in 512-byte sectors.
     let reply = fe.config(0, 8).map_err(BenchError::DiskCapacity)?;
     let sectors = <[u8; 8]>::try_from(reply.as_slice())

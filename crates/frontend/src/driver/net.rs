@@ -462,50 +462,45 @@ impl<'a> NetDriver<'a> {
         }
     }
 
-    /// Take the transmit ring's used entries; returns how many.
-    fn harvest_tx(&mut self, done: &mut Vec<(Buf, bool)>) -> Result<usize, DriverError> {
-        let used = self.tx.used_idx(&self.ram)?;
-        let moved = self.tx_moved;
-        let mut n = 0;
-        while let Some((id, _)) = self.tx.next_used(&self.ram, used)? {
-            let b = usize::try_from(id)
-                .ok()
-                .and_then(|i| self.tx_bufs.get_mut(i))
-                .and_then(Option::take);
-            let Some(b) = b else {
-                self.report.bad_completions += 1;
-                tracing::error!(id, "net driver: tx used entry for no buffer");
-                continue;
-            };
-            self.buffer_done(&b, moved);
-            self.tx_moved = Instant::now();
-            self.tx_free.push(id as u16);
-            done.push((b, false));
-            n += 1;
+    /// Take one ring's used entries (and check each received frame); returns how many.
+    fn harvest_ring(
+        &mut self,
+        rx: bool,
+        done: &mut Vec<(Buf, bool)>,
+    ) -> Result<usize, DriverError> {
+        let ring = if rx { &mut self.rx } else { &mut self.tx };
+        let used = ring.used_idx(&self.ram)?;
+        let mut entries = Vec::new();
+        while let Some(e) = ring.next_used(&self.ram, used)? {
+            entries.push(e);
         }
-        Ok(n)
-    }
-
-    /// Take the receive ring's used entries and check each frame; returns how many.
-    fn harvest_rx(&mut self, done: &mut Vec<(Buf, bool)>) -> Result<usize, DriverError> {
-        let used = self.rx.used_idx(&self.ram)?;
-        let moved = self.rx_moved;
+        let moved = if rx { self.rx_moved } else { self.tx_moved };
         let mut n = 0;
-        while let Some((id, len)) = self.rx.next_used(&self.ram, used)? {
-            let b = usize::try_from(id)
+        for (id, len) in entries {
+            let bufs = if rx {
+                &mut self.rx_bufs
+            } else {
+                &mut self.tx_bufs
+            };
+            let Some(b) = usize::try_from(id)
                 .ok()
-                .and_then(|i| self.rx_bufs.get_mut(i))
-                .and_then(Option::take);
-            let Some(b) = b else {
+                .and_then(|i| bufs.get_mut(i))
+                .and_then(Option::take)
+            else {
                 self.report.bad_completions += 1;
-                tracing::error!(id, "net driver: rx used entry for no buffer");
+                tracing::error!(id, rx, "net driver: used entry for no buffer");
                 continue;
             };
             self.buffer_done(&b, moved);
-            self.rx_moved = Instant::now();
-            self.rx_free.push(id as u16);
-            self.check_frame(&b, len)?;
-            done.push((b, true));
+            if rx {
+                self.rx_moved = Instant::now();
+                self.rx_free.push(id as u16);
+                self.check_frame(&b, len)?;
+            } else {
+                self.tx_moved = Instant::now();
+                self.tx_free.push(id as u16);
+            }
+            done.push((b, rx));
             n += 1;
         }
         Ok(n)
@@ -590,7 +585,7 @@ impl<'a> NetDriver<'a> {
             self.note_misses();
         }
         let mut done = Vec::new();
-        let n = self.harvest_tx(&mut done)? + self.harvest_rx(&mut done)?;
+        let n = self.harvest_ring(false, &mut done)? + self.harvest_ring(true, &mut done)?;
         if !done.is_empty() {
             self.give_back(&mut done)?;
         }
