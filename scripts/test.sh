@@ -103,7 +103,10 @@ for w in want:
     r = rows[(w, "ours")]
     assert r["returned"] > 0 and r["lost"] == 0 and r["corrupt"] == 0, r
     assert r["poison_violations"] == 0, r
-    assert r["vs_dpdk"] is not None and r["cpu_device_s_per_mpkt"] > 0, r
+    assert r["cpu_device_s_per_mpkt"] > 0, r
+    # A ratio to DPDK exists where DPDK moved frames (it moves none under lazy flushes).
+    if rows[(w, "dpdk")]["returned"] > 0:
+        assert r["vs_dpdk"] is not None, r
 print("net bench JSON: " + ", ".join(
     f"{w} {rows[(w, 'ours')]['pps'] / 1e3:.0f}k/{rows[(w, 'dpdk')]['pps'] / 1e3:.0f}k pps"
     for w in sorted(want)))
