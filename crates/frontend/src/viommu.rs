@@ -8,7 +8,8 @@
 //! ([`DeviceIotlb`], whatever the transport) as INVALIDATEs:
 //!
 //! - strict: each unmap is invalidated, and the IOVA is reused only after every device
-//!   acknowledged;
+//!   acknowledged; a batch of unmaps ([`Viommu::unmap_all`]) goes as the fewest INVALIDATEs
+//!   that cover exactly what it unmapped (adjacent ranges merged, see [`coalesce`]);
 //! - lazy: unmaps are queued and flushed together (one whole-space INVALIDATE, as a Linux
 //!   guest's flush queue ends up), their IOVAs reused only after the flush.
 //!
@@ -38,6 +39,31 @@ pub fn flush_range() -> IovaRange {
 }
 /// Large page.
 pub const HUGE_PAGE: u64 = 2 << 20;
+
+/// `ranges` sorted, with those that overlap or touch merged: the same IOVAs in as few
+/// ranges as possible.
+pub fn coalesce(ranges: &[IovaRange]) -> Vec<IovaRange> {
+    let mut sorted = ranges.to_vec();
+    sorted.sort_unstable_by_key(|r| r.start());
+    let mut out: Vec<IovaRange> = Vec::with_capacity(sorted.len());
+    for r in sorted {
+        if let Some(cur) = out.last_mut() {
+            // `cur` ends at the top of the space, or `r` starts at or before the byte after it.
+            if cur
+                .last()
+                .checked_add(1)
+                .is_none_or(|next| r.start() <= next)
+            {
+                if r.last() > cur.last() {
+                    *cur = IovaRange::new(cur.start(), r.last()).unwrap_or(*cur);
+                }
+                continue;
+            }
+        }
+        out.push(r);
+    }
+    out
+}
 
 /// Why a vIOMMU operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -549,16 +575,19 @@ impl Viommu {
         Ok(())
     }
 
+    /// Forward a batch of unmaps: ranges that touch or overlap go as one INVALIDATE (the
+    /// union of what was unmapped, nothing more), as Linux gathers the pages of an unmap.
     fn forward_invalidate_all(&self, ranges: &[IovaRange]) -> Result<(), ViommuError> {
-        if ranges.is_empty() {
+        let merged = coalesce(ranges);
+        if merged.is_empty() {
             return Ok(());
         }
         for dev in self.devices.read().iter() {
-            dev.invalidate_all(ranges)?;
+            dev.invalidate_all(&merged)?;
         }
         self.stats
             .invalidations
-            .fetch_add(ranges.len() as u64, Ordering::Relaxed);
+            .fetch_add(merged.len() as u64, Ordering::Relaxed);
         Ok(())
     }
 
@@ -683,6 +712,36 @@ mod tests {
 
     fn r(start: u64, len: u64) -> IovaRange {
         IovaRange::from_size(start, len).unwrap()
+    }
+
+    #[test]
+    fn coalesce_merges_what_touches_and_keeps_gaps() {
+        let got = coalesce(&[
+            r(0x3000, PAGE),
+            r(0x1000, PAGE),
+            r(0x2000, PAGE),
+            r(0x9000, PAGE),
+            r(0x8000, 2 * PAGE),
+            r(0x20000, PAGE),
+        ]);
+        assert_eq!(
+            got,
+            vec![r(0x1000, 3 * PAGE), r(0x8000, 2 * PAGE), r(0x20000, PAGE)]
+        );
+        assert!(coalesce(&[]).is_empty());
+        // The top of the space: no wrap, and everything after it is inside.
+        let top = IovaRange::new(u64::MAX - 0xfff, u64::MAX).unwrap();
+        assert_eq!(
+            coalesce(&[
+                top,
+                IovaRange::new(u64::MAX - 0x1fff, u64::MAX - 0x1000).unwrap()
+            ]),
+            vec![IovaRange::new(u64::MAX - 0x1fff, u64::MAX).unwrap()]
+        );
+        assert_eq!(
+            coalesce(&[IovaRange::FULL, r(0x1000, PAGE)]),
+            vec![IovaRange::FULL]
+        );
     }
 
     #[test]
@@ -821,6 +880,39 @@ mod tests {
             "a size every peer honours"
         );
         assert_eq!(v.stats().prepushed.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn a_batch_of_unmaps_is_forwarded_as_few_invalidates_as_cover_it() {
+        let rec = Arc::new(Recorder::default());
+        let v = Viommu::new(ViommuConfig::default());
+        v.attach(rec.clone());
+        // Three adjacent mappings, then one apart from them.
+        let m = v
+            .map_all(&[
+                (0x5000, PAGE, Perm::ReadOnly),
+                (0x5000, PAGE, Perm::WriteOnly),
+                (0x9000, 2 * PAGE, Perm::WriteOnly),
+            ])
+            .unwrap();
+        let gap = v.map(0x10000, PAGE, Perm::ReadOnly).unwrap();
+        let apart = v.map(0x20000, PAGE, Perm::ReadOnly).unwrap();
+        v.unmap(gap, PAGE).unwrap();
+        rec.0.lock().clear();
+        let before = v.stats().invalidations.load(Ordering::Relaxed);
+        v.unmap_all(&[(apart, PAGE), (m[2], 2 * PAGE), (m[0], PAGE), (m[1], PAGE)])
+            .unwrap();
+        assert_eq!(
+            *rec.0.lock(),
+            vec![
+                format!("I {}", r(m[0], 4 * PAGE)),
+                format!("I {}", r(apart, PAGE))
+            ],
+            "the adjacent three as one; the still-unmapped gap keeps the fourth apart"
+        );
+        assert_eq!(v.stats().invalidations.load(Ordering::Relaxed) - before, 2);
+        assert_eq!(v.stats().unmaps.load(Ordering::Relaxed), 5);
+        assert!(v.translate(m[1]).is_none() && v.translate(apart).is_none());
     }
 
     #[test]
