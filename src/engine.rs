@@ -1,12 +1,21 @@
 //! The options every back-end command shares (the engine's: IOTLB size, miss timeout,
-//! polling, memory sealing), and serving a [`Server`] on a socket until SIGINT or SIGTERM.
+//! polling, memory sealing, the deliberate bugs of `--broken`), and serving a [`Server`] on a socket until SIGINT or SIGTERM.
 //! Device options and what a command prints are the commands' own (`blk.rs`, `net.rs`).
 
 use std::path::Path;
 use std::time::Duration;
 
+use backend::dirty::LogMode;
 use backend::{Device, EngineConfig, PollMode, Server};
-use clap::Args;
+use clap::{Args, ValueEnum};
+
+/// Deliberate bugs, to show that a test catches them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Broken {
+    /// Dirty logging records the addresses the driver gave (IOVAs behind an IOMMU) instead
+    /// of the guest-physical pages written, as Linux vhost once did: a migration loses data.
+    LogIova,
+}
 
 /// The engine's options.
 #[derive(Args, Debug)]
@@ -33,6 +42,9 @@ pub struct EngineArgs {
     /// back-end with SIGBUS. QEMU's memory-backend-memfd seals by default (seal=on).
     #[arg(long)]
     pub allow_unsealed_memory: bool,
+    /// Break the back-end on purpose (tests only): `log-iova` logs IOVAs, not guest pages.
+    #[arg(long, value_name = "BUG")]
+    pub broken: Option<Broken>,
 }
 
 impl EngineArgs {
@@ -51,6 +63,10 @@ impl EngineArgs {
             busy_poll: Duration::from_micros(self.busy_poll_us),
             poll: self.poll,
             allow_unsealed_memory: self.allow_unsealed_memory,
+            log_mode: match self.broken {
+                Some(Broken::LogIova) => LogMode::BrokenIova,
+                None => LogMode::Gpa,
+            },
         })
     }
 }

@@ -22,6 +22,7 @@
 
 mod channel;
 mod device;
+pub mod dirty;
 mod eventfd;
 pub mod memory;
 pub mod quiesce;

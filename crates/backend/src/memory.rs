@@ -109,6 +109,44 @@ fn is_memfd(file: &File) -> bool {
         .is_ok_and(|l| l.to_string_lossy().starts_with(MEMFD_LINK_PREFIX))
 }
 
+/// Whether `size` bytes at `offset` of `file` can be mapped without risking SIGBUS (see the
+/// module documentation): a memfd must be sealed against shrinking (unless `allow_unsealed`),
+/// and a regular file must hold them. Also used for the dirty log's fd.
+pub(crate) fn check_file(
+    file: &File,
+    offset: u64,
+    size: u64,
+    allow_unsealed: bool,
+) -> Result<(), String> {
+    if !allow_unsealed && is_memfd(file) {
+        let seals = rustix::fs::fcntl_get_seals(file).map_err(|e| e.to_string())?;
+        if !seals.contains(rustix::fs::SealFlags::SHRINK) {
+            return Err(
+                "the memfd is not sealed against shrinking (F_SEAL_SHRINK): truncating \
+                 it would kill the back-end; seal it (QEMU: memory-backend-memfd,seal=on, the \
+                 default) or start the back-end with --allow-unsealed-memory"
+                    .into(),
+            );
+        }
+    }
+    // Mapping past the end of a file succeeds, but touching those pages raises SIGBUS: refuse
+    // what the file does not hold (a front-end that shrinks the file later can still do that
+    // to us; nothing short of a SIGBUS handler prevents it).
+    let meta = file.metadata().map_err(|e| e.to_string())?;
+    if meta.file_type().is_file() {
+        let end = offset
+            .checked_add(size)
+            .ok_or_else(|| "offset + size overflows".to_string())?;
+        if end > meta.len() {
+            return Err(format!(
+                "the file holds {:#x} bytes, {end:#x} are needed",
+                meta.len()
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn map(info: &MemoryRegion, file: File, opts: MapOptions) -> Result<GuestRegionMmap, MemError> {
     let err = |reason: String| MemError::Map {
         gpa: info.guest_phys_addr,
@@ -134,31 +172,13 @@ fn map(info: &MemoryRegion, file: File, opts: MapOptions) -> Result<GuestRegionM
         ));
     }
     let size = usize::try_from(info.memory_size).map_err(|e| err(e.to_string()))?;
-    if !opts.allow_unsealed && is_memfd(&file) {
-        let seals = rustix::fs::fcntl_get_seals(&file).map_err(|e| err(e.to_string()))?;
-        if !seals.contains(rustix::fs::SealFlags::SHRINK) {
-            return Err(err(
-                "the memfd is not sealed against shrinking (F_SEAL_SHRINK): truncating it                  would kill the back-end; seal it (QEMU: memory-backend-memfd,seal=on, the                  default) or start the back-end with --allow-unsealed-memory"
-                    .into(),
-            ));
-        }
-    }
-    // Mapping past the end of a file succeeds, but touching those pages raises SIGBUS: refuse
-    // a region the file does not hold (a front-end that shrinks the file later can still do
-    // that to us; nothing short of a SIGBUS handler prevents it).
-    let meta = file.metadata().map_err(|e| err(e.to_string()))?;
-    if meta.file_type().is_file() {
-        let end = info
-            .mmap_offset
-            .checked_add(info.memory_size)
-            .ok_or_else(|| err("mmap_offset + memory_size overflows".into()))?;
-        if end > meta.len() {
-            return Err(err(format!(
-                "the file holds {:#x} bytes, the region needs {end:#x}",
-                meta.len()
-            )));
-        }
-    }
+    check_file(
+        &file,
+        info.mmap_offset,
+        info.memory_size,
+        opts.allow_unsealed,
+    )
+    .map_err(err)?;
     let region = MmapRegion::build(
         Some(FileOffset::new(file, info.mmap_offset)),
         size,

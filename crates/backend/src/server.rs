@@ -179,7 +179,9 @@ impl<D: Device> Server<D> {
         let end = session.run(&self.stop);
         *self.current.lock() = None;
         let t = session.iotlb().stats();
-        self.totals.lock().add(&t, session.counters());
+        self.totals
+            .lock()
+            .add(&t, session.counters(), session.dirty_log());
         match end {
             SessionEnd::Disconnected => tracing::info!("vhost-user: front-end disconnected"),
             SessionEnd::Error(e) => tracing::warn!(error = %e, "vhost-user: connection failed"),

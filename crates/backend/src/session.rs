@@ -48,6 +48,7 @@ use wire::{IotlbMsg, WireError};
 
 use crate::channel::BackendChannel;
 use crate::device::Device;
+use crate::dirty::SharedLog;
 use crate::eventfd::checked_eventfd;
 use crate::memory::{MapOptions, MemTable, MAX_REGIONS};
 use crate::quiesce::Epochs;
@@ -104,9 +105,12 @@ pub(crate) enum RequestError {
     /// An IOTLB message reached the wrong handler (they are applied by `Session::deferred`).
     #[error("IOTLB messages are not applied here")]
     IotlbElsewhere,
-    /// Dirty logging (SET_LOG_BASE, SET_LOG_FD): not offered.
-    #[error("dirty logging is not offered")]
-    NoLogging,
+    /// A dirty log refused (SET_LOG_BASE).
+    #[error(transparent)]
+    Log(#[from] crate::dirty::LogError),
+    /// SET_LOG_BASE without `VHOST_USER_PROTOCOL_F_LOG_SHMFD` negotiated.
+    #[error("SET_LOG_BASE before LOG_SHMFD was negotiated")]
+    NoLogShmfd,
     /// A config-space write the device refused.
     #[error("config write refused")]
     ConfigRefused,
@@ -220,6 +224,7 @@ impl<D: Device> Session<D> {
                 poll: config.poll,
                 iotlb_capacity: capacity,
                 wakers: Arc::new(Wakers::new(queues)),
+                log: Arc::new(SharedLog::new(config.log_mode)),
             }),
             conn,
             service,
@@ -237,7 +242,11 @@ impl<D: Device> Session<D> {
 
     /// The features this back-end offers.
     pub(crate) fn offered_features(dev: &D) -> u64 {
-        dev.features() | dev_f::VERSION_1 | dev_f::ACCESS_PLATFORM | dev_f::PROTOCOL_FEATURES
+        dev.features()
+            | dev_f::VERSION_1
+            | dev_f::ACCESS_PLATFORM
+            | dev_f::PROTOCOL_FEATURES
+            | dev_f::LOG_ALL
     }
 
     /// The protocol features this back-end offers.
@@ -247,6 +256,7 @@ impl<D: Device> Session<D> {
             | protocol::BACKEND_REQ
             | protocol::CONFIGURE_MEM_SLOTS
             | protocol::STATUS
+            | protocol::LOG_SHMFD
     }
 
     pub(crate) fn iotlb(&self) -> &SharedIotlb<u16> {
@@ -255,6 +265,10 @@ impl<D: Device> Session<D> {
 
     pub(crate) fn counters(&self) -> &EngineCounters {
         &self.shared.stats
+    }
+
+    pub(crate) fn dirty_log(&self) -> &SharedLog {
+        &self.shared.log
     }
 
     fn iommu(&self) -> bool {
@@ -405,14 +419,23 @@ impl<D: Device> Session<D> {
                 // A change under running queues (their translator, notification mode and
                 // chain limits come from the features): they stop, the change applies, and
                 // they start again from where they stopped. The same features again change
-                // nothing.
-                let restart = if f != self.features {
+                // nothing, and neither does LOG_ALL alone: logging is switched on or off
+                // under running queues, which log after each write and so never miss one
+                // made after the switch is acknowledged.
+                let restart = if (f ^ self.features) & !dev_f::LOG_ALL != 0 {
                     self.stop_running()
                 } else {
                     Vec::new()
                 };
+                if (f ^ self.features) & dev_f::LOG_ALL != 0 {
+                    tracing::info!(
+                        on = f & dev_f::LOG_ALL != 0,
+                        "vhost-user: dirty logging (LOG_ALL)"
+                    );
+                }
+                self.shared.log.set_on(f & dev_f::LOG_ALL != 0);
                 self.features = f;
-                dev.set_features(f);
+                dev.set_features(f & !dev_f::LOG_ALL);
                 // Every SET_FEATURES with ACCESS_PLATFORM starts from an empty IOTLB (QEMU
                 // re-sends it after a guest reset without the unmaps of the old rings), and
                 // so does switching the IOMMU off.
@@ -436,6 +459,8 @@ impl<D: Device> Session<D> {
             R::SetOwner => None,
             R::ResetOwner | R::ResetDevice => {
                 self.stop_all();
+                self.shared.log.set_on(false);
+                self.shared.log.unmap();
                 self.invalidate(IovaRange::FULL);
                 self.shared.iotlb.clear_pending();
                 None
@@ -457,9 +482,24 @@ impl<D: Device> Session<D> {
                 self.set_memory(table);
                 None
             }
-            R::SetLogBase { .. } | R::SetLogFd(_) => {
-                return Err(RequestError::NoLogging);
+            R::SetLogBase { area, fd } => {
+                if self.protocol & protocol::LOG_SHMFD == 0 {
+                    return Err(RequestError::NoLogShmfd);
+                }
+                self.shared
+                    .log
+                    .map(area, std::fs::File::from(fd), self.map.allow_unsealed)?;
+                tracing::info!(
+                    bytes = area.mmap_size,
+                    "vhost-user: dirty log mapped (SET_LOG_BASE)"
+                );
+                // Answered once mapped (the front-end waits for it before it reads the log);
+                // a log it replaces is never marked again after this.
+                Some(Reply::Log(area))
             }
+            // A log-change eventfd: we have nothing to signal on it (the front-end reads the
+            // log when it syncs), so it is accepted and closed.
+            R::SetLogFd(_) => None,
             R::SetVringNum(s) => {
                 let size = u16::try_from(s.num)
                     .ok()
@@ -706,6 +746,8 @@ impl<D: Device> Session<D> {
         self.shared.iotlb.invalidate_all();
         self.shared.iotlb.clear_pending();
         self.shared.channel.disconnect();
+        self.shared.log.set_on(false);
+        self.shared.log.unmap();
         *self.shared.mem.write() = Arc::new(MemTable::empty());
     }
 }

@@ -1,6 +1,6 @@
 //! What the connection thread and the queue workers share: the engine's settings, the
 //! device, the memory table, the IOTLB, the back-end channel, the quiescence epochs, the
-//! counters, and the one registry through which a queue is woken. State only: the session
+//! dirty log, the counters, and the one registry through which a queue is woken. State only: the session
 //! (connection thread) and the workers each decide what to do with it; nothing here blocks.
 
 use std::sync::Arc;
@@ -12,6 +12,7 @@ use wire::poll::PollMode;
 
 use crate::channel::BackendChannel;
 use crate::device::Device;
+use crate::dirty::{LogMode, SharedLog};
 use crate::memory::MemTable;
 use crate::quiesce::Epochs;
 use crate::stats::EngineCounters;
@@ -50,6 +51,9 @@ pub struct EngineConfig {
     /// Accept memfd regions not sealed against shrinking (see [`crate::memory`]): a
     /// front-end that truncates one then kills the back-end with SIGBUS.
     pub allow_unsealed_memory: bool,
+    /// What dirty logging records: guest-physical pages, or (a deliberate bug, for tests)
+    /// the addresses the driver gave.
+    pub log_mode: LogMode,
 }
 
 impl Default for EngineConfig {
@@ -60,6 +64,7 @@ impl Default for EngineConfig {
             busy_poll: Duration::ZERO,
             poll: PollMode::Adaptive,
             allow_unsealed_memory: false,
+            log_mode: LogMode::Gpa,
         }
     }
 }
@@ -80,6 +85,8 @@ pub(crate) struct Shared<D: Device> {
     /// connection thread (an UPDATE answered a miss; a queue enabled) and the workers (a
     /// MISS sent ahead that never went out) wake a queue.
     pub wakers: Arc<Wakers>,
+    /// The dirty log (live migration), mapped by SET_LOG_BASE, on with `VHOST_F_LOG_ALL`.
+    pub log: Arc<SharedLog>,
 }
 
 /// Each running worker's [`Waker`], by queue index.

@@ -9,6 +9,8 @@ use std::sync::Arc;
 use iotlb::hist::Histogram;
 use iotlb::Stats as IotlbStats;
 
+use crate::dirty::SharedLog;
+
 /// Counters the engine keeps beside the IOTLB's.
 #[derive(Debug, Default)]
 pub struct EngineCounters {
@@ -122,13 +124,17 @@ pub struct Stats {
     pub held_answered: u64,
     /// Bytes of the largest request served.
     pub largest_request: u64,
+    /// Pages the dirty log got newly marked (live migration).
+    pub logged_pages: u64,
+    /// Pages written beyond the end of the dirty log (not logged: the log was too small).
+    pub log_beyond: u64,
     /// Connections that ended.
     pub connections: u64,
 }
 
 impl Stats {
     /// Add one connection's IOTLB statistics and engine counters.
-    pub fn add(&mut self, t: &IotlbStats, e: &EngineCounters) {
+    pub fn add(&mut self, t: &IotlbStats, e: &EngineCounters, log: &SharedLog) {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         self.hits += t.hits;
         self.misses += t.misses;
@@ -154,13 +160,15 @@ impl Stats {
         self.held_misses += get(&e.held_misses);
         self.held_answered += get(&e.held_answered);
         self.largest_request = self.largest_request.max(get(&e.largest_request));
+        self.logged_pages += get(&log.pages);
+        self.log_beyond += get(&log.beyond);
         self.connections += 1;
     }
 }
 
 impl Stats {
     /// Every counter by the name the stats line and JSON give it, in the stats line's order.
-    pub fn fields(&self) -> [(&'static str, u64); 25] {
+    pub fn fields(&self) -> [(&'static str, u64); 27] {
         [
             ("requests", self.requests),
             ("hits", self.hits),
@@ -186,6 +194,8 @@ impl Stats {
             ("quiesce_max_us", self.quiesce_max_us),
             ("slow_quiesces", self.slow_quiesces),
             ("largest_request", self.largest_request),
+            ("logged_pages", self.logged_pages),
+            ("log_beyond", self.log_beyond),
             ("connections", self.connections),
         ]
     }

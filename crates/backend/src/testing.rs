@@ -36,6 +36,10 @@ pub const BUF_GPA: u64 = 48 << 20;
 /// from here to [`BUF_GPA`] contiguous runs are ([`Frontend::contiguous_buf`]).
 pub const CONTIG_GPA: u64 = 32 << 20;
 
+/// Front-end virtual addresses between two memory regions of a table split in several
+/// ([`Frontend::connect_regions`]): a region's `uaddr` is not the one after the last's end.
+pub const REGION_VA_GAP: u64 = 1 << 30;
+
 /// One queue as the driver sees it.
 pub struct Queue {
     /// Its ring, driver side.
@@ -75,6 +79,16 @@ pub struct Frontend {
     pub misses_seen: u64,
     /// ACCESS_FAIL messages received: `(iova, perm)`.
     pub access_fails: Vec<(u64, Perm)>,
+    /// Regions the memory table has (guest-physical `0..MEM` cut in equal parts).
+    regions: u64,
+    /// Features and protocol features negotiated.
+    features: u64,
+    protocol: u64,
+}
+
+/// The front-end virtual address of guest-physical `gpa` with `regions` memory regions.
+fn va_in(regions: u64, gpa: u64) -> u64 {
+    VA_BASE + gpa + (gpa / (MEM / regions)) * REGION_VA_GAP
 }
 
 /// Guest RAM: a memfd sealed as QEMU seals its own (the back-end refuses unsealed ones).
@@ -103,6 +117,33 @@ impl Frontend {
         seed: u64,
         device_mask: u64,
     ) -> Self {
+        Self::connect_full(sock, queues, size, iommu, seed, device_mask, 1)
+    }
+
+    /// [`Frontend::connect`] with guest memory given as `regions` memory regions (of one
+    /// memfd, at guest-physical addresses one after the other, at front-end virtual
+    /// addresses [`REGION_VA_GAP`] apart).
+    pub fn connect_regions(
+        sock: UnixStream,
+        queues: u16,
+        size: u16,
+        iommu: bool,
+        seed: u64,
+        regions: u64,
+    ) -> Self {
+        Self::connect_full(sock, queues, size, iommu, seed, 0xffff, regions)
+    }
+
+    fn connect_full(
+        sock: UnixStream,
+        queues: u16,
+        size: u16,
+        iommu: bool,
+        seed: u64,
+        device_mask: u64,
+        regions: u64,
+    ) -> Self {
+        assert!(regions >= 1 && MEM % (regions * PAGE) == 0);
         let conn = Connection::new(sock);
         let ram = memfd(MEM);
         let region = MmapRegion::build(
@@ -144,6 +185,9 @@ impl Frontend {
             ignored: Vec::new(),
             misses_seen: 0,
             access_fails: Vec::new(),
+            regions,
+            features: 0,
+            protocol: 0,
         };
         let feats = f.get_u64(FrontendRequest::GetFeatures);
         let mut want = device::VERSION_1 | device::PROTOCOL_FEATURES | device::RING_EVENT_IDX;
@@ -151,24 +195,30 @@ impl Frontend {
             want |= device::ACCESS_PLATFORM;
         }
         assert_eq!(feats & want, want, "the back-end offers {feats:#x}");
-        f.request(FrontendRequest::SetFeatures(want | (feats & device_mask)));
+        f.features = want | (feats & device_mask);
+        f.request(FrontendRequest::SetFeatures(f.features));
         let proto = f.get_u64(FrontendRequest::GetProtocolFeatures);
         let need_p = protocol::REPLY_ACK | protocol::BACKEND_REQ | protocol::MQ;
         assert_eq!(proto & need_p, need_p);
         // CONFIG when offered (virtio-net's config space is the front-end's).
         let want_p = need_p | (proto & protocol::CONFIG);
+        f.protocol = want_p;
         f.request_plain(FrontendRequest::SetProtocolFeatures(want_p));
         f.request(FrontendRequest::SetOwner);
         f.request(FrontendRequest::SetBackendReqFd(OwnedFd::from(theirs)));
-        f.request(FrontendRequest::SetMemTable(vec![RegionFd {
-            region: MemoryRegion {
-                guest_phys_addr: 0,
-                memory_size: MEM,
-                userspace_addr: VA_BASE,
-                mmap_offset: 0,
-            },
-            fd: ram,
-        }]));
+        let part = MEM / regions;
+        let table = (0..regions)
+            .map(|i| RegionFd {
+                region: MemoryRegion {
+                    guest_phys_addr: i * part,
+                    memory_size: part,
+                    userspace_addr: f.va(i * part),
+                    mmap_offset: i * part,
+                },
+                fd: ram.try_clone().unwrap(),
+            })
+            .collect();
+        f.request(FrontendRequest::SetMemTable(table));
         for q in 0..queues {
             let base = if iommu {
                 RING_IOVA + u64::from(q) * 0x10_0000
@@ -178,7 +228,14 @@ impl Frontend {
             let driver = DriverQueue::new(&f.mem, &mut f.space, &mut f.alloc, base, size);
             let (d, a, u) = driver.addresses();
             // Without the IOMMU, ring addresses are front-end virtual addresses.
-            let va = |x: u64| if iommu { x } else { VA_BASE + x };
+            let regions = f.regions;
+            let va = |x: u64| {
+                if iommu {
+                    x
+                } else {
+                    va_in(regions, x)
+                }
+            };
             let idx = u32::from(q);
             f.request(FrontendRequest::SetVringNum(VringState {
                 index: idx,
@@ -223,6 +280,43 @@ impl Frontend {
             });
         }
         f
+    }
+
+    /// The front-end virtual address of guest-physical `gpa`.
+    pub fn va(&self, gpa: u64) -> u64 {
+        va_in(self.regions, gpa)
+    }
+
+    /// Negotiate `LOG_SHMFD` and hand the back-end a dirty log of `bytes` (SET_LOG_BASE, in
+    /// a sealed memfd, as QEMU does); returns the log's file, which the test reads.
+    pub fn set_log_base(&mut self, bytes: u64) -> std::fs::File {
+        self.protocol |= protocol::LOG_SHMFD;
+        self.request_plain(FrontendRequest::SetProtocolFeatures(self.protocol));
+        let fd = memfd(bytes);
+        let area = wire::vhost_user::LogArea {
+            mmap_size: bytes,
+            mmap_offset: 0,
+        };
+        let req = FrontendRequest::SetLogBase {
+            area,
+            fd: fd.try_clone().unwrap(),
+        };
+        let h = self.conn.send_request(&req, false).unwrap();
+        match self.conn.recv_reply(&h, ReplyKind::Log).unwrap() {
+            Reply::Log(a) => assert_eq!(a, area),
+            other => panic!("{other:?}"),
+        }
+        std::fs::File::from(fd)
+    }
+
+    /// Switch dirty logging on or off (SET_FEATURES with or without `VHOST_F_LOG_ALL`).
+    pub fn set_log_all(&mut self, on: bool) {
+        if on {
+            self.features |= device::LOG_ALL;
+        } else {
+            self.features &= !device::LOG_ALL;
+        }
+        self.request(FrontendRequest::SetFeatures(self.features));
     }
 
     fn get_u64(&mut self, req: FrontendRequest) -> u64 {
@@ -293,7 +387,7 @@ impl Frontend {
                     if let Some((range, gpa, perm)) = self.space.update_for(iova) {
                         self.iotlb(IotlbMsg::Update {
                             range,
-                            uaddr: VA_BASE + gpa,
+                            uaddr: self.va(gpa),
                             perm,
                         })
                         .unwrap();

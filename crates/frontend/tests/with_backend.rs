@@ -137,9 +137,12 @@ fn every_mode_moves_checked_data() {
 
     let (r, st) = run(2048, Some(ViommuConfig::default()), base, n);
     check("per-request strict", &r, &st, n);
+    // Every unmap is invalidated before its IOVA is reused (the driver's poison checks
+    // above would catch a stale translation); a completion batch's adjacent unmaps go as
+    // one INVALIDATE, so there are fewer than the 3 unmaps per request.
     assert!(
-        st.invalidations >= 3 * n,
-        "one INVALIDATE per unmap: {st:?}"
+        st.invalidations > 0 && st.invalidations < 3 * n,
+        "strict invalidates, adjacent unmaps together: {st:?}"
     );
 
     let lazy = ViommuConfig {

@@ -20,6 +20,7 @@
 #![forbid(unsafe_code)]
 
 mod chain;
+mod log;
 mod queue;
 mod ring;
 mod rw;
@@ -30,6 +31,7 @@ mod vm;
 mod walk;
 
 pub use chain::{Chain, ChainError, Descriptor, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE};
+pub use log::DirtyLog;
 pub use queue::{ConfigError, PopError, Queue, AVAIL_F_NO_INTERRUPT, USED_F_NO_NOTIFY};
 pub use ring::{avail_ring_len, desc_table_len, used_ring_len, RingError, MAX_QUEUE_SIZE};
 pub use rw::{BufferError, Reader, Slice, Writer};

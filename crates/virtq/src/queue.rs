@@ -24,11 +24,13 @@
 
 use std::num::Wrapping;
 use std::sync::atomic::{fence, Ordering};
+use std::sync::Arc;
 
 use iotlb::{Access, IovaRange};
 use vm_memory::GuestMemoryBackend;
 
 use crate::chain::{Chain, ChainError, Descriptor};
+use crate::log::DirtyLog;
 use crate::ring::{
     avail_ring_len, desc_table_len, used_ring_len, RingArea, RingError, DESC_SIZE, MAX_QUEUE_SIZE,
 };
@@ -131,6 +133,8 @@ pub struct Queue {
     limits: ChainLimits,
     /// Whether `next_used` was read from the ring since the last `set_next_avail`.
     used_synced: bool,
+    /// Where writes to the used ring are logged (live migration), if anywhere.
+    log: Option<Arc<dyn DirtyLog>>,
 }
 
 impl Queue {
@@ -154,6 +158,19 @@ impl Queue {
             scratch: Vec::new(),
             limits: ChainLimits::NONE,
             used_synced: false,
+            log: None,
+        }
+    }
+
+    /// Log every write to the used ring in `log` while it is [`DirtyLog::active`].
+    pub fn set_dirty_log(&mut self, log: Option<Arc<dyn DirtyLog>>) {
+        self.log = log;
+    }
+
+    /// Log `len` bytes at `off` of the used ring, if logging is on.
+    fn log_used(&self, off: u64, len: u64) {
+        if let Some(log) = self.log.as_deref().filter(|l| l.active()) {
+            self.used.log_written(off, len, log);
         }
     }
 
@@ -591,11 +608,13 @@ impl Queue {
         r.map_err(|e| self.ring_error(e))?;
         let slot = u64::from(self.next_used.0 % self.size);
         let next = self.next_used + Wrapping(1);
-        let r = self
-            .used
-            .write(mem, 4 + 8 * slot, &elem)
-            .and_then(|()| self.used.store_u16(mem, 2, next.0, Ordering::Release));
+        let r = self.used.write(mem, 4 + 8 * slot, &elem);
         r.map_err(|e| self.ring_error(e))?;
+        // Logged before the index that publishes it, and the index once stored.
+        self.log_used(4 + 8 * slot, 8);
+        let r = self.used.store_u16(mem, 2, next.0, Ordering::Release);
+        r.map_err(|e| self.ring_error(e))?;
+        self.log_used(2, 2);
         self.next_used = next;
         Ok(())
     }
@@ -621,10 +640,12 @@ impl Queue {
             let slot = u64::from(next.0 % self.size);
             let r = self.used.write(mem, 4 + 8 * slot, &elem);
             r.map_err(|e| self.ring_error(e))?;
+            self.log_used(4 + 8 * slot, 8);
             next += Wrapping(1);
         }
         let r = self.used.store_u16(mem, 2, next.0, Ordering::Release);
         r.map_err(|e| self.ring_error(e))?;
+        self.log_used(2, 2);
         self.next_used = next;
         Ok(())
     }
@@ -682,15 +703,20 @@ impl Queue {
                     let off = 4 + 8 * u64::from(self.size);
                     self.used
                         .store_u16(mem, off, self.next_avail.0, Ordering::Relaxed)
+                        .map(|()| Some(off))
                 } else {
-                    Ok(())
+                    Ok(None)
                 }
             } else {
                 let flags = if enable { 0 } else { USED_F_NO_NOTIFY };
-                self.used.store_u16(mem, 0, flags, Ordering::Relaxed)
+                self.used
+                    .store_u16(mem, 0, flags, Ordering::Relaxed)
+                    .map(|()| Some(0))
             }
         });
-        r.map_err(|e| self.ring_error(e))?;
+        if let Some(off) = r.map_err(|e| self.ring_error(e))? {
+            self.log_used(off, 2);
+        }
         if !enable {
             return Ok(false);
         }

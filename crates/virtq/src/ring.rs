@@ -221,6 +221,27 @@ impl RingArea {
         (rel.checked_add(len)? <= seg.len).then_some(seg.addr + rel)
     }
 
+    /// Log the guest-physical pieces of `off..off + len` of the area (after writing them).
+    /// Bytes outside the translated part are not logged: nothing was written there.
+    pub(crate) fn log_written(&self, off: u64, len: u64, log: &dyn crate::DirtyLog) {
+        if log.logs_iovas() {
+            log.log(self.addr.wrapping_add(off), len);
+            return;
+        }
+        let Some(end) = off.checked_add(len) else {
+            return;
+        };
+        for &(base, seg) in &self.segs {
+            let seg_end = base.saturating_add(seg.len);
+            if seg_end <= off || base >= end {
+                continue;
+            }
+            let from = off.max(base);
+            let to = end.min(seg_end);
+            log.log(seg.addr + (from - base), to - from);
+        }
+    }
+
     fn mem_err(gpa: u64, e: impl std::fmt::Display) -> RingError {
         RingError::Memory {
             gpa,

@@ -33,6 +33,9 @@ impl<D: Device> Runner<D> {
         // The device's limits, and no other: a walk keeps what it translated across misses,
         // so the IOTLB's size limits nothing.
         queue.set_limits(self.shared.dev.chain_limits());
+        // Used-ring writes are logged whenever dirty logging is on (the buffers are logged
+        // where chains complete, `serve.rs`).
+        queue.set_dirty_log(Some(self.shared.log.clone()));
         if let Err(e) = configured {
             tracing::warn!(queue = self.cfg.index, error = %e, "vhost-user: queue not started");
             self.wait_for_stop();

@@ -8,13 +8,14 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use iotlb::Access;
-use virtq::{Chain, Fault, PopError, Queue, Translator};
+use virtq::{Chain, DirtyLog, Fault, PopError, Queue, Translator};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::miss::{Next, Parked, Unfinished};
 use super::wake::signal;
 use super::{Idle, QueueState, Runner};
 use crate::device::{Device, MoreChains, QueueHandler, Served, Unreported};
+use crate::dirty::SharedLog;
 use crate::stats::EngineCounters;
 
 /// Completions between two driver notifications under sustained load.
@@ -123,6 +124,33 @@ fn went_empty<H>(
     })
 }
 
+/// Log the buffers of `chain`, which the device is done with, before its used entry (live
+/// migration): every writable byte, by the guest-physical address it was written through.
+/// The broken mode logs the descriptors' addresses instead (IOVAs behind an IOMMU).
+fn log_buffers(
+    log: &SharedLog,
+    queue: &mut Queue,
+    tr: &mut dyn Translator,
+    gm: &GuestMemoryMmap,
+    chain: &Chain,
+) {
+    if !log.active() {
+        return;
+    }
+    if log.logs_iovas() {
+        let _ = queue.visit_buffers(tr, gm, chain.head(), |addr, len, writable| {
+            if writable {
+                log.log(addr, u64::from(len));
+            }
+            true
+        });
+        return;
+    }
+    for s in chain.writable() {
+        log.log(s.addr, s.len);
+    }
+}
+
 /// The engine's [`MoreChains`]: the queue's next chains, popped in the section the
 /// request's first chain was popped in.
 struct Taker<'a> {
@@ -136,12 +164,18 @@ struct Taker<'a> {
     current: u16,
     /// Why the last [`MoreChains::next`] gave `None`: `Ok` if the ring had no chain.
     stopped: Option<Result<(), PopError>>,
+    log: &'a SharedLog,
 }
 
 impl MoreChains for Taker<'_> {
     fn next(&mut self, used: u32) -> Option<&Chain> {
         if self.stopped.is_some() {
             return None;
+        }
+        // The device is done with the chain before: a later one of this request is about to
+        // replace it here (the first stays in the queue state, logged when it completes).
+        if !self.taken.is_empty() {
+            log_buffers(self.log, self.queue, &mut *self.tr, self.gm, self.chain);
         }
         match self.queue.pop(&mut *self.tr, self.gm, self.chain) {
             Ok(true) => {
@@ -174,8 +208,15 @@ fn settle<H>(
     answer: Result<Served, Unreported>,
     current: u16,
     stopped: Option<Result<(), PopError>>,
+    log: &SharedLog,
 ) -> Result<Popped, PopError> {
     let extra = w.taken.len() as u16;
+    if let Ok(Served::Done(_)) = answer {
+        log_buffers(log, &mut w.queue, tr, gm, &w.chain);
+        if extra > 0 {
+            log_buffers(log, &mut w.queue, tr, gm, &w.extra);
+        }
+    }
     let served = |len, done| Popped::Served {
         head,
         len,
@@ -290,10 +331,12 @@ impl<D: Device> Runner<D> {
                         taken: &mut w.taken,
                         current: head,
                         stopped: None,
+                        log: &self.shared.log,
                     };
                     let served = w.handler.serve(&w.chain, &mut more, gm);
                     let (current, stopped) = (more.current, more.stopped);
-                    settle(w, tr, gm, head, popped, served, current, stopped)
+                    let log = &self.shared.log;
+                    settle(w, tr, gm, head, popped, served, current, stopped, log)
                 }
                 Ok(false) => went_empty(w, tr, gm),
                 Err(e) => Err(e),
@@ -525,7 +568,9 @@ impl<D: Device> Runner<D> {
                 status,
                 outcome,
             } => loop {
-                let step = self.section(|gm| Self::write_outcome(w, tr, gm, head, status, outcome));
+                let log = &self.shared.log;
+                let step =
+                    self.section(|gm| Self::write_outcome(w, tr, gm, head, status, outcome, log));
                 match step {
                     FailStep::Written(len) => {
                         if outcome == Outcome::Failed {
@@ -571,6 +616,7 @@ impl<D: Device> Runner<D> {
         head: u16,
         status: Option<u64>,
         outcome: Outcome,
+        log: &SharedLog,
     ) -> FailStep {
         if outcome == Outcome::Failed && !w.handler.status_in_chain() {
             return FailStep::Written(0);
@@ -606,6 +652,10 @@ impl<D: Device> Runner<D> {
                         Outcome::Failed => w.handler.fail(s.addr, gm),
                         Outcome::Deferred => w.handler.report_deferred(s.addr, gm),
                     };
+                    if log.active() {
+                        let at = if log.logs_iovas() { iova } else { s.addr };
+                        log.log(at, 1);
+                    }
                     match written {
                         Ok(len) => FailStep::Written(len),
                         Err(Unreported) => FailStep::Unwritable("the device could not write it"),
