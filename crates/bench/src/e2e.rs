@@ -8,8 +8,13 @@
 //! one (`--socket`). The guest-driver simulator keeps the queue full of 4 KiB random reads
 //! and writes and checks every byte it reads back. Workloads:
 //!
-//! - `off`: no IOMMU (the baseline every ratio is against);
+//! - `off`: no IOMMU (the baseline of the other 4 KiB workloads but `log`);
 //! - `warm`: behind the IOMMU, buffers mapped once (the IOTLB warms up and stays warm);
+//! - `log`: `warm` with dirty logging on, as while migrating (`VHOST_F_LOG_ALL`, a log in
+//!   a memfd shared with `LOG_SHMFD`, its pages taken every 20 ms by a thread playing the
+//!   migration); its ratio is against `warm`, which runs when it does. A round that logs no
+//!   page, or whose front-end takes another count of pages than our back-end marked, fails
+//!   the run;
 //! - `strict`: every request maps its header, data and status and unmaps them on completion,
 //!   each unmap an acknowledged INVALIDATE (Linux `iommu.strict=1`);
 //! - `lazy`: the same with unmaps batched and flushed 256 at a time (Linux's flush queue);
@@ -33,8 +38,9 @@
 //!
 //! Figures: IOPS, MB/s, latency p50/p99, misses/s, miss round trip p50/p99 (MISS sent to
 //! queue running again, measured by our back-end), IOTLB hit rate, invalidations/s, and the
-//! ratio to `off`. A progress bar on a terminal, a table at the end, `--json FILE` and
-//! `--plot FILE.svg`. Any data-check failure makes the run fail.
+//! ratio to the baseline, and for `log` the pages its log got. A progress bar on a terminal,
+//! a table at the end, `--json FILE` and `--plot FILE.svg`. Any data-check failure makes the
+//! run fail, and so does a wrong dirty log.
 //!
 //! Where things live: the workload table in `workloads.rs`, running them in `run.rs`, the
 //! figures, table and JSON in `report.rs`, the SVG in `plot.rs`. This file only checks
@@ -65,7 +71,8 @@ pub struct E2eArgs {
     /// Device IOTLB entries of our back-end (the thrash working set is 4x this).
     #[arg(long, default_value_t = iotlb::DEFAULT_CAPACITY)]
     pub iotlb_capacity: usize,
-    /// Only these workloads (comma-separated; `off` always runs, for the ratios).
+    /// Only these workloads (comma-separated; `off` always runs, and so does each one's
+    /// baseline, for the ratios: `warm` with `log`, `off-1m` with `big`).
     #[arg(long, value_delimiter = ',')]
     pub workloads: Vec<String>,
     /// Drive an external vhost-user-blk back-end at this socket instead of starting ours
@@ -160,6 +167,12 @@ pub(crate) fn run(args: &E2eArgs, json_path: Option<&Path>) -> Result<(), BenchE
         .collect();
     if !failed.is_empty() {
         return Err(BenchError::DataCheck { workloads: failed });
+    }
+    if let Some((workload, why)) = rows
+        .iter()
+        .find_map(|r| Some((r.name, r.dirty_log?.problem()?)))
+    {
+        return Err(BenchError::DirtyLog { workload, why });
     }
     Ok(())
 }

@@ -155,6 +155,16 @@ pub enum BenchError {
         /// The workloads that failed.
         workloads: Vec<&'static str>,
     },
+    /// A workload with dirty logging found its log wrong: no page logged in a round (the
+    /// device writes in every round, so an empty log is a bug, not a figure), or another
+    /// count of pages taken than our back-end marked.
+    #[error("{workload}: the dirty log is wrong: {why}")]
+    DirtyLog {
+        /// The workload.
+        workload: &'static str,
+        /// What was wrong.
+        why: String,
+    },
     /// The micro-benchmark has no row at the headline size (a bug here).
     #[error("no measurement at the headline size")]
     NoHeadline,

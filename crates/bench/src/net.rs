@@ -155,7 +155,14 @@ fn run_workload(
         busy_poll: Duration::from_micros(args.busy_poll_us),
         seed: 0x5eed ^ w.name.len() as u64,
     };
-    let fe = connect(args, socket, NetDriver::ram_needed(&cfg), w.viommu, 2)?;
+    let fe = connect(
+        args,
+        socket,
+        NetDriver::ram_needed(&cfg),
+        w.viommu,
+        2,
+        false,
+    )?;
     let driver = |source| BenchError::Driver {
         workload: w.name,
         source,

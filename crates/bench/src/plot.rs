@@ -7,7 +7,8 @@
 //!   baseline itself). Workloads are split by request size into side-by-side sub-panels,
 //!   each with its own linear IOPS axis (1 MiB requests run at a small fraction of the IOPS
 //!   of 4 KiB ones and would be invisible on a shared axis): every bar is compared with its
-//!   baseline, which has the same request size, on the same axis.
+//!   baseline, which has the same request size, on the same axis. A sub-panel's header
+//!   names its baseline and any workload measured against another (`log to warm`).
 //! - Miss round trip: the median round's p50 and p99 bars per workload on a linear µs axis,
 //!   their values written above them when they fit, with a legend; a workload without
 //!   misses shows "no misses".
@@ -226,6 +227,24 @@ fn by_block_size(rows: &[Row]) -> Vec<Vec<&Row>> {
     groups
 }
 
+/// What a sub-panel's ratios are against: its first row's baseline, and the workloads
+/// measured against another one by name ("(ratio to off; log to warm)").
+fn against(g: &[&Row]) -> String {
+    let Some(first) = g.first() else {
+        return String::new();
+    };
+    let others: Vec<String> = g
+        .iter()
+        .filter(|r| r.baseline != first.baseline && r.name != r.baseline)
+        .map(|r| format!("{} to {}", r.name, r.baseline))
+        .collect();
+    if others.is_empty() {
+        format!("(ratio to {})", first.baseline)
+    } else {
+        format!("(ratio to {}; {})", first.baseline, others.join(", "))
+    }
+}
+
 /// The lowest and highest round's IOPS (the median round's when there are no rounds).
 fn spread(r: &Row) -> (f64, f64) {
     let (lo, hi) = r.iops_spread();
@@ -282,10 +301,7 @@ fn throughput(s: &mut String, rows: &[Row], top: f64, bottom: f64) -> f64 {
             t: ticks(hi * 1.12),
         };
         x = f.x + f.w;
-        let (requests, against) = (
-            format!("{} requests", size(g[0].block_kib)),
-            format!("(ratio to {})", g[0].baseline),
-        );
+        let (requests, against) = (format!("{} requests", size(g[0].block_kib)), against(g));
         let header = if (requests.len() + against.len() + 1) as f64 * CHAR_W <= f.w {
             vec![format!("{requests} {against}")]
         } else {
@@ -443,7 +459,8 @@ pub(crate) fn plot(rows: &[Row]) -> String {
                  has its own IOPS axis."
             ),
             "Above the bars: median over rounds of IOPS / its baseline's IOPS in the same round \
-             (the baseline: same request size, no IOMMU; base: the baseline itself)."
+             (the baseline: same request size, no IOMMU, unless the header names another; \
+             base: the baseline itself)."
                 .to_string(),
             "Miss round trip: p50 and p99 of the median round; no misses: the workload had none."
                 .to_string(),
@@ -613,6 +630,7 @@ mod tests {
             cpu_frontend_us: 0.0,
             steal_pct: 0.0,
             rounds: Vec::new(),
+            dirty_log: None,
         }
     }
 
@@ -697,9 +715,11 @@ mod tests {
         warm.ratio_to_off = 0.97;
         warm.miss_rtt_p50_us = Some(12.5);
         warm.miss_rtt_p99_us = Some(48.0);
+        let mut log = row("log", "warm", 4, &[94_000.0, 95_000.0, 90_000.0]);
+        log.ratio_to_off = 0.96;
         let mut big = row("off-1m", "off-1m", 1024, &[2_000.0, 2_100.0, 1_900.0]);
         big.iommu = false;
-        let rows = [off, warm, big];
+        let rows = [off, warm, log, big];
         let svg = plot(&rows);
         assert!(svg.starts_with("<svg "), "{svg}");
         assert!(svg.ends_with("</svg>\n"));
@@ -712,7 +732,10 @@ mod tests {
             ">100k<",
             ">0.5k<",
             ">IOPS (median round)<",
-            ">4 KiB requests (ratio to off)<",
+            ">96 %<",
+            "log: 94000 IOPS",
+            "96 % of warm<",
+            "(ratio to off; log to warm)<",
             ">1 MiB requests (ratio to off-1m)<",
             ">p99<",
             ">48.0<",

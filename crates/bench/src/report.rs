@@ -1,7 +1,8 @@
 //! The end-to-end benchmark's figures: one [`Row`] per workload and round (`row`), the
-//! median round and the paired ratios to the baseline (`summarize`), the table on stdout
-//! (`print_table`) and the JSON document (`to_json`, with the back-end's counters by their
-//! stats-line names, `stats_json_of`).
+//! median round and the paired ratios to the baseline (`summarize`), what a dirty log got
+//! ([`LogFigures`], and when that shows a broken log), the table on stdout (`print_table`)
+//! and the JSON document (`to_json`, with the back-end's counters by their stats-line
+//! names, `stats_json_of`).
 //!
 //! Pure functions of what was measured: it must not start, connect to or drive anything,
 //! and the JSON keys and the table text are a contract (scripts/test.sh checks the keys):
@@ -12,8 +13,8 @@ use std::time::Duration;
 use backend::Stats;
 use serde_json::json;
 
-use crate::run::Measured;
-use crate::workloads::Workload;
+use crate::run::{LogTaken, Measured};
+use crate::workloads::{Workload, LOG_SYNC};
 use crate::E2eArgs;
 
 /// What one workload measured.
@@ -64,6 +65,76 @@ pub(crate) struct Row {
     pub(crate) steal_pct: f64,
     /// Every round, in order.
     pub(crate) rounds: Vec<Round>,
+    /// With dirty logging: what the log got, over every round.
+    pub(crate) dirty_log: Option<LogFigures>,
+}
+
+/// What the dirty log of a workload got, summed over its rounds (each round one connection,
+/// its warm-up included).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct LogFigures {
+    /// Pages the front-end took from the log.
+    pub(crate) taken: u64,
+    /// Takes that found pages.
+    pub(crate) syncs: u64,
+    /// Pages our back-end marked while they were clear (`logged_pages`); `None` for a
+    /// peer's back-end.
+    pub(crate) marked: Option<u64>,
+    pub(crate) rounds: u32,
+    /// Rounds whose log got no page.
+    pub(crate) empty_rounds: u32,
+    /// Rounds in which the front-end took another count of pages than our back-end marked.
+    pub(crate) mismatched_rounds: u32,
+}
+
+impl LogFigures {
+    /// One round's: what the front-end took, and our back-end's counters if ours.
+    pub(crate) fn of(taken: &LogTaken, stats: Option<&Stats>) -> Self {
+        let marked = stats.map(|s| s.logged_pages);
+        LogFigures {
+            taken: taken.pages,
+            syncs: taken.syncs,
+            marked,
+            rounds: 1,
+            empty_rounds: u32::from(taken.pages == 0 || marked == Some(0)),
+            mismatched_rounds: u32::from(marked.is_some_and(|m| m != taken.pages)),
+        }
+    }
+
+    fn merge(self, o: LogFigures) -> Self {
+        LogFigures {
+            taken: self.taken + o.taken,
+            syncs: self.syncs + o.syncs,
+            marked: self.marked.zip(o.marked).map(|(a, b)| a + b),
+            rounds: self.rounds + o.rounds,
+            empty_rounds: self.empty_rounds + o.empty_rounds,
+            mismatched_rounds: self.mismatched_rounds + o.mismatched_rounds,
+        }
+    }
+
+    /// Why these figures show a broken log, if they do: a round that logged nothing (the
+    /// device wrote in every round, so that is a bug, not a figure), or one whose front-end
+    /// took another count of pages than our back-end marked (every page marked while clear
+    /// is taken exactly once, so a difference is a page lost or invented).
+    pub(crate) fn problem(&self) -> Option<String> {
+        if self.empty_rounds > 0 {
+            return Some(format!(
+                "no page logged in {} of {} rounds",
+                self.empty_rounds, self.rounds
+            ));
+        }
+        if self.mismatched_rounds > 0 {
+            return Some(format!(
+                "the front-end took {} pages and the back-end marked {}, differing in {} of {} \
+                 rounds",
+                self.taken,
+                self.marked.unwrap_or(0),
+                self.mismatched_rounds,
+                self.rounds
+            ));
+        }
+        None
+    }
 }
 
 /// What one round of a workload saw, kept to explain a slow one.
@@ -146,6 +217,10 @@ pub(crate) fn median_round(mut rounds: Vec<Row>) -> Option<Row> {
     let iops_rounds: Vec<f64> = rounds.iter().map(|r| r.iops).collect();
     let engine: Vec<Stats> = rounds.iter().flat_map(|r| r.engine.clone()).collect();
     let all: Vec<Round> = rounds.iter().flat_map(|r| r.rounds.clone()).collect();
+    let log = rounds
+        .iter()
+        .filter_map(|r| r.dirty_log)
+        .reduce(LogFigures::merge);
     let (checks, verify, poison, errors) = rounds.iter().fold((0, 0, 0, 0), |a, r| {
         (
             a.0 + r.poison_checks,
@@ -160,6 +235,7 @@ pub(crate) fn median_round(mut rounds: Vec<Row>) -> Option<Row> {
     r.iops_rounds = iops_rounds;
     r.engine = engine;
     r.rounds = all;
+    r.dirty_log = log;
     r.poison_checks = checks;
     r.verify_failures = verify;
     r.poison_violations = poison;
@@ -222,6 +298,7 @@ pub(crate) fn row(
             steal_pct,
             engine: stats.copied(),
         }],
+        dirty_log: m.log.map(|t| LogFigures::of(&t, stats)),
     }
 }
 
@@ -260,7 +337,7 @@ pub(crate) fn print_table(args: &E2eArgs, rows: &[Row]) {
         "rtt99 us",
         "hit",
         "inval/s",
-        "vs off",
+        "vs base",
         "cpu us/req"
     );
     for r in rows {
@@ -293,10 +370,11 @@ pub(crate) fn print_table(args: &E2eArgs, rows: &[Row]) {
     }
     println!(
         "tlb: IOTLB entries. min-max: IOPS of the slowest and fastest round. miss/req: MISSes \
-         per request. rtt: MISS sent to the queue running again (back-end side). hit: IOTLB hit rate (%). vs off: median over rounds of IOPS / \
-         the IOPS of the baseline with the same request size and no IOMMU (off, or off-1m for \
-         1 MiB requests) in the same round. Every read was checked against what was written; \
-         freed buffers were poisoned and checked ({} checks, {} violations).",
+         per request. rtt: MISS sent to the queue running again (back-end side). hit: IOTLB hit rate (%). vs base: median over rounds of IOPS / \
+         the IOPS of the workload's baseline in the same round: the same request size with no \
+         IOMMU (off, or off-1m for 1 MiB requests), and warm for log (warm with dirty \
+         logging). Every read was checked against what was written; freed buffers were \
+         poisoned and checked ({} checks, {} violations).",
         rows.iter().map(|r| r.poison_checks).sum::<u64>(),
         rows.iter().map(|r| r.poison_violations).sum::<u64>()
     );
@@ -304,7 +382,33 @@ pub(crate) fn print_table(args: &E2eArgs, rows: &[Row]) {
         "cpu us/req: CPU time per request of our back-end's threads / of the driver simulator, \
          front-end and vIOMMU (one process; both sides' threads counted separately)."
     );
+    print_dirty_logs(rows);
     print_stalls(rows);
+}
+
+/// What the dirty log of each workload that has one got.
+fn print_dirty_logs(rows: &[Row]) {
+    for r in rows {
+        let Some(l) = &r.dirty_log else {
+            continue;
+        };
+        let marked = l.marked.map_or_else(
+            || "back-end counters not available (a peer's back-end)".to_string(),
+            |m| format!("our back-end marked {m}"),
+        );
+        println!(
+            "dirty log ({}): VHOST_F_LOG_ALL on, one bit per 4 KiB guest page in a memfd \
+             shared by SET_LOG_BASE, its pages taken every {} ms as a migration's sync does: \
+             {} pages taken in {} takes over {} rounds (warm-ups included); {marked}{}.",
+            r.name,
+            LOG_SYNC.as_millis(),
+            l.taken,
+            l.syncs,
+            l.rounds,
+            l.problem()
+                .map_or(String::new(), |p| format!("; WRONG: {p}"))
+        );
+    }
 }
 
 /// The rounds under [`STALL_SHARE`] of their workload's median, with what the machine and
@@ -398,6 +502,15 @@ pub(crate) fn to_json(rows: &[Row]) -> serde_json::Value {
                 "iops_max": r.iops_spread().1,
                 "cpu_us_per_request": {"backend": r.cpu_backend_us, "frontend": r.cpu_frontend_us},
                 "steal_pct": r.steal_pct,
+                "dirty_log": r.dirty_log.map(|l| json!({
+                    "pages_taken": l.taken,
+                    "takes": l.syncs,
+                    "pages_marked": l.marked,
+                    "take_every_ms": LOG_SYNC.as_millis() as u64,
+                    "rounds": l.rounds,
+                    "empty_rounds": l.empty_rounds,
+                    "mismatched_rounds": l.mismatched_rounds,
+                })),
                 "stalled_rounds": r.stalls().iter().map(|(i, round)| json!({
                     "round": i + 1,
                     "iops": round.iops,
@@ -454,5 +567,121 @@ mod tests {
         assert_eq!(paired_ratios(&[1.0, 2.0], &[0.0, 4.0]), vec![0.5]);
         assert_eq!(median(&[]), None);
         assert_eq!(median(&[3.0, 1.0, 2.0]), Some(2.0));
+    }
+
+    /// A round of `name` at `iops`, measured against `baseline`; the rest neutral.
+    fn round(name: &'static str, baseline: &'static str, iops: f64) -> Row {
+        Row {
+            name,
+            baseline,
+            block_kib: 4,
+            capacity: 2048,
+            iommu: name != "off",
+            requests: 1,
+            seconds: 1.0,
+            iops,
+            mbps: 0.0,
+            lat_p50_us: 0.0,
+            lat_p99_us: 0.0,
+            misses_per_s: 0.0,
+            miss_rtt_p50_us: None,
+            miss_rtt_p99_us: None,
+            hit_rate: None,
+            invalidations_per_s: 0.0,
+            ratio_to_off: 1.0,
+            ratio_rounds: Vec::new(),
+            ratio_of_medians: 1.0,
+            iops_rounds: vec![iops],
+            miss_service_p50_us: None,
+            misses: 0,
+            misses_per_request: 0.0,
+            verify_failures: 0,
+            poison_violations: 0,
+            poison_checks: 0,
+            errors: 0,
+            engine: Vec::new(),
+            cpu_backend_us: None,
+            cpu_frontend_us: 0.0,
+            steal_pct: 0.0,
+            rounds: Vec::new(),
+            dirty_log: None,
+        }
+    }
+
+    #[test]
+    fn a_ratio_is_against_the_workloads_own_baseline() {
+        let rounds = |name, baseline, iops: &[f64]| -> Vec<Row> {
+            iops.iter().map(|&i| round(name, baseline, i)).collect()
+        };
+        let rows = summarize(vec![
+            rounds("off", "off", &[200.0, 100.0, 200.0]),
+            rounds("warm", "off", &[100.0, 50.0, 100.0]),
+            rounds("log", "warm", &[90.0, 45.0, 90.0]),
+        ]);
+        let by = |n: &str| rows.iter().find(|r| r.name == n).unwrap();
+        assert!(by("warm")
+            .ratio_rounds
+            .iter()
+            .all(|r| (r - 0.5).abs() < 1e-9));
+        assert!((by("warm").ratio_to_off - 0.5).abs() < 1e-9);
+        // Against warm, round by round, not against off.
+        assert!(by("log")
+            .ratio_rounds
+            .iter()
+            .all(|r| (r - 0.9).abs() < 1e-9));
+        assert!((by("log").ratio_to_off - 0.9).abs() < 1e-9);
+        assert!((by("log").ratio_of_medians - 0.9).abs() < 1e-9);
+        assert_eq!(to_json(&rows)["log"]["baseline"], "warm");
+        assert!(to_json(&rows)["warm"]["dirty_log"].is_null());
+    }
+
+    #[test]
+    fn a_log_is_wrong_when_a_round_logs_nothing_or_loses_a_page() {
+        let stats = |pages| Stats {
+            logged_pages: pages,
+            ..Stats::default()
+        };
+        let taken = |pages| LogTaken { pages, syncs: 3 };
+        let good = LogFigures::of(&taken(40), Some(&stats(40)));
+        assert_eq!(good.problem(), None);
+        // A peer's back-end: only the front-end's count.
+        assert_eq!(LogFigures::of(&taken(40), None).problem(), None);
+        let empty = LogFigures::of(&taken(0), Some(&stats(0)));
+        let lost = LogFigures::of(&taken(39), Some(&stats(40)));
+        let of_rounds = |r: &[LogFigures]| {
+            let mut rows: Vec<Row> = r
+                .iter()
+                .enumerate()
+                .map(|(i, l)| {
+                    let mut row = round("log", "warm", 100.0 + i as f64);
+                    row.dirty_log = Some(*l);
+                    row
+                })
+                .collect();
+            rows.push(round("log", "warm", 0.0));
+            rows.last_mut().unwrap().dirty_log = None;
+            median_round(rows).unwrap().dirty_log.unwrap()
+        };
+        let all = of_rounds(&[good, good, good]);
+        assert_eq!((all.taken, all.marked, all.syncs), (120, Some(120), 9));
+        assert_eq!(all.rounds, 3);
+        assert_eq!(all.problem(), None);
+        let one_empty = of_rounds(&[good, empty, good]);
+        assert_eq!(
+            one_empty.problem().as_deref(),
+            Some("no page logged in 1 of 3 rounds")
+        );
+        let one_lost = of_rounds(&[good, lost, good]);
+        assert!(
+            one_lost.problem().unwrap().contains("differing in 1 of 3"),
+            "{one_lost:?}"
+        );
+        let json = to_json(&[{
+            let mut r = round("log", "warm", 1.0);
+            r.dirty_log = Some(good);
+            r
+        }]);
+        assert_eq!(json["log"]["dirty_log"]["pages_taken"], 40);
+        assert_eq!(json["log"]["dirty_log"]["pages_marked"], 40);
     }
 }

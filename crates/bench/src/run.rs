@@ -1,6 +1,7 @@
 //! Running the end-to-end workloads: our back-end on a fresh in-memory disk and socket
 //! (`OwnBackend`, one per workload and round), the front-end and vIOMMU driving it through
-//! the guest-driver simulator (`run_workload`: warm-up, then the measured phase), and the
+//! the guest-driver simulator (`run_workload`: warm-up, then the measured phase; with dirty
+//! logging, a thread playing the migration that takes the log's pages, `LogSync`), and the
 //! interleaved rounds with their progress bar (`run_all`).
 //!
 //! It produces one [`Row`] per workload and round and hands them to `report.rs`; it must not
@@ -8,19 +9,21 @@
 //! its public counters (`Server::stats`, `Server::miss_rtt`).
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use backend::{Device, EngineConfig, ServeError, Server, Stats};
 use devices::{Blk, BlkConfig};
 use frontend::driver::{BlkDriver, DriverConfig, DriverReport};
-use frontend::vhost_user::{FrontendConfig, GuestRam, VhostUserFrontend};
+use frontend::vhost_user::{DirtyLog, FrontendConfig, GuestRam, VhostUserFrontend};
 use frontend::viommu::{Viommu, ViommuConfig};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::cpu::CpuSample;
 use crate::report::{self, us, Row};
-use crate::workloads::Workload;
+use crate::workloads::{Workload, LOG_SYNC};
 use crate::{BenchError, E2eArgs};
 
 /// Our back-end for one workload: a server of a fresh device on a fresh socket.
@@ -130,13 +133,14 @@ impl<D: Device> OwnBackend<D> {
 
 /// Connect our front-end to the back-end at `socket`: guest RAM of at least `ram_bytes` (in
 /// 2 MiB steps), behind a vIOMMU of `viommu` (or none), able to start `queues` queues, with
-/// the bench's polling options.
+/// the bench's polling options, and with a dirty log if `dirty_log`.
 pub(crate) fn connect(
     args: &E2eArgs,
     socket: &Path,
     ram_bytes: u64,
     viommu: Option<ViommuConfig>,
     queues: u16,
+    dirty_log: bool,
 ) -> Result<VhostUserFrontend, BenchError> {
     let ram = Arc::new(
         GuestRam::new(ram_bytes.div_ceil(2 << 20) * (2 << 20)).map_err(BenchError::GuestRam)?,
@@ -146,6 +150,7 @@ pub(crate) fn connect(
         queues,
         busy_poll: Duration::from_micros(args.busy_poll_us),
         poll: args.poll,
+        dirty_log,
         ..FrontendConfig::default()
     };
     VhostUserFrontend::connect(socket, ram, fe_cfg, viommu).map_err(|source| BenchError::Connect {
@@ -165,6 +170,98 @@ pub(crate) struct Measured {
     pub(crate) service_p50: Option<f64>,
     /// CPU time used over the measured phase, by side, and stolen by the hypervisor.
     pub(crate) cpu: CpuSample,
+    /// With dirty logging: what the front-end took from the log over the connection.
+    pub(crate) log: Option<LogTaken>,
+}
+
+/// The pages a connection's front-end took from its dirty log.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct LogTaken {
+    /// Pages taken, over every sync (the warm-up's included) and a last one after the queue
+    /// stopped: as many as the back-end marked while they were clear.
+    pub(crate) pages: u64,
+    /// Syncs that found at least one page (the last one included).
+    pub(crate) syncs: u64,
+}
+
+/// The migration's side of dirty logging: a thread taking the log's pages every
+/// [`LOG_SYNC`], as QEMU's log sync does once per pass over guest memory. Stopped when
+/// dropped, on any path out of the workload.
+struct LogSync {
+    log: Arc<DirtyLog>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<LogTaken>>,
+    /// What the thread took, once stopped.
+    taken: LogTaken,
+}
+
+impl LogSync {
+    fn start(log: &Arc<DirtyLog>) -> Result<Self, BenchError> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (l, s) = (log.clone(), stop.clone());
+        let thread = std::thread::Builder::new()
+            .name("log-sync".into())
+            .spawn(move || {
+                let mut taken = LogTaken::default();
+                let next = || Instant::now() + LOG_SYNC;
+                let mut at = next();
+                while !s.load(Ordering::Relaxed) {
+                    // Woken early by `stop`.
+                    std::thread::park_timeout(at.saturating_duration_since(Instant::now()));
+                    if Instant::now() >= at {
+                        taken.add(l.take_pages(|_| ()));
+                        at = next();
+                    }
+                }
+                taken
+            })
+            .map_err(|source| BenchError::Spawn {
+                name: "log-sync",
+                source,
+            })?;
+        Ok(LogSync {
+            log: log.clone(),
+            stop,
+            thread: Some(thread),
+            taken: LogTaken::default(),
+        })
+    }
+
+    /// Stop the thread (a second call does nothing).
+    fn stop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = &self.thread {
+            t.thread().unpark();
+        }
+        if let Some(t) = self.thread.take().and_then(|t| t.join().ok()) {
+            self.taken.pages += t.pages;
+            self.taken.syncs += t.syncs;
+        }
+    }
+
+    /// Stop, and take what is left: call it once the queue stopped (nothing is written
+    /// after that).
+    fn finish(mut self) -> LogTaken {
+        self.stop();
+        let last = self.log.take_pages(|_| ());
+        self.taken.add(last);
+        self.taken
+    }
+}
+
+impl Drop for LogSync {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+impl LogTaken {
+    fn add(&mut self, pages: u64) {
+        if pages > 0 {
+            self.pages += pages;
+            self.syncs += 1;
+        }
+    }
 }
 
 /// Run one workload against the back-end at `socket`: a warm-up, then the measured phase
@@ -192,7 +289,16 @@ pub(crate) fn run_workload(
         fresh_disk,
         seed: 0x5eed ^ w.name.len() as u64,
     };
-    let fe = connect(args, socket, BlkDriver::ram_needed(&cfg), w.viommu, 1)?;
+    let fe = connect(
+        args,
+        socket,
+        BlkDriver::ram_needed(&cfg),
+        w.viommu,
+        1,
+        w.dirty_log,
+    )?;
+    // From the connection on: the back-end logs from SET_LOG_BASE, the warm-up included.
+    let mut log_sync = fe.dirty_log().map(LogSync::start).transpose()?;
     // The first field of the virtio-blk config space: the capacity in 512-byte sectors.
     let reply = fe.config(0, 8).map_err(BenchError::DiskCapacity)?;
     let sectors = <[u8; 8]>::try_from(reply.as_slice())
@@ -227,11 +333,17 @@ pub(crate) fn run_workload(
     )
     .map_err(driver)?;
     let cpu = CpuSample::now().since(&cpu0);
+    // Its CPU time is counted above (it lives through the measured phase).
+    if let Some(s) = log_sync.as_mut() {
+        s.stop();
+    }
     let misses = load(&fe.channel_stats().misses) - misses0;
     let invalidations = inval(&fe) - inval0;
     let service = &fe.channel_stats().service;
     let service_p50 = (service.count() > 0).then(|| us(service.quantile(0.5)));
     let report = d.finish().map_err(driver)?;
+    // The queue stopped (GET_VRING_BASE): the last take finds every page still marked.
+    let log = log_sync.map(LogSync::finish);
     drop(fe);
     Ok(Measured {
         report,
@@ -239,6 +351,7 @@ pub(crate) fn run_workload(
         invalidations,
         service_p50,
         cpu,
+        log,
     })
 }
 

@@ -7,10 +7,12 @@
 //!   channel served on its own thread so that it never deadlocks against a waiting back-end;
 //! - [`kernel`]: the kernel transport: a `/dev/vhost-*` fd driven by the same vIOMMU (its
 //!   ioctls, `vhost_msg_v2` reads and writes, MISSes deduplicated);
-//! - [`driver`]: a virtio-blk guest-driver simulator over the split ring in that memory.
+//! - [`driver`]: a virtio-blk guest-driver simulator over the split ring in that memory;
+//! - [`dirty_log`]: the dirty log a migrating VMM shares with the back-end, and its sync.
 //!
 //! This crate plays the guest and the VMM; it never reaches into the back-end's state.
 
+pub mod dirty_log;
 pub mod driver;
 pub mod kernel;
 pub mod vhost_user;

@@ -13,6 +13,11 @@
 //! the main socket with `NEED_REPLY`. [`VhostUserIotlb`] is the vIOMMU's view of this
 //! back-end: UPDATE and INVALIDATE, each acknowledged before it returns.
 //!
+//! With [`FrontendConfig::dirty_log`] the front-end also plays a VMM migrating its guest:
+//! it negotiates `VHOST_F_LOG_ALL` and `LOG_SHMFD`, hands the back-end a [`DirtyLog`] (a
+//! bitmap of guest-physical pages in a sealed memfd, as QEMU's `vhost_log_alloc` makes one)
+//! with SET_LOG_BASE, and takes the pages the back-end marked as QEMU's log sync does.
+//!
 //! This module speaks the protocol and moves no data; the driver lives in [`crate::driver`].
 
 use std::os::fd::{AsFd, OwnedFd};
@@ -23,6 +28,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
+pub use crate::dirty_log::{DirtyLog, LOG_PAGE};
 use iotlb::hist::Histogram;
 use iotlb::{Access, IovaRange, Perm};
 use rustix::event::{eventfd, EventfdFlags};
@@ -30,8 +36,8 @@ use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, Mmap
 use wire::features::{device, protocol};
 use wire::poll::PollMode;
 use wire::vhost_user::{
-    BackendRequest, Config, Connection, FrontendRequest, MemoryRegion, RegionFd, Reply, VringAddr,
-    VringFile, VringState,
+    BackendRequest, Config, Connection, FrontendRequest, LogArea, MemoryRegion, RegionFd, Reply,
+    VringAddr, VringFile, VringState, VRING_F_LOG,
 };
 use wire::{IotlbMsg, WireError};
 
@@ -68,9 +74,28 @@ pub enum FrontendError {
     /// A reply of the wrong kind.
     #[error("unexpected reply to {0}")]
     Reply(&'static str),
+    /// Dirty logging was asked for ([`FrontendConfig::dirty_log`]) and the back-end cannot
+    /// do it: it lacks `VHOST_F_LOG_ALL` or `VHOST_USER_PROTOCOL_F_LOG_SHMFD`.
+    #[error(
+        "dirty logging asked for, but the back-end does not offer {what} (offered {offered:#x})"
+    )]
+    NoDirtyLog {
+        /// The feature it lacks.
+        what: &'static str,
+        /// What it offered (device or protocol features, as `what` is).
+        offered: u64,
+    },
+    /// SET_LOG_BASE was answered with another log area than the one sent.
+    #[error("SET_LOG_BASE of {sent:?} answered with {got:?}")]
+    LogReply {
+        /// The area sent.
+        sent: LogArea,
+        /// The area the back-end answered.
+        got: LogArea,
+    },
 }
 
-fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> FrontendError {
+pub(crate) fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> FrontendError {
     move |source| FrontendError::Io { what, source }
 }
 
@@ -173,6 +198,12 @@ pub struct FrontendConfig {
     pub busy_poll: std::time::Duration,
     /// Whether those windows adapt within the cap or stay at it.
     pub poll: PollMode,
+    /// Log the device's writes, as while migrating: negotiate `VHOST_F_LOG_ALL` and
+    /// `LOG_SHMFD` (refused with [`FrontendError::NoDirtyLog`] by a back-end that lacks
+    /// either), hand the back-end a [`DirtyLog`] of the guest RAM before any queue starts,
+    /// and set `VRING_F_LOG` with the used ring's address on every ring. Off, nothing of this
+    /// is sent.
+    pub dirty_log: bool,
 }
 
 impl Default for FrontendConfig {
@@ -182,6 +213,7 @@ impl Default for FrontendConfig {
             device_features: 0,
             busy_poll: std::time::Duration::ZERO,
             poll: PollMode::Adaptive,
+            dirty_log: false,
         }
     }
 }
@@ -341,6 +373,7 @@ pub struct VhostUserFrontend {
     queues: u16,
     channel: Option<(UnixStream, JoinHandle<()>)>,
     channel_stats: Arc<ChannelStats>,
+    dirty_log: Option<Arc<DirtyLog>>,
 }
 
 impl std::fmt::Debug for VhostUserFrontend {
@@ -349,6 +382,7 @@ impl std::fmt::Debug for VhostUserFrontend {
             .field("features", &format_args!("{:#x}", self.features))
             .field("protocol", &format_args!("{:#x}", self.protocol))
             .field("iommu", &self.viommu.is_some())
+            .field("dirty_log", &self.dirty_log.as_ref().map(|l| l.bytes()))
             .finish_non_exhaustive()
     }
 }
@@ -388,7 +422,15 @@ impl VhostUserFrontend {
                 return Err(FrontendError::Missing { what, offered });
             }
         }
-        let features = need | (offered & config.device_features);
+        // Logging is what a migration needs; a back-end that cannot log cannot migrate.
+        let log_all = if config.dirty_log { device::LOG_ALL } else { 0 };
+        if offered & log_all != log_all {
+            return Err(FrontendError::NoDirtyLog {
+                what: "VHOST_F_LOG_ALL",
+                offered,
+            });
+        }
+        let features = need | log_all | (offered & config.device_features);
 
         let offered_p = u64_reply(
             conn.request(&FrontendRequest::GetProtocolFeatures)?,
@@ -413,7 +455,18 @@ impl VhostUserFrontend {
                 });
             }
         }
-        let protocol_features = need_p | (offered_p & protocol::CONFIG);
+        let log_shmfd = if config.dirty_log {
+            protocol::LOG_SHMFD
+        } else {
+            0
+        };
+        if offered_p & log_shmfd != log_shmfd {
+            return Err(FrontendError::NoDirtyLog {
+                what: "VHOST_USER_PROTOCOL_F_LOG_SHMFD",
+                offered: offered_p,
+            });
+        }
+        let protocol_features = need_p | log_shmfd | (offered_p & protocol::CONFIG);
         // REPLY_ACK is not in force until this is applied: no NEED_REPLY on it.
         conn.send_request(
             &FrontendRequest::SetProtocolFeatures(protocol_features),
@@ -454,6 +507,29 @@ impl VhostUserFrontend {
         }
         conn.request(&FrontendRequest::SetFeatures(features))?;
         conn.request(&FrontendRequest::SetMemTable(vec![ram.region()?]))?;
+        // As QEMU's `vhost_dev_start` with logging on: features with LOG_ALL, the memory
+        // table, then the log, whose reply says the back-end mapped it. No queue runs yet, so
+        // no write goes unlogged.
+        let dirty_log = if config.dirty_log {
+            let log = Arc::new(DirtyLog::new(ram.size())?);
+            let sent = log.area();
+            let req = FrontendRequest::SetLogBase {
+                area: sent,
+                fd: log.fd()?,
+            };
+            match conn.request(&req)? {
+                Some(Reply::Log(got)) if got == sent => {}
+                Some(Reply::Log(got)) => return Err(FrontendError::LogReply { sent, got }),
+                _ => return Err(FrontendError::Reply("SET_LOG_BASE")),
+            }
+            tracing::debug!(
+                bytes = sent.mmap_size,
+                "vhost-user front-end: dirty log mapped"
+            );
+            Some(log)
+        } else {
+            None
+        };
 
         let fe = VhostUserFrontend {
             conn,
@@ -465,6 +541,7 @@ impl VhostUserFrontend {
             queues: config.queues,
             channel,
             channel_stats,
+            dirty_log,
         };
         if let Some(v) = &fe.viommu {
             v.attach(fe.iotlb.clone());
@@ -497,6 +574,12 @@ impl VhostUserFrontend {
     /// What the back-end channel thread saw so far.
     pub fn channel_stats(&self) -> &ChannelStats {
         &self.channel_stats
+    }
+
+    /// The dirty log the back-end writes, with [`FrontendConfig::dirty_log`]. It stays
+    /// readable after the connection ends (a last take once the queues stopped).
+    pub fn dirty_log(&self) -> Option<&Arc<DirtyLog>> {
+        self.dirty_log.as_ref()
     }
 
     /// Read `len` bytes of the device's config space from `offset` (needs the `CONFIG`
@@ -545,11 +628,23 @@ impl VhostUserFrontend {
         self.conn
             .request(&FrontendRequest::SetVringAddr(VringAddr {
                 index,
-                flags: 0,
+                // With logging on, QEMU also asks for used-ring writes to be logged and names
+                // the ring by the guest's address of it (`used_phys`: an IOVA behind the
+                // IOMMU). Our back-end logs every used-ring write by guest-physical page
+                // whatever these say.
+                flags: if self.dirty_log.is_some() {
+                    VRING_F_LOG
+                } else {
+                    0
+                },
                 descriptor: to_device(ring.desc),
                 used: to_device(ring.used),
                 available: to_device(ring.avail),
-                log: 0,
+                log: if self.dirty_log.is_some() {
+                    ring.used
+                } else {
+                    0
+                },
             }))?;
         let new_eventfd = || {
             eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK).map_err(|e| {
@@ -737,5 +832,163 @@ impl Notifiers {
     pub fn take_call(&self) -> bool {
         let mut b = [0u8; 8];
         matches!(rustix::io::read(self.call.as_fd(), &mut b), Ok(8))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wire::vhost_user::DecodeLimits;
+
+    /// A scripted back-end on the other end of `sock`: it offers `features` and
+    /// `protocol`, answers what has an answer, acknowledges the rest, and returns every
+    /// request it got once the front-end hangs up.
+    fn scripted_backend(
+        sock: UnixStream,
+        features: u64,
+        protocol: u64,
+    ) -> JoinHandle<Vec<FrontendRequest>> {
+        std::thread::spawn(move || {
+            let conn = Connection::new(sock);
+            let mut got = Vec::new();
+            while let Ok(raw) = conn.recv() {
+                let h = raw.header;
+                let req =
+                    FrontendRequest::decode(&h, &raw.payload, raw.fds, &DecodeLimits::default())
+                        .unwrap();
+                let reply = match &req {
+                    FrontendRequest::GetFeatures => Some(Reply::U64(features)),
+                    FrontendRequest::GetProtocolFeatures => Some(Reply::U64(protocol)),
+                    FrontendRequest::SetLogBase { area, .. } => Some(Reply::Log(*area)),
+                    _ => None,
+                };
+                match reply {
+                    Some(r) => conn.send_reply(&h, &r).unwrap(),
+                    None => conn.ack(&h, true).unwrap(),
+                }
+                got.push(req);
+            }
+            got
+        })
+    }
+
+    const LOGGING: u64 = device::VERSION_1 | device::PROTOCOL_FEATURES | device::LOG_ALL;
+    const LOGGING_P: u64 = protocol::REPLY_ACK | protocol::LOG_SHMFD;
+
+    /// Connect to the scripted back-end, start queue 0, hang up; what it got.
+    fn session(dirty_log: bool) -> (Result<u64, FrontendError>, Vec<FrontendRequest>) {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let backend = scripted_backend(theirs, LOGGING, LOGGING_P);
+        let ram = Arc::new(GuestRam::new(1 << 20).unwrap());
+        let config = FrontendConfig {
+            dirty_log,
+            ..FrontendConfig::default()
+        };
+        let result = VhostUserFrontend::with_stream(ours, ram, config, None).and_then(|fe| {
+            assert_eq!(fe.dirty_log().is_some(), dirty_log);
+            fe.start_queue(RingSetup {
+                index: 0,
+                size: 8,
+                desc: 0x1000,
+                avail: 0x2000,
+                used: 0x3000,
+            })?;
+            Ok(fe.features())
+        });
+        (result, backend.join().unwrap())
+    }
+
+    #[test]
+    fn without_dirty_log_nothing_of_it_is_sent() {
+        let (features, got) = session(false);
+        assert_eq!(features.unwrap() & device::LOG_ALL, 0);
+        for req in &got {
+            match req {
+                FrontendRequest::SetFeatures(f) => assert_eq!(f & device::LOG_ALL, 0),
+                FrontendRequest::SetProtocolFeatures(p) => assert_eq!(p & protocol::LOG_SHMFD, 0),
+                FrontendRequest::SetLogBase { .. } | FrontendRequest::SetLogFd(_) => {
+                    panic!("{req:?}")
+                }
+                FrontendRequest::SetVringAddr(a) => assert_eq!((a.flags, a.log), (0, 0)),
+                _ => {}
+            }
+        }
+    }
+
+    #[test]
+    fn with_dirty_log_the_log_is_mapped_before_any_queue_starts() {
+        let (features, got) = session(true);
+        assert_ne!(features.unwrap() & device::LOG_ALL, 0);
+        let at = |want: fn(&FrontendRequest) -> bool| got.iter().position(want).unwrap();
+        let log = at(|r| matches!(r, FrontendRequest::SetLogBase { .. }));
+        let table = at(|r| matches!(r, FrontendRequest::SetMemTable(_)));
+        let features =
+            at(|r| matches!(r, FrontendRequest::SetFeatures(f) if f & device::LOG_ALL != 0));
+        let kick = at(|r| matches!(r, FrontendRequest::SetVringKick(_)));
+        assert!(features < table && table < log && log < kick, "{got:?}");
+        assert!(got.iter().any(
+            |r| matches!(r, FrontendRequest::SetProtocolFeatures(p) if p & protocol::LOG_SHMFD != 0)
+        ));
+        let FrontendRequest::SetLogBase { area, fd } = &got[log] else {
+            unreachable!()
+        };
+        // 1 MiB of RAM: 256 pages, 32 bytes of log, the whole sealed memfd.
+        assert_eq!(
+            *area,
+            LogArea {
+                mmap_size: 32,
+                mmap_offset: 0
+            }
+        );
+        assert_eq!(rustix::fs::fstat(fd).unwrap().st_size, 32);
+        let addr = got
+            .iter()
+            .find_map(|r| match r {
+                FrontendRequest::SetVringAddr(a) => Some(*a),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!((addr.flags, addr.log), (VRING_F_LOG, 0x3000));
+    }
+
+    #[test]
+    fn dirty_log_is_refused_by_a_backend_that_cannot_log() {
+        for (features, protocol, what) in [
+            (LOGGING & !device::LOG_ALL, LOGGING_P, "VHOST_F_LOG_ALL"),
+            (
+                LOGGING,
+                LOGGING_P & !protocol::LOG_SHMFD,
+                "VHOST_USER_PROTOCOL_F_LOG_SHMFD",
+            ),
+        ] {
+            let (ours, theirs) = UnixStream::pair().unwrap();
+            let backend = scripted_backend(theirs, features, protocol);
+            let ram = Arc::new(GuestRam::new(1 << 20).unwrap());
+            let config = FrontendConfig {
+                dirty_log: true,
+                ..FrontendConfig::default()
+            };
+            let err = VhostUserFrontend::with_stream(ours, ram, config, None).unwrap_err();
+            assert!(
+                matches!(err, FrontendError::NoDirtyLog { what: w, .. } if w == what),
+                "{err}"
+            );
+            assert!(err.to_string().contains(what), "{err}");
+            // Refused before anything was set: only the two GETs went out.
+            let got = backend.join().unwrap();
+            assert!(
+                got.iter().all(|r| matches!(
+                    r,
+                    FrontendRequest::GetFeatures | FrontendRequest::GetProtocolFeatures
+                )),
+                "{got:?}"
+            );
+            // The same back-end without logging asked for is fine.
+            let (ours, theirs) = UnixStream::pair().unwrap();
+            let backend = scripted_backend(theirs, features, protocol);
+            let ram = Arc::new(GuestRam::new(1 << 20).unwrap());
+            VhostUserFrontend::with_stream(ours, ram, FrontendConfig::default(), None).unwrap();
+            backend.join().unwrap();
+        }
     }
 }
