@@ -8,7 +8,8 @@
 # four (scripts/e2e-guest.sh), the kernel's /dev/vhost-net driven by our vIOMMU in the
 # same guest, frames through a Linux guest's virtio_net to `vhost-iotlb net --loopback`
 # and `--tap` in three IOMMU modes, with DPDK's testpmd as a reference (scripts/e2e-net.sh),
-# and one run of the main job (`vhost-iotlb bench`), of `bench --iotlb` and of a short
+# a live migration between two QEMUs behind intel-iommu and virtio-iommu, checked by the
+# guest on the destination (scripts/e2e-migrate.sh), and one run of the main job (`vhost-iotlb bench`), of `bench --iotlb` and of a short
 # `bench --device net --peer dpdk`, whose JSON output is checked.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -54,6 +55,9 @@ step "kernel vhost-net behind our vIOMMU, in the guest (scripts/kernel-net.sh)"
 
 step "end to end: QEMU + Linux virtio_net + vhost-iotlb net --loopback (intel-iommu, virtio-iommu, none)"
 ./scripts/e2e-net.sh
+
+step "live migration behind intel-iommu and virtio-iommu: dirty logging in guest pages (scripts/e2e-migrate.sh)"
+./scripts/e2e-migrate.sh
 
 step "main job: cargo run --release -- bench (end to end), then bench --iotlb"
 out="$(mktemp -d)"

@@ -74,6 +74,8 @@ pub struct SharedLog {
     pub pages: AtomicU64,
     /// Pages beyond the end of the log (a log smaller than guest memory: not logged).
     pub beyond: AtomicU64,
+    /// Requests completed with their buffers logged (served while migrating).
+    pub requests: AtomicU64,
 }
 
 impl SharedLog {
@@ -180,6 +182,11 @@ impl SharedLog {
         if newly > 0 {
             self.pages.fetch_add(newly, Ordering::Relaxed);
         }
+    }
+
+    /// A request's buffers were logged.
+    pub fn count_request(&self) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Whether page `page` is marked (tests).

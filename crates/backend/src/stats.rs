@@ -128,6 +128,8 @@ pub struct Stats {
     pub logged_pages: u64,
     /// Pages written beyond the end of the dirty log (not logged: the log was too small).
     pub log_beyond: u64,
+    /// Requests completed while dirty logging was on.
+    pub logged_requests: u64,
     /// Connections that ended.
     pub connections: u64,
 }
@@ -162,13 +164,14 @@ impl Stats {
         self.largest_request = self.largest_request.max(get(&e.largest_request));
         self.logged_pages += get(&log.pages);
         self.log_beyond += get(&log.beyond);
+        self.logged_requests += get(&log.requests);
         self.connections += 1;
     }
 }
 
 impl Stats {
     /// Every counter by the name the stats line and JSON give it, in the stats line's order.
-    pub fn fields(&self) -> [(&'static str, u64); 27] {
+    pub fn fields(&self) -> [(&'static str, u64); 28] {
         [
             ("requests", self.requests),
             ("hits", self.hits),
@@ -196,6 +199,7 @@ impl Stats {
             ("largest_request", self.largest_request),
             ("logged_pages", self.logged_pages),
             ("log_beyond", self.log_beyond),
+            ("logged_requests", self.logged_requests),
             ("connections", self.connections),
         ]
     }

@@ -212,6 +212,9 @@ fn settle<H>(
 ) -> Result<Popped, PopError> {
     let extra = w.taken.len() as u16;
     if let Ok(Served::Done(_)) = answer {
+        if log.active() {
+            log.count_request();
+        }
         log_buffers(log, &mut w.queue, tr, gm, &w.chain);
         if extra > 0 {
             log_buffers(log, &mut w.queue, tr, gm, &w.extra);
