@@ -12,9 +12,8 @@
 # Usage: scripts/e2e-guest.sh [CONFIG...]   CONFIG = IOMMU:CAPACITY:QUEUES, for example
 #        intel:16:4 (default: the five configurations below). Env: E2E_DIR, E2E_TIMEOUT.
 set -euo pipefail
-ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-E2E="${E2E_DIR:-$ROOT/../shared/e2e}"
-exec </dev/null
+# shellcheck source=lib/e2e-common.sh
+. "$(dirname "$0")/lib/e2e-common.sh"
 
 die() { echo "e2e-guest: FAILED: $*" >&2; exit 1; }
 [ -x "$E2E/run-guest.sh" ] || die "no end-to-end harness at $E2E (set E2E_DIR)"
@@ -22,18 +21,11 @@ die() { echo "e2e-guest: FAILED: $*" >&2; exit 1; }
 CONFIGS=("$@")
 [ ${#CONFIGS[@]} -gt 0 ] || CONFIGS=(intel:2048:1 intel:16:1 virtio:2048:1 virtio:16:1 intel:16:4)
 
-"$E2E/install-deps.sh" >/dev/null || die "install-deps.sh failed"
-"$E2E/build-guest.sh" >/dev/null || die "build-guest.sh failed"
-TARGET=x86_64-unknown-linux-gnu
+e2e_prepare
 echo "e2e-guest: building vhost-iotlb (release) and a static blk-check"
-(cd "$ROOT" && cargo build --release -q --bin vhost-iotlb) || die "cargo build --release failed"
-# Its own target dir: static flags would otherwise rebuild the normal release tree.
-(cd "$ROOT" && CARGO_TARGET_DIR="$ROOT/target/static" \
-    RUSTFLAGS='-C target-feature=+crt-static' \
-    cargo build --release -q --target "$TARGET" -p guest --bin blk-check) ||
-    die "static build of blk-check failed"
+e2e_release_bin
 BIN="$ROOT/target/release/vhost-iotlb"
-CHECK="$ROOT/target/static/$TARGET/release/blk-check"
+CHECK=$(e2e_static_bin -p guest --bin blk-check)
 
 summary=()
 failed=0

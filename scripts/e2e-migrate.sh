@@ -23,9 +23,8 @@
 # guest pages): the migration must then FAIL. Env: E2E_DIR, MIGRATE_TIMEOUT (s, default 900),
 # MIGRATE_KEEP=1 keeps the work directory (consoles, QEMU and back-end logs).
 set -euo pipefail
-ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-E2E="${E2E_DIR:-$ROOT/../shared/e2e}"
-exec </dev/null
+# shellcheck source=lib/e2e-common.sh
+. "$(dirname "$0")/lib/e2e-common.sh"
 
 die() { echo "e2e-migrate: FAILED: $*" >&2; exit 1; }
 say() { echo "e2e-migrate: $*"; }
@@ -38,26 +37,19 @@ for m in "${MODES[@]}"; do
 done
 TIMEOUT=${MIGRATE_TIMEOUT:-900}
 
-[ -x "$E2E/build-guest.sh" ] || die "no end-to-end harness at $E2E (set E2E_DIR)"
-"$E2E/install-deps.sh" >/dev/null || die "install-deps.sh failed"
-guest_env=$("$E2E/build-guest.sh") || die "build-guest.sh failed"
-KERNEL=$(sed -n 's/^E2E_KERNEL=//p' <<<"$guest_env")
-BASE_INITRD=$(sed -n 's/^E2E_INITRD=//p' <<<"$guest_env")
+e2e_prepare
+KERNEL=$(sed -n 's/^E2E_KERNEL=//p' <<<"$E2E_GUEST_ENV")
+BASE_INITRD=$(sed -n 's/^E2E_INITRD=//p' <<<"$E2E_GUEST_ENV")
 [ -f "$KERNEL" ] && [ -f "$BASE_INITRD" ] || die "build-guest.sh gave no kernel/initramfs"
 command -v cpio >/dev/null || die "cpio missing (install-deps.sh should have installed it)"
 QEMU=$(command -v qemu-system-x86_64) || die "qemu-system-x86_64 missing"
 BIOS=/usr/share/qemu/qboot.rom
 [ -f "$BIOS" ] || BIOS=""
 
-TARGET=x86_64-unknown-linux-gnu
 say "building vhost-iotlb (release) and a static blk-migrate"
-(cd "$ROOT" && cargo build --release -q --bin vhost-iotlb) || die "cargo build --release failed"
-(cd "$ROOT" && CARGO_TARGET_DIR="$ROOT/target/static" \
-    RUSTFLAGS='-C target-feature=+crt-static' \
-    cargo build --release -q --target "$TARGET" -p guest --bin blk-migrate) ||
-    die "static build of blk-migrate failed"
+e2e_release_bin
 BIN="$ROOT/target/release/vhost-iotlb"
-PROG="$ROOT/target/static/$TARGET/release/blk-migrate"
+PROG=$(e2e_static_bin -p guest --bin blk-migrate)
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/vhost-iotlb-migrate.XXXXXX")
 pids=()

@@ -18,22 +18,14 @@
 # `./scripts/e2e-net.sh [--peer ours|dpdk|both] [intel|virtio|none ...]` (default: both
 # peers, all three modes).
 set -euo pipefail
-ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-E2E="${E2E_DIR:-$ROOT/../shared/e2e}"
-exec </dev/null
+# shellcheck source=lib/e2e-common.sh
+. "$(dirname "$0")/lib/e2e-common.sh"
 
 die() { echo "e2e-net: FAILED: $*" >&2; exit 1; }
 [ -x "$E2E/run-guest.sh" ] || die "no end-to-end harness at $E2E (set E2E_DIR)"
-"$E2E/install-deps.sh" >/dev/null || die "install-deps.sh failed"
-"$E2E/build-guest.sh" >/dev/null || die "build-guest.sh failed"
-(cd "$ROOT" && cargo build --release -q --bin vhost-iotlb) || die "build failed"
-TARGET=x86_64-unknown-linux-gnu
-# Its own target dir: static flags would otherwise rebuild the normal release tree.
-(cd "$ROOT" && CARGO_TARGET_DIR="$ROOT/target/static" \
-    RUSTFLAGS='-C target-feature=+crt-static' \
-    cargo build --release -q --target "$TARGET" -p guest --bin net-check) ||
-    die "static build of net-check failed"
-CHECK="$ROOT/target/static/$TARGET/release/net-check"
+e2e_prepare
+e2e_release_bin
+CHECK=$(e2e_static_bin -p guest --bin net-check)
 peer=both
 if [ "${1:-}" = "--peer" ]; then peer=$2; shift 2; fi
 case $peer in ours|dpdk|both) ;; *) die "--peer ours|dpdk|both" ;; esac

@@ -597,40 +597,12 @@ mod tests {
         let mut sorted = rounds.to_vec();
         sorted.sort_by(f64::total_cmp);
         Row {
-            name,
-            baseline,
             block_kib,
             capacity: 256,
             iommu: name != baseline,
             requests: 0,
-            seconds: 1.0,
-            iops: sorted[sorted.len() / 2],
-            mbps: 0.0,
-            lat_p50_us: 0.0,
-            lat_p99_us: 0.0,
-            misses_per_s: 0.0,
-            miss_rtt_p50_us: None,
-            miss_rtt_p99_us: None,
-            hit_rate: None,
-            invalidations_per_s: 0.0,
-            ratio_to_off: 1.0,
-            ratio_rounds: Vec::new(),
-            ratio_of_medians: 1.0,
             iops_rounds: rounds.to_vec(),
-            miss_service_p50_us: None,
-            misses: 0,
-            misses_per_request: 0.0,
-            verify_failures: 0,
-            poison_violations: 0,
-            poison_checks: 0,
-            errors: 0,
-            engine: Vec::new(),
-            // Fields the plot does not read.
-            cpu_backend_us: None,
-            cpu_frontend_us: 0.0,
-            steal_pct: 0.0,
-            rounds: Vec::new(),
-            dirty_log: None,
+            ..crate::report::neutral_row(name, baseline, sorted[sorted.len() / 2])
         }
     }
 

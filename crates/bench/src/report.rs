@@ -550,6 +550,47 @@ pub fn stats_json_of(fields: &[(&'static str, u64)]) -> serde_json::Value {
     serde_json::Value::Object(fields.collect())
 }
 
+/// A row of `name` at `iops` against `baseline`, every other figure neutral: the
+/// fixture of this crate's tests (report and plot), which set what they look at.
+#[cfg(test)]
+pub(crate) fn neutral_row(name: &'static str, baseline: &'static str, iops: f64) -> Row {
+    Row {
+        name,
+        baseline,
+        block_kib: 4,
+        capacity: 2048,
+        iommu: name != "off",
+        requests: 1,
+        seconds: 1.0,
+        iops,
+        mbps: 0.0,
+        lat_p50_us: 0.0,
+        lat_p99_us: 0.0,
+        misses_per_s: 0.0,
+        miss_rtt_p50_us: None,
+        miss_rtt_p99_us: None,
+        hit_rate: None,
+        invalidations_per_s: 0.0,
+        ratio_to_off: 1.0,
+        ratio_rounds: Vec::new(),
+        ratio_of_medians: 1.0,
+        iops_rounds: vec![iops],
+        miss_service_p50_us: None,
+        misses: 0,
+        misses_per_request: 0.0,
+        verify_failures: 0,
+        poison_violations: 0,
+        poison_checks: 0,
+        errors: 0,
+        engine: Vec::new(),
+        cpu_backend_us: None,
+        cpu_frontend_us: 0.0,
+        steal_pct: 0.0,
+        rounds: Vec::new(),
+        dirty_log: None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -571,41 +612,7 @@ mod tests {
 
     /// A round of `name` at `iops`, measured against `baseline`; the rest neutral.
     fn round(name: &'static str, baseline: &'static str, iops: f64) -> Row {
-        Row {
-            name,
-            baseline,
-            block_kib: 4,
-            capacity: 2048,
-            iommu: name != "off",
-            requests: 1,
-            seconds: 1.0,
-            iops,
-            mbps: 0.0,
-            lat_p50_us: 0.0,
-            lat_p99_us: 0.0,
-            misses_per_s: 0.0,
-            miss_rtt_p50_us: None,
-            miss_rtt_p99_us: None,
-            hit_rate: None,
-            invalidations_per_s: 0.0,
-            ratio_to_off: 1.0,
-            ratio_rounds: Vec::new(),
-            ratio_of_medians: 1.0,
-            iops_rounds: vec![iops],
-            miss_service_p50_us: None,
-            misses: 0,
-            misses_per_request: 0.0,
-            verify_failures: 0,
-            poison_violations: 0,
-            poison_checks: 0,
-            errors: 0,
-            engine: Vec::new(),
-            cpu_backend_us: None,
-            cpu_frontend_us: 0.0,
-            steal_pct: 0.0,
-            rounds: Vec::new(),
-            dirty_log: None,
-        }
+        neutral_row(name, baseline, iops)
     }
 
     #[test]
