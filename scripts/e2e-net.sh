@@ -107,7 +107,12 @@ frames = int(g["frames"])
 assert frames == 90 and g["lost"] == "0" and g["back"] == g["frames"], g
 # Sent again only after 2 s without an answer: the loopback never needed it.
 assert g["resent"] == "0", g
-assert int(n["tx_frames"]) == frames and int(n["rx_frames"]) == frames, n
+# The loopback sends back all it takes. The guest's own stack may send a few frames of its
+# own while the link is up (IPv6 neighbour discovery, 90 bytes): they go round too.
+tx, rx = int(n["tx_frames"]), int(n["rx_frames"])
+assert rx == tx and frames <= tx <= frames + 8, n
+if tx > frames:
+    print(f"e2e-net: {mode}: {tx - frames} frame(s) of the guest's own stack went round too")
 assert n["tx_dropped"] == "0" and n["rx_dropped"] == "0", n
 merged = int(n["rx_merged"])
 if mrg == "on":
