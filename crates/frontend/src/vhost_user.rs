@@ -11,7 +11,8 @@
 //! The back-end channel is served on a thread of its own, never by a thread that waits for a
 //! reply on the main socket: a MISS is answered by [`Viommu::fault`], whose UPDATE goes out on
 //! the main socket with `NEED_REPLY`. [`VhostUserIotlb`] is the vIOMMU's view of this
-//! back-end: UPDATE and INVALIDATE, each acknowledged before it returns.
+//! back-end: UPDATE and INVALIDATE, each acknowledged before it returns. The channel thread itself, and
+//! what it counts, is [`channel`].
 //!
 //! With [`FrontendConfig::dirty_log`] the front-end also plays a VMM migrating its guest:
 //! it negotiates `VHOST_F_LOG_ALL` and `LOG_SHMFD`, hands the back-end a [`DirtyLog`] (a
@@ -23,23 +24,24 @@
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Instant;
 
 pub use crate::dirty_log::{DirtyLog, LOG_PAGE};
-use iotlb::hist::Histogram;
-use iotlb::{Access, IovaRange, Perm};
+use iotlb::{IovaRange, Perm};
 use rustix::event::{eventfd, EventfdFlags};
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 use wire::features::{device, protocol};
 use wire::poll::PollMode;
 use wire::vhost_user::{
-    BackendRequest, Config, Connection, FrontendRequest, LogArea, MemoryRegion, RegionFd, Reply,
-    VringAddr, VringFile, VringState, VRING_F_LOG,
+    Config, Connection, FrontendRequest, LogArea, MemoryRegion, RegionFd, Reply, VringAddr,
+    VringFile, VringState, VRING_F_LOG,
 };
 use wire::{IotlbMsg, WireError};
+
+pub mod channel;
+use channel::serve_channel;
+pub use channel::{ChannelStats, MissLog};
 
 use crate::viommu::{DeviceIotlb, ForwardError, Viommu, ViommuError};
 
@@ -242,55 +244,6 @@ pub struct Notifiers {
     pub kick: OwnedFd,
     /// Device-to-driver.
     pub call: OwnedFd,
-}
-
-/// What the back-end channel thread saw.
-#[derive(Debug, Default)]
-pub struct ChannelStats {
-    /// MISS messages received.
-    pub misses: AtomicU64,
-    /// MISSes for an IOVA the vIOMMU has not mapped (left unanswered, as QEMU does).
-    pub unmapped: AtomicU64,
-    /// MISSes that could not be answered (the main socket failed).
-    pub failed: AtomicU64,
-    /// ACCESS_FAIL messages received.
-    pub access_fails: AtomicU64,
-    /// Other or malformed messages.
-    pub other: AtomicU64,
-    /// Time from a MISS received to its UPDATE acknowledged.
-    pub service: Histogram,
-    /// The pages MISSes asked for and when they came, for a driver that measures how long a
-    /// device waits on one (off until [`MissLog::enable`]).
-    pub miss_log: MissLog,
-}
-
-/// MISSes by IOVA page and arrival time, kept once a driver asks for them: the driver then
-/// sees when the buffer a MISS was about completes, which times the device's whole round
-/// trip the same way for any back-end.
-#[derive(Debug, Default)]
-pub struct MissLog {
-    on: std::sync::atomic::AtomicBool,
-    entries: parking_lot::Mutex<Vec<(u64, Instant)>>,
-}
-
-impl MissLog {
-    /// Start keeping MISSes.
-    pub fn enable(&self) {
-        self.on.store(true, Ordering::Relaxed);
-    }
-
-    /// The MISSes kept since the last call: (IOVA page, when it was received).
-    pub fn take(&self) -> Vec<(u64, Instant)> {
-        std::mem::take(&mut *self.entries.lock())
-    }
-
-    fn record(&self, iova: u64, at: Instant) {
-        if self.on.load(Ordering::Relaxed) {
-            self.entries
-                .lock()
-                .push((iova & !(crate::viommu::PAGE - 1), at));
-        }
-    }
 }
 
 /// The vIOMMU's handle on a vhost-user back-end's IOTLB: UPDATE and INVALIDATE on the main
@@ -711,113 +664,6 @@ fn u64_reply(r: Option<Reply>, what: &'static str) -> Result<u64, FrontendError>
     match r {
         Some(Reply::U64(v)) => Ok(v),
         _ => Err(FrontendError::Reply(what)),
-    }
-}
-
-/// Most back-end messages taken in one go.
-const CHANNEL_BATCH: usize = 64;
-
-/// The back-end channel thread: answer MISSes until the channel closes. Messages that are
-/// already waiting are taken together (up to [`CHANNEL_BATCH`]), and their MISSes answered
-/// with UPDATEs pipelined on the main socket: one round trip for a burst (a back-end that
-/// reports every missing page of a request at once) instead of one per page.
-fn serve_channel(chan: &Connection, viommu: &Viommu, dev: &dyn DeviceIotlb, stats: &ChannelStats) {
-    let add = |c: &AtomicU64| c.fetch_add(1, Ordering::Relaxed);
-    let mut batch: Vec<(wire::vhost_user::Header, BackendRequest, Instant)> = Vec::new();
-    loop {
-        batch.clear();
-        while batch.len() < CHANNEL_BATCH && (batch.is_empty() || chan.readable_now()) {
-            let raw = match chan.recv() {
-                Ok(m) => m,
-                Err(e) if e.is_fatal() => {
-                    tracing::debug!(error = %e, "vhost-user front-end: back-end channel closed");
-                    return;
-                }
-                Err(e) => {
-                    add(&stats.other);
-                    tracing::warn!(error = %e, "vhost-user front-end: bad back-end message");
-                    let _ = chan.reject(&e);
-                    continue;
-                }
-            };
-            let header = raw.header;
-            match BackendRequest::decode(&header, &raw.payload, raw.fds) {
-                Ok(r) => batch.push((header, r, Instant::now())),
-                Err(e) => {
-                    add(&stats.other);
-                    tracing::warn!(error = %e, "vhost-user front-end: bad back-end request");
-                    let _ = chan.refuse(&header);
-                }
-            }
-        }
-        let misses: Vec<(u64, Access)> = batch
-            .iter()
-            .filter_map(|(_, r, _)| match r {
-                BackendRequest::IotlbMsg(IotlbMsg::Miss { iova, perm }) => {
-                    tracing::trace!(iova = %format_args!("{iova:#x}"), ?perm, "vhost-user front-end: MISS");
-                    let access = if perm.allows(Access::Write) {
-                        Access::Write
-                    } else {
-                        Access::Read
-                    };
-                    Some((*iova, access))
-                }
-                _ => None,
-            })
-            .collect();
-        let misses_ok = if misses.is_empty() {
-            true
-        } else {
-            match viommu.fault_all(dev, &misses) {
-                Ok(n) => {
-                    let unmapped = misses.len() - n;
-                    if unmapped > 0 {
-                        stats.unmapped.fetch_add(unmapped as u64, Ordering::Relaxed);
-                        tracing::debug!(
-                            unmapped,
-                            "vhost-user front-end: MISS for an unmapped IOVA, not answered"
-                        );
-                    }
-                    true
-                }
-                Err(e) => {
-                    stats
-                        .failed
-                        .fetch_add(misses.len() as u64, Ordering::Relaxed);
-                    tracing::warn!(error = %e, "vhost-user front-end: cannot answer MISSes");
-                    false
-                }
-            }
-        };
-        for (header, req, received) in &batch {
-            let ok = match req {
-                BackendRequest::IotlbMsg(IotlbMsg::Miss { iova, .. }) => {
-                    add(&stats.misses);
-                    stats.miss_log.record(*iova, *received);
-                    if misses_ok {
-                        stats.service.record(received.elapsed());
-                    }
-                    misses_ok
-                }
-                BackendRequest::IotlbMsg(IotlbMsg::AccessFail { iova, perm }) => {
-                    add(&stats.access_fails);
-                    tracing::info!(
-                        iova = %format_args!("{iova:#x}"),
-                        ?perm,
-                        "vhost-user front-end: the device reported a denied access"
-                    );
-                    true
-                }
-                other => {
-                    add(&stats.other);
-                    tracing::debug!(?other, "vhost-user front-end: back-end request ignored");
-                    false
-                }
-            };
-            if header.needs_reply() {
-                let _ = chan.send_reply(header, &Reply::U64(u64::from(!ok)));
-            }
-        }
     }
 }
 
