@@ -29,8 +29,7 @@ use wire::vhost_user::LogArea;
 
 use crate::memory::check_file;
 
-/// Bytes of guest memory per log bit.
-pub const LOG_PAGE: u64 = 4096;
+pub use wire::vhost_user::LOG_PAGE;
 
 /// The largest log accepted: 1 GiB, one bit per page of 32 TiB of guest memory.
 pub const MAX_LOG_BYTES: u64 = 1 << 30;

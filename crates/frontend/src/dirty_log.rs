@@ -14,8 +14,7 @@ use wire::vhost_user::LogArea;
 
 use crate::vhost_user::{io, FrontendError};
 
-/// Bytes of guest memory per bit of a [`DirtyLog`] (`VHOST_LOG_PAGE`).
-pub const LOG_PAGE: u64 = 4096;
+pub use wire::vhost_user::LOG_PAGE;
 
 /// The dirty log of a migration: one bit per [`LOG_PAGE`] of guest-physical memory, page `n`
 /// at bit `n % 8` of byte `n / 8`, in a memfd shared with the back-end by SET_LOG_BASE.

@@ -12,7 +12,8 @@ pub use connection::{
 pub use header::{flags, BackendReq, FrontendReq, Header, HEADER_SIZE};
 pub use payload::{
     ConfigHeader, LogArea, MemoryRegion, MemoryTableHeader, SingleMemoryRegion, VringAddr,
-    VringState, BASELINE_MEM_REGIONS, MAX_CONFIG_SIZE, VRING_F_LOG, VRING_INDEX_MASK, VRING_NOFD,
+    VringState, BASELINE_MEM_REGIONS, LOG_PAGE, MAX_CONFIG_SIZE, VRING_F_LOG, VRING_INDEX_MASK,
+    VRING_NOFD,
 };
 pub use request::{
     reply_kind, BackendRequest, Config, DecodeLimits, FrontendRequest, RegionFd, Reply, ReplyKind,

@@ -94,6 +94,10 @@ pub struct SingleMemoryRegion {
     pub region: MemoryRegion,
 }
 
+/// Bytes of guest-physical memory per bit of the dirty log (`VHOST_LOG_PAGE`): page `n` is
+/// bit `n % 8` of byte `n / 8` of the log.
+pub const LOG_PAGE: u64 = 4096;
+
 /// The payload of SET_LOG_BASE (`VhostUserLog`): where the dirty log is in the fd sent with it.
 #[derive(
     Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
