@@ -15,6 +15,7 @@ use rustix::event::Timespec;
 use virtq::Translator;
 use wire::poll::{PollMode, PollWindow, WaitKind};
 
+use super::wake::Polled;
 use super::{QueueState, Runner};
 use crate::device::{Device, QueueHandler};
 
@@ -115,30 +116,31 @@ impl<D: Device> Runner<D> {
     /// of them had something.
     fn spin(&self, window: Duration, mut came: impl FnMut() -> bool) -> bool {
         let start = Instant::now();
-        // A flag set while we were not polling came with an eventfd write, which look 0
-        // reads: taking both would walk the chain twice for one wake-up.
-        self.wake.take();
-        self.wake.start_polling();
         let mut looks = 0u32;
-        let got = loop {
-            if self.wake.take() || came() {
-                break true;
+        let polled = self.wake.poll(|| {
+            if came() {
+                return Some(true);
             }
             // The eventfds (a kick, or a wake-up from before we polled) every few looks.
             if looks % KICK_LOOK_EVERY == 0 {
                 match self.poll_eventfds(Some(&ZERO)) {
-                    Ok(true) => break true,
-                    Err(e) if e != rustix::io::Errno::INTR => break false,
+                    Ok(true) => return Some(true),
+                    Err(e) if e != rustix::io::Errno::INTR => return Some(false),
                     _ => {}
                 }
             }
             looks = looks.wrapping_add(1);
             if start.elapsed() >= window {
-                break false;
+                return Some(false);
             }
             std::thread::yield_now();
-        };
-        // Not short-circuited: polling must stop either way.
-        self.wake.stop_polling() | got
+            None
+        });
+        if polled == Polled::Stale {
+            // Most likely a wake-up from before we polled, which also wrote the eventfd:
+            // take that too, or it would end the next wait for nothing.
+            let _ = self.poll_eventfds(Some(&ZERO));
+        }
+        polled.came()
     }
 }

@@ -28,9 +28,10 @@ impl Waker {
         })
     }
 
-    /// Wake the worker. The flag is set before `polling` is read and the worker clears
-    /// `polling` before it reads the flag a last time (both sequentially consistent), so
-    /// either we see it is not polling and write the eventfd, or it sees the flag.
+    /// Wake the worker. The flag is set before `polling` is read, and the worker sets
+    /// `polling` before it first reads the flag and clears it before it reads the flag a
+    /// last time (all sequentially consistent), so either we see it is not polling and write
+    /// the eventfd, or it sees the flag (see [`Waker::poll`]).
     pub(crate) fn wake(&self) {
         self.woken.store(true, Ordering::SeqCst);
         if !self.polling.load(Ordering::SeqCst) {
@@ -43,16 +44,56 @@ impl Waker {
         self.woken.swap(false, Ordering::SeqCst)
     }
 
-    /// From now on wakers set the flag only; look at it with [`Waker::take`].
-    pub(super) fn start_polling(&self) {
+    /// Busy-poll: from now on wakers set the flag only. Look at the flag, then call `look`,
+    /// until either has something: `look` returns `Some(true)` when work came another way,
+    /// `Some(false)` when the window is over, `None` to go on. Returns [`Polled::Flag`] for a
+    /// wake-up seen through the flag, [`Polled::Stale`] if it was there before the first
+    /// look, [`Polled::Look`] with what `look` said otherwise.
+    ///
+    /// A flag already set when polling starts is never dropped: it may be a waker's only
+    /// trace. A waker that set it before we started polling also wrote the eventfd; one that
+    /// set it and then read `polling` after we set it did not (its load comes after our
+    /// store), and nothing else would ever wake us for it. Which of the two it was cannot be
+    /// told, so it counts as a wake-up ([`Polled::Stale`]: the caller may drain the eventfd
+    /// so that the same wake-up does not end its next wait too).
+    pub(super) fn poll(&self, mut look: impl FnMut() -> Option<bool>) -> Polled {
         self.polling.store(true, Ordering::SeqCst);
-    }
-
-    /// Wakers write the eventfd again. True if a wake-up came through the flag meanwhile (a
-    /// waker that saw us polling did not write the eventfd: its flag is all there is).
-    pub(super) fn stop_polling(&self) -> bool {
+        let mut first = true;
+        let polled = loop {
+            if self.take() {
+                break if first { Polled::Stale } else { Polled::Flag };
+            }
+            first = false;
+            if let Some(came) = look() {
+                break Polled::Look(came);
+            }
+        };
+        // Wakers write the eventfd again. A wake-up that came through the flag meanwhile (a
+        // waker that saw us polling did not write the eventfd) is all there is of it.
         self.polling.store(false, Ordering::SeqCst);
-        self.take()
+        match (self.take(), polled) {
+            (true, Polled::Look(_)) => Polled::Flag,
+            (_, p) => p,
+        }
+    }
+}
+
+/// How a [`Waker::poll`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Polled {
+    /// A wake-up through the flag while polling.
+    Flag,
+    /// The flag was already set when polling started (a wake-up from before, whose eventfd
+    /// write may still be pending, or one whose waker saw us polling: see [`Waker::poll`]).
+    Stale,
+    /// What the look said: work came another way (`true`) or the window is over.
+    Look(bool),
+}
+
+impl Polled {
+    /// Whether the poll found something.
+    pub(super) fn came(self) -> bool {
+        !matches!(self, Polled::Look(false))
     }
 }
 
@@ -94,12 +135,18 @@ mod tests {
 
     #[test]
     fn a_wake_up_is_never_lost_between_the_flag_and_the_eventfd() {
-        // Each round the "worker" polls the flag for a few looks, stops polling, and then
-        // blocks on the eventfd, while the waker wakes it once at a random moment: the
-        // wake-up must arrive through the flag or the eventfd, every time.
+        // Each round the "worker" starts polling at a random moment, looks a few times,
+        // stops, and then blocks on the eventfd, as a worker parked on a miss does; the
+        // waker wakes it once at another random moment (before, during or after the poll).
+        // The wake-up must arrive through the flag or the eventfd, every time.
         let w = Arc::new(Waker::new().unwrap());
         let rounds = 20_000u32;
         let barrier = Arc::new(std::sync::Barrier::new(2));
+        let spin = |x: u32| {
+            for _ in 0..x {
+                std::hint::spin_loop();
+            }
+        };
         let waker = {
             let (w, barrier) = (w.clone(), barrier.clone());
             std::thread::spawn(move || {
@@ -109,9 +156,7 @@ mod tests {
                     x ^= x << 13;
                     x ^= x >> 17;
                     x ^= x << 5;
-                    for _ in 0..(x % 64) {
-                        std::hint::spin_loop();
-                    }
+                    spin(x % 64);
                     w.wake();
                     barrier.wait();
                 }
@@ -120,17 +165,17 @@ mod tests {
         let (mut by_flag, mut by_fd) = (0u32, 0u32);
         for round in 0..rounds {
             barrier.wait();
-            w.start_polling();
-            let mut got = false;
-            for _ in 0..(round % 8) {
-                if w.take() {
-                    got = true;
-                    break;
+            spin(round.wrapping_mul(7) % 48);
+            let mut looks = round % 8;
+            let polled = w.poll(|| {
+                if looks == 0 {
+                    return Some(false);
                 }
+                looks -= 1;
                 std::hint::spin_loop();
-            }
-            got |= w.stop_polling();
-            if got {
+                None
+            });
+            if polled.came() {
                 by_flag += 1;
             } else {
                 assert!(eventfd_woken(&w, 5000), "round {round}: wake-up lost");
@@ -146,13 +191,37 @@ mod tests {
     }
 
     #[test]
+    fn a_flag_set_before_polling_starts_is_a_wake_up() {
+        // The race a worker lost in 2026 (a queue parked for the whole miss timeout, 1 s,
+        // in about one `bench` round in five of small-tlb): a waker sets the flag, the
+        // worker starts polling, the waker then reads `polling` (true) and writes no
+        // eventfd. The flag is all there is; polling must take it, not drop it as stale.
+        let w = Waker::new().unwrap();
+        w.woken.store(true, Ordering::SeqCst);
+        let polled = w.poll(|| Some(false));
+        assert_eq!(polled, Polled::Stale);
+        assert!(polled.came());
+        // And one set while polling is a plain wake-up.
+        let mut once = true;
+        let polled = w.poll(|| {
+            if std::mem::take(&mut once) {
+                w.wake();
+                None
+            } else {
+                Some(false)
+            }
+        });
+        assert_eq!(polled, Polled::Flag);
+        assert!(!eventfd_woken(&w, 0), "while polling, the flag only");
+        // A poll that finds nothing says so.
+        assert_eq!(w.poll(|| Some(false)), Polled::Look(false));
+        assert_eq!(w.poll(|| Some(true)), Polled::Look(true));
+    }
+
+    #[test]
     fn a_worker_not_polling_is_woken_through_the_eventfd() {
         let w = Waker::new().unwrap();
         w.wake();
         assert!(eventfd_woken(&w, 1000));
-        w.start_polling();
-        w.wake();
-        assert!(!eventfd_woken(&w, 0), "while polling, the flag only");
-        assert!(w.stop_polling());
     }
 }
