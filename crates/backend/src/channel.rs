@@ -68,6 +68,15 @@ impl BackendChannel {
     /// pre-pushed mapping races the chain that uses it), so the MISS is held until the
     /// connection thread has read them, and then sent only if still unanswered. True if it
     /// was held.
+    ///
+    /// The MISS is put in the held list first and the front-end's connection looked at
+    /// after: the connection thread reads a message and only then looks whether anything is
+    /// held (both sequentially consistent). So either it sees ours, or it looked before we
+    /// put it there, and then it had already read what it was reading when we look, and we
+    /// see nothing unread (unless the front-end sent more, which it reads and then looks
+    /// again) and send the MISS ourselves. Looking first and holding after would leave a
+    /// window in which the connection thread reads the last message, finds nothing held and
+    /// blocks, and the MISS waits for the miss timeout.
     pub(crate) fn miss_unless_pending(
         &self,
         stats: &EngineCounters,
@@ -75,15 +84,36 @@ impl BackendChannel {
         iova: u64,
         access: Access,
     ) -> bool {
-        if self.frontend.get().is_some_and(|c| c.readable_now()) {
+        let Some(frontend) = self.frontend.get() else {
+            self.miss(stats, Some(queue), iova, access);
+            return false;
+        };
+        let since = Instant::now();
+        self.held.lock().push(HeldMiss {
+            queue,
+            iova,
+            access,
+            since,
+        });
+        self.any_held.store(true, Ordering::SeqCst);
+        if frontend.readable_now() {
             EngineCounters::add(&stats.held_misses, 1);
-            self.held.lock().push(HeldMiss {
-                queue,
-                iova,
-                access,
-                since: Instant::now(),
+            return true;
+        }
+        // Nothing unread: take it back (unless the connection thread already released it)
+        // and send it now.
+        let mine = {
+            let mut held = self.held.lock();
+            let at = held.iter().position(|h| {
+                h.queue == queue && h.iova == iova && h.access == access && h.since == since
             });
-            self.any_held.store(true, Ordering::SeqCst);
+            let mine = at.map(|i| held.swap_remove(i));
+            self.any_held.store(!held.is_empty(), Ordering::SeqCst);
+            mine
+        };
+        if mine.is_none() {
+            // The connection thread saw it in the list and released it meanwhile.
+            EngineCounters::add(&stats.held_misses, 1);
             return true;
         }
         self.miss(stats, Some(queue), iova, access);
@@ -275,5 +305,53 @@ mod tests {
         assert_eq!(unread_by_peer(a.as_fd()), Some(0));
         let f = std::fs::File::open("/dev/null").unwrap();
         assert_eq!(unread_by_peer(f.as_fd()), None, "not a socket");
+    }
+
+    /// A channel whose front-end connection is `fe` (its peer end returned, to write "unread
+    /// messages" into), and the front-end's end of the back-end channel.
+    fn channel() -> (BackendChannel, UnixStream, Connection) {
+        let ch = BackendChannel::default();
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        ch.connect(ours);
+        let (fe, fe_peer) = UnixStream::pair().unwrap();
+        ch.watch_frontend(Arc::new(Connection::new(fe)));
+        (ch, fe_peer, Connection::backend_channel(theirs))
+    }
+
+    fn next_miss(chan: &Connection) -> Option<u64> {
+        if !chan.readable_now() {
+            return None;
+        }
+        let m = chan.recv().unwrap();
+        match BackendRequest::decode(&m.header, &m.payload, m.fds).unwrap() {
+            BackendRequest::IotlbMsg(IotlbMsg::Miss { iova, .. }) => Some(iova),
+            other => panic!("not a MISS: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_miss_is_held_only_while_the_front_end_has_unread_messages() {
+        use std::io::Write;
+        let stats = EngineCounters::default();
+        let (ch, mut fe_peer, chan) = channel();
+        // Nothing unread: sent at once, nothing left held.
+        assert!(!ch.miss_unless_pending(&stats, 0, 0x1000, Access::Read));
+        assert_eq!(next_miss(&chan), Some(0x1000));
+        assert!(!ch.has_held());
+        // A message unread (the UPDATE may be in it): held, sent once the connection thread
+        // has read it and found it did not answer the MISS.
+        fe_peer.write_all(&[0u8; 12]).unwrap();
+        assert!(ch.miss_unless_pending(&stats, 0, 0x2000, Access::Write));
+        assert_eq!(next_miss(&chan), None);
+        assert!(ch.has_held());
+        ch.release_held(&stats, true, |_, _| false);
+        assert_eq!(next_miss(&chan), Some(0x2000));
+        assert!(!ch.has_held());
+        // One it did answer is not sent at all.
+        assert!(ch.miss_unless_pending(&stats, 1, 0x3000, Access::Read));
+        ch.release_held(&stats, true, |iova, _| iova == 0x3000);
+        assert_eq!(next_miss(&chan), None);
+        assert_eq!(stats.held_misses.load(Ordering::Relaxed), 2);
+        assert_eq!(stats.held_answered.load(Ordering::Relaxed), 1);
     }
 }
