@@ -53,6 +53,9 @@ use clap::Args;
 
 use crate::{net, net_report, plot, report, workloads, BenchError};
 
+/// The bench's busy-poll cap in microseconds (`vhost-iotlb blk` and `net` default to 50).
+pub const BENCH_BUSY_POLL_US: u64 = 1000;
+
 /// Options of the end-to-end benchmark.
 #[derive(Args, Debug, Clone)]
 pub struct E2eArgs {
@@ -81,7 +84,10 @@ pub struct E2eArgs {
     pub socket: Option<PathBuf>,
     /// Busy-poll window in microseconds of the threads that pass MISS, UPDATE and INVALIDATE
     /// messages on both sides (0: block at once; each message then costs a thread wake-up).
-    #[arg(long, value_name = "US", default_value_t = 200)]
+    /// The default is 1 ms: with four busy threads on two cores a message now and then comes
+    /// a few hundred microseconds late, and a smaller cap lets such a wait halve the window,
+    /// after which the thread sleeps and pays wake-ups (see the README's "Polling").
+    #[arg(long, value_name = "US", default_value_t = BENCH_BUSY_POLL_US)]
     pub busy_poll_us: u64,
     /// Which waits poll within `--busy-poll-us`, on both sides: `adaptive` (every wait, the
     /// windows tuned to how long waits turn out to be; queues poll for the next chain too),
