@@ -54,7 +54,7 @@ use clap::Args;
 use crate::{net, net_report, plot, report, workloads, BenchError};
 
 /// The bench's busy-poll cap in microseconds (`vhost-iotlb blk` and `net` default to 50).
-pub const BENCH_BUSY_POLL_US: u64 = 1000;
+const BENCH_BUSY_POLL_US: u64 = 1000;
 
 /// Options of the end-to-end benchmark.
 #[derive(Args, Debug, Clone)]
@@ -86,7 +86,7 @@ pub struct E2eArgs {
     /// messages on both sides (0: block at once; each message then costs a thread wake-up).
     /// The default is 1 ms: with four busy threads on two cores a message now and then comes
     /// a few hundred microseconds late, and a smaller cap lets such a wait halve the window,
-    /// after which the thread sleeps and pays wake-ups (see the README's "Polling").
+    /// after which the thread sleeps and pays wake-ups (README: "The bench's cap").
     #[arg(long, value_name = "US", default_value_t = BENCH_BUSY_POLL_US)]
     pub busy_poll_us: u64,
     /// Which waits poll within `--busy-poll-us`, on both sides: `adaptive` (every wait, the
